@@ -1,0 +1,1 @@
+"""P-MNER processing (FRR image processor and prompt-template tokenizer)."""
