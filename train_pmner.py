@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
-from processing_pmner.seqeval_metric import classification_report_text, load_seqeval_metric
+from processing_pmner.seqeval_metric import ner_classification_report, load_seqeval_metric
 from processing_pmner.twitter_mner import load_twitter_mner
 
 
@@ -387,7 +387,7 @@ def write_outputs(training_args, model_args, data_args, raw, test_output, word_p
         json.dump(all_results, handle, indent=2, sort_keys=True, default=str)
     predictions = word_predictions("test", test_output.predictions)
     references = [[bio_names[tag] for tag in sentence] for sentence in raw["test"]["ner_tags"]]
-    report = classification_report_text(predictions, references)
+    report = ner_classification_report(predictions, references)
     with open(os.path.join(output_dir, "predict_report.txt"), "w") as handle:
         handle.write(report)
     with open(os.path.join(output_dir, "test_predictions.conll"), "w") as handle:
