@@ -50,6 +50,11 @@ class ModelArguments:
     )
     fusion_num_heads: int = field(default=12, metadata={"help": "Heads of the fusion attention layers."})
     max_seq_length: int = field(default=128, metadata={"help": "Most sub-word tokens per sequence."})
+    detector: str | None = field(
+        default="fasterrcnn_resnet50_fpn_v2",
+        metadata={"help": "torchvision detector builder; 'none': the whole image is the only object."},
+    )
+    backbone: str = field(default="resnet152", metadata={"help": "torchvision ResNet builder that encodes objects."})
     detector_weights: str | None = field(
         default="DEFAULT", metadata={"help": "Faster R-CNN weights: 'DEFAULT' (COCO), 'none' or a local file."}
     )
@@ -96,7 +101,6 @@ class PMNERTrainingArguments(TrainingArguments):
     num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "The paper's batch size is 8."})
     logging_steps: float = field(default=20, metadata={"help": "Log the loss every N steps."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers."})
 
 
 class EpochTimerCallback(TrainerCallback):
@@ -150,6 +154,18 @@ class PMNERDataCollator:
         return batch
 
 
+MAPPING_COLUMNS = ("sample_mapping", "word_ids", "prediction_word_index", "num_words")
+
+
+def trim_padding(encoding: dict) -> dict:
+    """Drops the processor's padding from each row (the collator pads each training batch to its own longest)."""
+    lengths = [sum(mask) for mask in encoding["attention_mask"]]
+    for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "word_ids", "prediction_word_index"):
+        if name in encoding:
+            encoding[name] = [row[:length] for row, length in zip(encoding[name], lengths)]
+    return encoding
+
+
 def parse_arguments():
     parser = HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -201,7 +217,8 @@ def main():
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    # This script's own progress (data, epochs, F1) is always shown on the main process.
+    logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training arguments: {training_args}")
@@ -234,7 +251,13 @@ def main():
         reason = "--text_only was given" if data_args.text_only else "no --image_dir was given"
         logger.warning(f"Training WITHOUT images ({reason}): the model is text-only (use_visual=False).")
 
-    # 2. Model and processor.
+    # 2. Image processor, model and processor.
+    image_processor = PMNERImageProcessor(
+        detector=none_if_none(model_args.detector),
+        detector_weights=none_if_none(model_args.detector_weights),
+        backbone=model_args.backbone,
+        backbone_weights=none_if_none(model_args.backbone_weights),
+    )
     model = PMNERForTokenClassification.from_text_pretrained(
         text_model,
         use_visual=use_visual,
@@ -243,13 +266,10 @@ def main():
         tag_scheme=model_args.tag_scheme,
         verbalizer_trainable=model_args.verbalizer_trainable,
         fusion_num_heads=model_args.fusion_num_heads,
+        visual_feature_dim=image_processor.feature_dim,
+        max_objects=image_processor.max_objects,
     )
     tokenizer = AutoTokenizer.from_pretrained(text_model)
-    image_processor = PMNERImageProcessor(
-        detector_weights=none_if_none(model_args.detector_weights),
-        backbone_weights=none_if_none(model_args.backbone_weights),
-        max_objects=model.config.max_objects,
-    )
     processor = PMNERProcessor(
         image_processor,
         tokenizer,
@@ -261,44 +281,58 @@ def main():
     # 3. Visual features, extracted once and cached, before training.
     if use_visual:
         cache_dir = data_args.feature_cache_dir or os.path.join(training_args.output_dir, "frr_cache")
-        with training_args.main_process_first(desc="FRR feature extraction"):
-            for split in raw:
-                raw[split] = image_processor.extract_dataset_features(
-                    raw[split], cache_dir=cache_dir, device=training_args.device
-                )
+        # Every process takes part: the images are split between processes, each writes its share of the cache.
+        for split in raw:
+            raw[split] = image_processor.extract_dataset_features(
+                raw[split], cache_dir=cache_dir, device=training_args.device
+            )
+        logger.info(f"FRR features of {sum(len(raw[split]) for split in raw)} tweets ready in {cache_dir}")
 
-    # 4. Tokenise with the prompt template; labels aligned to the first sub-word of each word.
-    label_names = processor.label_names
+    # 4. Tokenise with the prompt template; labels aligned to the first sub-word of each word. Long tweets become
+    #    overlapping windows, cloze mode one row per word; the mapping columns lead predictions back to words.
     bio_names = raw["train"].features["ner_tags"].feature.names
 
     def encode(batch, indices):
-        words = batch["tokens"]
         tags = [[bio_names[tag] for tag in sentence] for sentence in batch["ner_tags"]]
         visual = {}
         if use_visual:
             visual = {"visual_features": batch["visual_features"], "visual_mask": batch["visual_mask"]}
-        encoding = processor(words, labels=tags, return_tensors=None, **visual)
-        encoding["example_index"] = [indices[i] for i in encoding["sentence_index"]]
+        encoding = processor(batch["tokens"], labels=tags, return_tensors=None, return_mapping=True, **visual)
+        encoding = trim_padding(dict(encoding))
+        encoding["sample_mapping"] = [indices[sample] for sample in encoding["sample_mapping"]]
+        if not use_visual:
+            del encoding["visual_features"], encoding["visual_mask"]
         return encoding
 
     encoded = {}
     with training_args.main_process_first(desc="tokenisation"):
         for split in raw:
             encoded[split] = raw[split].map(
-                encode, batched=True, with_indices=True, remove_columns=raw[split].column_names, desc=f"Encoding {split}"
+                encode,
+                batched=True,
+                with_indices=True,
+                remove_columns=raw[split].column_names,
+                desc=f"Encoding {split} ({processor.prompt_mode} prompts)",
             )
     logger.info(
-        f"Encoded {', '.join(f'{split}: {len(raw[split])} tweets -> {len(encoded[split])} sequences' for split in raw)}"
+        "Encoded "
+        + ", ".join(f"{split}: {len(raw[split])} tweets -> {len(encoded[split])} sequences" for split in raw)
     )
 
     # 5. Metrics: entity-level micro P/R/F1 (seqeval default mode) on whole tweets, every word scored.
     metric = load_seqeval_metric()
 
-    def word_predictions(split, predictions):
-        """Per-tweet BIO tags from the per-sequence predictions (windows and cloze queries merged)."""
-        return processor.merge_predictions(
-            predictions, encoded[split], num_sentences=len(raw[split]), sentence_lengths=[len(t) for t in raw[split]["tokens"]]
-        )
+    def word_predictions(split, predicted_ids):
+        """Per-tweet BIO tags from per-sequence predicted ids (windows and cloze queries merged)."""
+        rows = encoded[split]
+        width = predicted_ids.shape[1]
+        mapping = {
+            "sample_mapping": rows["sample_mapping"],
+            "prediction_word_index": [row + [-1] * (width - len(row)) for row in rows["prediction_word_index"]],
+            "num_words": rows["num_words"],
+        }
+        tags = processor.post_process_token_classification(predicted_ids, mapping, output_scheme="BIO")
+        return tags + [["O"] * len(words) for words in raw[split]["tokens"][len(tags) :]]
 
     def make_compute_metrics(split):
         references = [[bio_names[tag] for tag in sentence] for sentence in raw[split]["ner_tags"]]
@@ -342,6 +376,7 @@ def main():
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        trainer.save_state()
         all_results.update(train_result.metrics)
         all_results["train_samples"] = len(raw["train"])
 

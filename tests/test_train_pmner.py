@@ -1,0 +1,137 @@
+"""End-to-end runs of train_pmner.py on a tiny fixture (tiny BERT, generated images, random vision weights)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fixtures import write_tiny_masked_lm, write_twitter_fixture
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_training(tmp_path, *extra, name="run"):
+    output_dir = tmp_path / name
+    command = [
+        sys.executable,
+        os.path.join(PROJECT, "train_pmner.py"),
+        "--dataset_name", "twitter2017",
+        "--data_dir", str(tmp_path / "data"),
+        "--text_model_name_or_path", str(tmp_path / "tiny-bert"),
+        "--output_dir", str(output_dir),
+        "--do_train", "--do_eval",
+        "--num_train_epochs", "3",
+        "--learning_rate", "3e-3",
+        "--per_device_train_batch_size", "8",
+        "--fusion_num_heads", "4",
+        "--logging_steps", "2",
+        "--use_cpu",
+        "--seed", "7",
+        *extra,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf-home"), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return output_dir, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("train")
+    write_tiny_masked_lm(tmp_path / "tiny-bert")
+    write_twitter_fixture(tmp_path / "data", tmp_path / "images", sizes=(48, 16, 16), missing_images={"train_3"})
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def visual_run(workspace):
+    return run_training(
+        workspace,
+        "--image_dir", str(workspace / "images"),
+        "--detector", "none",
+        "--backbone", "resnet18",
+        "--backbone_weights", "none",
+        "--tag_scheme", "BIOES",
+        name="visual",
+    )
+
+
+def test_training_writes_every_output_and_learns(visual_run):
+    output_dir, log = visual_run
+    for name in (
+        "all_results.json", "predict_report.txt", "test_predictions.conll", "README.md", "config.json",
+        "model.safetensors", "modeling_pmner.py", "configuration_pmner.py", "processor_config.json",
+        "processing_pmner.py", "image_processing_pmner.py", "tokenizer_config.json",
+    ):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert {"eval_f1", "predict_f1", "predict_precision", "predict_recall", "train_loss"} <= set(results)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) >= 6 and sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+    assert results["predict_f1"] > 0.5, results
+    card = (output_dir / "README.md").read_text()
+    assert "model-index" in card and f"{results['predict_f1'] * 100:.2f}" in card
+    assert "Training WITHOUT images" not in log
+    assert "epoch" in log and "trained in" in log and "F1" in log
+    conll = (output_dir / "test_predictions.conll").read_text().strip().split("\n\n")
+    assert len(conll) == 16 and all(block.startswith("IMGID:test_") for block in conll)
+
+
+RELOAD_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", {project!r})]
+    try:
+        import modeling_pmner
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the project is importable in the remote-code process")
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForTokenClassification, AutoProcessor
+    folder = {folder!r}
+    model = AutoModelForTokenClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    blocks = open(folder + "/test_predictions.conll").read().strip().split("\\n\\n")
+    words = [[line.split("\\t")[0] for line in block.splitlines()[1:]] for block in blocks]
+    images = [{images!r} + "/" + block.splitlines()[0][len("IMGID:"):] + ".jpg" for block in blocks]
+    expected = [[line.split("\\t")[2] for line in block.splitlines()[1:]] for block in blocks]
+    batch = processor(words, images=images)
+    with torch.no_grad():
+        logits = model(**{{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "visual_features", "visual_mask")}}).logits
+    predicted = processor.post_process_token_classification(logits, batch)
+    print(json.dumps({{"same": predicted == expected, "predicted": predicted[:3], "expected": expected[:3]}}))
+    """
+)
+
+
+def test_output_folder_reloads_with_remote_code_and_same_predictions(visual_run, workspace, tmp_path):
+    output_dir, _ = visual_run
+    elsewhere = tmp_path / "copied-model"
+    shutil.copytree(output_dir, elsewhere, ignore=shutil.ignore_patterns("checkpoint-*", "frr_cache"))
+    script = RELOAD_SCRIPT.format(project=PROJECT, folder=str(elsewhere), images=str(workspace / "images"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["same"], outcome
+
+
+def test_text_only_run_says_so(workspace):
+    output_dir, log = run_training(workspace, "--text_only", "--num_train_epochs", "1", "--prompt_mode", "cloze",
+                                   "--max_train_samples", "16", name="text-only")
+    assert "Training WITHOUT images (--text_only was given)" in log
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert 0.0 <= results["predict_f1"] <= 1.0 and results["predict_samples"] == 16
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["use_visual"] is False
