@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Text-only accuracy experiments on the real Twitter benchmarks with the offline MiniLM encoder.
+
+For each dataset and seed, trains P-MNER's prompt head and the plain linear token classifier on the same encoder,
+data and budget (one `train_pmner.py` run each, model selected on validation, test evaluated once), then prints
+mean and standard deviation of test F1. `--variants` adds the switches that exist only here (prompt mode, tag
+scheme, trainable verbalizer), each compared with the default prompt head on the same seeds.
+
+    python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds, 2 epochs
+    python benchmarks/text_only_experiments.py --datasets twitter2017 --seeds 1 --epochs 1 --variants cloze,bioes
+
+Each run writes its folder under --output-dir (default outputs/experiments); runs whose all_results.json already
+exists are read back instead of re-run, so an interrupted sweep continues where it stopped.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ARMS = {
+    "linear": ["--head", "linear"],
+    "prompt": ["--head", "verbalizer"],
+    "cloze": ["--head", "verbalizer", "--prompt_mode", "cloze"],
+    "bioes": ["--head", "verbalizer", "--tag_scheme", "BIOES"],
+    "trainable": ["--head", "verbalizer", "--verbalizer_trainable"],
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="twitter2017,twitter2015")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--text-model", default="offline-minilm")
+    parser.add_argument("--variants", default="", help="comma list of extra arms: cloze, bioes, trainable")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
+    return parser.parse_args()
+
+
+def run(args, dataset, arm, seed) -> dict:
+    output_dir = os.path.join(args.output_dir, f"{dataset}-{arm}-seed{seed}")
+    results_file = os.path.join(output_dir, "all_results.json")
+    if not os.path.exists(results_file):
+        command = [
+            sys.executable, os.path.join(PROJECT, "train_pmner.py"),
+            "--dataset_name", dataset, "--data_dir", "auto", "--text_only",
+            "--text_model_name_or_path", args.text_model,
+            "--output_dir", output_dir,
+            "--do_train", "--do_eval",
+            "--num_train_epochs", str(args.epochs),
+            "--per_device_train_batch_size", str(args.batch_size),
+            "--per_device_eval_batch_size", "64",
+            "--learning_rate", str(args.learning_rate),
+            "--warmup_steps", "0.1",
+            "--seed", str(seed),
+            "--save_total_limit", "1",
+            "--use_cpu",
+            "--disable_tqdm", "true",
+            *ARMS[arm],
+        ]
+        if args.max_train_samples:
+            command += ["--max_train_samples", str(args.max_train_samples)]
+        os.makedirs(args.output_dir, exist_ok=True)
+        start = time.perf_counter()
+        with open(output_dir + ".log", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
+        print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    with open(results_file) as handle:
+        return json.load(handle)
+
+
+def summary(values):
+    mean = statistics.mean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean * 100:.2f} ± {spread * 100:.2f}"
+
+
+def main():
+    args = parse_args()
+    arms = ["prompt", "linear"] + [arm for arm in args.variants.split(",") if arm]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(ARMS)}")
+    print(f"command: python {' '.join(sys.argv)}")
+    table = {}
+    for dataset in args.datasets.split(","):
+        for arm in arms:
+            for seed in range(1, args.seeds + 1):
+                table.setdefault((dataset, arm), []).append(run(args, dataset, arm, seed))
+
+    print(
+        f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}, "
+        f"{args.seeds} seeds (mean ± std; model chosen on validation)\n"
+    )
+    print("| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for (dataset, arm), runs in table.items():
+        per_seed = ", ".join(f"{r['predict_f1'] * 100:.2f}" for r in runs)
+        print(
+            f"| {dataset} | {arm} | {summary([r['eval_f1'] for r in runs])} "
+            f"| {summary([r['predict_precision'] for r in runs])} | {summary([r['predict_recall'] for r in runs])} "
+            f"| {summary([r['predict_f1'] for r in runs])} | {per_seed} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
