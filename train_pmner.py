@@ -39,7 +39,10 @@ class ModelArguments:
 
     text_model_name_or_path: str = field(
         default="bert-base-uncased",
-        metadata={"help": "Masked LM (Hub id or local folder) to build P-MNER on; 'offline-minilm': the MiniLM of the offline extra."},
+        metadata={
+            "help": "Masked LM (Hub id or local folder) to build P-MNER on; 'offline-minilm': the MiniLM of the "
+            "offline extra; or a folder written by this script (a trained P-MNER), to evaluate or train it further."
+        },
     )
     fusion: str = field(default="tcfm", metadata={"help": "'tcfm' (the paper) or 'concat' (the T+V baseline)."})
     head: str = field(default="verbalizer", metadata={"help": "'verbalizer' (prompt head) or 'linear'."})
@@ -204,6 +207,15 @@ def resolve_data_dir(data_dir: str | None, dataset_name: str) -> str | None:
     return None
 
 
+def is_pmner_folder(path: str) -> bool:
+    """True for a folder written by this script (a trained P-MNER model with its processor)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file) as handle:
+        return json.load(handle).get("model_type") == "pmner"
+
+
 def none_if_none(value):
     return None if value is None or str(value).lower() == "none" else value
 
@@ -222,6 +234,9 @@ def main():
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training arguments: {training_args}")
+    logger.info(
+        f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), device {training_args.device}"
+    )
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.resume_from_checkpoint:
@@ -251,32 +266,44 @@ def main():
         reason = "--text_only was given" if data_args.text_only else "no --image_dir was given"
         logger.warning(f"Training WITHOUT images ({reason}): the model is text-only (use_visual=False).")
 
-    # 2. Image processor, model and processor.
-    image_processor = PMNERImageProcessor(
-        detector=none_if_none(model_args.detector),
-        detector_weights=none_if_none(model_args.detector_weights),
-        backbone=model_args.backbone,
-        backbone_weights=none_if_none(model_args.backbone_weights),
-    )
-    model = PMNERForTokenClassification.from_text_pretrained(
-        text_model,
-        use_visual=use_visual,
-        fusion=model_args.fusion,
-        head=model_args.head,
-        tag_scheme=model_args.tag_scheme,
-        verbalizer_trainable=model_args.verbalizer_trainable,
-        fusion_num_heads=model_args.fusion_num_heads,
-        visual_feature_dim=image_processor.feature_dim,
-        max_objects=image_processor.max_objects,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(text_model)
-    processor = PMNERProcessor(
-        image_processor,
-        tokenizer,
-        prompt_mode=model_args.prompt_mode,
-        label_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
-        max_length=model_args.max_seq_length,
-    )
+    # 2. Image processor, model and processor: a fresh P-MNER on a pretrained masked LM, or a trained P-MNER
+    #    folder (to evaluate it, or to train it further) with its own processor.
+    if is_pmner_folder(text_model):
+        model = PMNERForTokenClassification.from_pretrained(text_model)
+        processor = PMNERProcessor.from_pretrained(text_model)
+        image_processor, tokenizer = processor.image_processor, processor.tokenizer
+        if model.config.use_visual != use_visual:
+            raise ValueError(
+                f"{text_model} was trained with use_visual={model.config.use_visual}; this run has "
+                f"use_visual={use_visual} (--text_only / --image_dir)"
+            )
+        logger.info(f"Loaded the trained P-MNER model and processor of {text_model}")
+    else:
+        image_processor = PMNERImageProcessor(
+            detector=none_if_none(model_args.detector),
+            detector_weights=none_if_none(model_args.detector_weights),
+            backbone=model_args.backbone,
+            backbone_weights=none_if_none(model_args.backbone_weights),
+        )
+        model = PMNERForTokenClassification.from_text_pretrained(
+            text_model,
+            use_visual=use_visual,
+            fusion=model_args.fusion,
+            head=model_args.head,
+            tag_scheme=model_args.tag_scheme,
+            verbalizer_trainable=model_args.verbalizer_trainable,
+            fusion_num_heads=model_args.fusion_num_heads,
+            visual_feature_dim=image_processor.feature_dim,
+            max_objects=image_processor.max_objects,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        processor = PMNERProcessor(
+            image_processor,
+            tokenizer,
+            prompt_mode=model_args.prompt_mode,
+            label_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
+            max_length=model_args.max_seq_length,
+        )
 
     # 3. Visual features, extracted once and cached, before training.
     if use_visual:
@@ -418,6 +445,7 @@ def main():
 def write_outputs(training_args, model_args, data_args, raw, test_output, word_predictions, bio_names, all_results):
     """all_results.json, the per-type report, test predictions as CoNLL and the model card."""
     output_dir = training_args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
         json.dump(all_results, handle, indent=2, sort_keys=True, default=str)
     predictions = word_predictions("test", test_output.predictions)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -15,15 +16,16 @@ from fixtures import write_tiny_masked_lm, write_twitter_fixture
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_training(tmp_path, *extra, name="run"):
-    output_dir = tmp_path / name
-    command = [
-        sys.executable,
+ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def training_command(tmp_path, *extra, name="run", launcher=(sys.executable,)):
+    return [
+        *launcher,
         os.path.join(PROJECT, "train_pmner.py"),
         "--dataset_name", "twitter2017",
         "--data_dir", str(tmp_path / "data"),
         "--text_model_name_or_path", str(tmp_path / "tiny-bert"),
-        "--output_dir", str(output_dir),
         "--do_train", "--do_eval",
         "--num_train_epochs", "3",
         "--learning_rate", "3e-3",
@@ -34,8 +36,12 @@ def run_training(tmp_path, *extra, name="run"):
         "--seed", "7",
         *extra,
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf-home"), TOKENIZERS_PARALLELISM="false")
+
+
+def run_training(tmp_path, *extra, name="run", launcher=(sys.executable,)):
+    output_dir = tmp_path / name
+    command = training_command(tmp_path, "--output_dir", str(output_dir), *extra, launcher=launcher)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), **ENV)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return output_dir, result.stdout + result.stderr
@@ -135,3 +141,45 @@ def test_text_only_run_says_so(workspace):
     assert 0.0 <= results["predict_f1"] <= 1.0 and results["predict_samples"] == 16
     config = json.loads((output_dir / "config.json").read_text())
     assert config["use_visual"] is False
+
+
+def test_one_and_two_processes_give_the_same_test_f1(visual_run, workspace):
+    """Evaluating one trained folder with torchrun (2 CPU processes, gloo) gathers every prediction once."""
+    trained, _ = visual_run
+    common = ("--text_model_name_or_path", str(trained), "--do_train", "false", "--per_device_eval_batch_size", "3",
+              "--image_dir", str(workspace / "images"), "--max_predict_samples", "13")
+    one, _ = run_training(workspace, *common, name="eval-one")
+    two, log = run_training(workspace, *common, name="eval-two",
+                            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
+    assert "2 process(es) (distributed)" in log
+    first = json.loads((one / "all_results.json").read_text())
+    second = json.loads((two / "all_results.json").read_text())
+    assert first["predict_samples"] == second["predict_samples"] == 13
+    assert first["predict_f1"] == second["predict_f1"]
+    assert first["eval_f1"] == second["eval_f1"]
+    assert (one / "test_predictions.conll").read_text() == (two / "test_predictions.conll").read_text()
+
+
+def test_resume_after_kill_mid_epoch_matches_an_uninterrupted_run(workspace):
+    steps = ("--text_only", "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
+             "--save_steps", "5", "--eval_strategy", "steps", "--eval_steps", "5", "--save_total_limit", "4")
+    full, _ = run_training(workspace, *steps, name="uninterrupted")
+
+    killed_dir = workspace / "killed"
+    env = dict(os.environ, HF_HOME=str(workspace / "hf-home"), **ENV)
+    command = training_command(workspace, "--output_dir", str(killed_dir), *steps)
+    process = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed_dir / "checkpoint-10"  # 12 steps an epoch: step 10 is inside the first epoch
+    deadline = time.monotonic() + 300
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert (checkpoint / "trainer_state.json").exists()
+    assert not (killed_dir / "all_results.json").exists(), "the run finished before it was killed"
+
+    resumed, log = run_training(workspace, *steps, "--resume_from_checkpoint", str(checkpoint), name="killed")
+    expected = json.loads((full / "all_results.json").read_text())
+    results = json.loads((resumed / "all_results.json").read_text())
+    for key in ("eval_f1", "predict_f1", "eval_loss", "predict_loss", "best_epoch"):
+        assert results[key] == pytest.approx(expected[key], abs=1e-6), key
