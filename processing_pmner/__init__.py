@@ -1,1 +1,55 @@
-"""P-MNER processing (FRR image processor and prompt-template tokenizer)."""
+"""P-MNER processing (FRR image processor and prompt-template tokenizer).
+
+Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
+`AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
+`processing_pmner.py` and `image_processing_pmner.py` into the folder, and
+`AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
+"""
+
+from transformers import AutoImageProcessor, AutoProcessor
+
+from modeling_pmner import PMNERConfig
+
+from .image_processing_pmner import (
+    BadImageError,
+    BadImageWarning,
+    FRRFeatureCache,
+    PMNERImageProcessor,
+    load_image,
+    to_rgb,
+)
+from .processing_pmner import (
+    PMNERBatchFeature,
+    PMNERProcessor,
+    TruncationWarning,
+    bio_to_bioes,
+    bioes_to_bio,
+    convert_tags,
+    tag_scheme_of,
+    window_owner,
+    word_windows,
+)
+
+
+AutoImageProcessor.register(PMNERConfig, image_processor_classes={"torchvision": PMNERImageProcessor}, exist_ok=True)
+AutoProcessor.register(PMNERConfig, PMNERProcessor, exist_ok=True)
+PMNERImageProcessor.register_for_auto_class("AutoImageProcessor")
+PMNERProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "BadImageError",
+    "BadImageWarning",
+    "FRRFeatureCache",
+    "PMNERBatchFeature",
+    "PMNERImageProcessor",
+    "PMNERProcessor",
+    "TruncationWarning",
+    "bio_to_bioes",
+    "bioes_to_bio",
+    "convert_tags",
+    "load_image",
+    "tag_scheme_of",
+    "to_rgb",
+    "window_owner",
+    "word_windows",
+]

@@ -1,0 +1,749 @@
+"""P-MNER processor: the prompt-template tokenizer (paper section 3.1) with the FRR image processor (section 3.2).
+
+The sentence is wrapped in the template "<sentence> , the word of <word> is <mask> ." and the masked LM predicts
+tags through the verbalizer. Two prompt modes use the same model:
+
+- `"token"` (default): one row per tweet. The template follows the sentence (its `{word}` and `{mask}` slots are mask
+  tokens) and every word is predicted at its own first sub-word; template tokens get the label -100.
+- `"cloze"`: the paper's literal form, one row per word, "<sentence> , the word of <word> is [MASK] .", predicted at
+  the mask position.
+
+Sentences longer than `max_length` are split into overlapping word windows (`overflow="window"`, default) whose
+predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
+(`overflow="truncate"`). Nothing is cut silently.
+
+This file is copied flat into saved processor folders (remote code): it imports its sibling only relatively.
+"""
+
+import string
+import warnings
+
+import numpy as np
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+from .image_processing_pmner import PMNERImageProcessor
+
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_PROMPT_TEMPLATE = "{sentence} , the word of {word} is {mask} ."
+PROMPT_MODES = ("token", "cloze")
+OVERFLOW_MODES = ("window", "truncate")
+DEFAULT_LABEL_NAMES = ["O"] + [f"{p}-{e}" for e in ("PER", "LOC", "ORG", "MISC") for p in ("B", "I")]
+TEMPLATE_FIELDS = ("sentence", "word", "mask")
+
+
+class TruncationWarning(UserWarning):
+    """Issued when `overflow="truncate"` drops words of a sentence."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tag schemes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _split_tag(tag: str, index: int, scheme: str) -> tuple[str, str]:
+    if not isinstance(tag, str):
+        raise ValueError(f"tag {tag!r} at position {index} is not a string")
+    if tag == "O":
+        return "O", ""
+    prefix, dash, entity = tag.partition("-")
+    if not dash or not entity or prefix not in scheme:
+        raise ValueError(f"tag {tag!r} at position {index} is not a {scheme} tag")
+    return prefix, entity
+
+
+def bio_to_bioes(tags: list[str]) -> list[str]:
+    """BIO tags to BIOES: a single-word entity becomes S-, the last word of a longer one E-.
+
+    Exact for well-formed BIO (`bioes_to_bio(bio_to_bioes(tags)) == tags`). An I- that starts an entity (after O or
+    another type) is read as a beginning, as conlleval does.
+    """
+    parts = [_split_tag(tag, index, "BI") for index, tag in enumerate(tags)]
+    result = []
+    for index, (prefix, entity) in enumerate(parts):
+        if prefix == "O":
+            result.append("O")
+            continue
+        previous = parts[index - 1] if index > 0 else ("O", "")
+        following = parts[index + 1] if index + 1 < len(parts) else ("O", "")
+        begins = prefix == "B" or previous[0] == "O" or previous[1] != entity
+        continues = following == ("I", entity)
+        if begins:
+            result.append(f"{'B' if continues else 'S'}-{entity}")
+        else:
+            result.append(f"{'I' if continues else 'E'}-{entity}")
+    return result
+
+
+def bioes_to_bio(tags: list[str]) -> list[str]:
+    """BIOES tags to BIO: S- becomes B-, E- becomes I-. Exact for well-formed BIOES
+    (`bio_to_bioes(bioes_to_bio(tags)) == tags`)."""
+    result = []
+    for index, tag in enumerate(tags):
+        prefix, entity = _split_tag(tag, index, "BIOES")
+        if prefix == "O":
+            result.append("O")
+        else:
+            result.append(f"{ {'B': 'B', 'S': 'B', 'I': 'I', 'E': 'I'}[prefix]}-{entity}")
+    return result
+
+
+def tag_scheme_of(tags) -> str:
+    """"BIOES" when any tag starts with E- or S-, else "BIO"."""
+    return "BIOES" if any(isinstance(tag, str) and tag[:2] in ("E-", "S-") for tag in tags) else "BIO"
+
+
+def convert_tags(tags: list[str], scheme: str) -> list[str]:
+    """Tags (BIO or BIOES, detected) in `scheme`."""
+    source = tag_scheme_of(tags)
+    if source == scheme:
+        _ = [_split_tag(tag, index, "BI" if scheme == "BIO" else "BIOES") for index, tag in enumerate(tags)]
+        return list(tags)
+    return bio_to_bioes(tags) if scheme == "BIOES" else bioes_to_bio(tags)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Windows
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def word_windows(piece_counts: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """Word ranges `[start, end)` whose sub-words fit in `budget`, covering every word; consecutive windows share
+    up to `stride` words. Every count must be at most `budget`."""
+    count = len(piece_counts)
+    if count == 0:
+        return [(0, 0)]
+    windows = []
+    start = 0
+    while True:
+        end, total = start, 0
+        while end < count and total + piece_counts[end] <= budget:
+            total += piece_counts[end]
+            end += 1
+        windows.append((start, end))
+        if end >= count:
+            return windows
+        start = max(start + 1, end - stride)
+
+
+def window_owner(windows: list[tuple[int, int]], word: int, num_words: int) -> int:
+    """Index of the window that predicts `word`: the one where it has the most context on its cut sides (a side at
+    the sentence's own start or end counts as unlimited); ties go to the earlier window."""
+    best, best_margin = None, None
+    for index, (start, end) in enumerate(windows):
+        if not start <= word < end:
+            continue
+        left = word - start if start > 0 else num_words
+        right = end - 1 - word if end < num_words else num_words
+        margin = min(left, right)
+        if best is None or margin > best_margin:
+            best, best_margin = index, margin
+    if best is None:
+        raise ValueError(f"word {word} is in no window {windows}")
+    return best
+
+
+def _as_list(values) -> list:
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        return values.tolist()
+    return list(values)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PMNERBatchFeature(BatchFeature):
+    """A [`BatchFeature`] whose keys are the model inputs (so `model(**batch)` works), with `mapping`: what maps
+    rows and positions back to the input sentences and words.
+
+    `mapping` keys (one entry per row unless said):
+    - `sample_mapping`: the input sentence of each row.
+    - `word_ids`: per position, the sentence word it belongs to (`None` for special, template and padding tokens).
+    - `prediction_word_index`: per position, the word predicted there (`-1` elsewhere): the first sub-word of each
+      word in the window that owns it (token mode), or the mask position (cloze mode).
+    - `windows`: the `(start, end)` word range of the sentence in each row.
+    - `query_word`: the queried word (cloze mode), else `None`.
+    - `num_words` (per sentence): word count of each input sentence.
+    - `num_dropped_words` (per sentence): words cut by `overflow="truncate"` (always 0 with windows).
+    """
+
+    def __init__(self, data=None, tensor_type=None, mapping: dict | None = None):
+        super().__init__(data, tensor_type=tensor_type)
+        self.mapping = mapping or {}
+
+    def __getstate__(self):
+        return {"data": self.data, "mapping": self.mapping}
+
+    def __setstate__(self, state):
+        self.data = state["data"]
+        self.mapping = state.get("mapping", {})
+
+    def word_ids(self, row: int = 0) -> list:
+        """Sentence word index of each position of `row` (`None` outside the sentence)."""
+        return list(self.mapping["word_ids"][row])
+
+    @property
+    def num_dropped_words(self) -> list[int]:
+        return list(self.mapping["num_dropped_words"])
+
+    @property
+    def sample_mapping(self) -> list[int]:
+        return list(self.mapping["sample_mapping"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The processor
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class PMNERProcessor(ProcessorMixin):
+    r"""
+    Processor of P-MNER: wraps word-tokenised tweets in the prompt template, tokenises them with the masked LM's
+    tokenizer, aligns word tags to sub-words and adds the FRR visual features of the tweets' images.
+
+    Args:
+        image_processor ([`PMNERImageProcessor`], *optional*):
+            The FRR image processor; a default one (built lazily) when omitted.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The masked LM's tokenizer (needs a mask token).
+        prompt_template (`str`, defaults to `"{sentence} , the word of {word} is {mask} ."`):
+            The template of section 3.1 with the fields `{sentence}`, `{word}` and `{mask}` (each at most once;
+            `{sentence}` is required, `{word}` and `{mask}` are required in cloze mode). Literal text is split on
+            spaces into words.
+        prompt_mode (`str`, defaults to `"token"`):
+            `"token"` (one row per tweet, every word predicted at its own position) or `"cloze"` (one row per word,
+            predicted at the mask).
+        label_names (`list[str]`, *optional*):
+            The model's tags in id order (`list(config.id2label.values())`); their scheme (BIO, or BIOES when E-/S-
+            tags are present) is the processor's. Defaults to BIO over PER, LOC, ORG, MISC.
+        max_length (`int`, defaults to 128):
+            Longest row in tokens, special tokens and template included.
+        stride (`int`, defaults to 16):
+            Words shared by consecutive windows of a sentence longer than `max_length`.
+        overflow (`str`, defaults to `"window"`):
+            `"window"`: long sentences become several overlapping rows, all words predicted. `"truncate"`: the
+            words that do not fit are dropped, with a `TruncationWarning` and `num_dropped_words` in the mapping.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_mode: str = "token",
+        label_names: list[str] | None = None,
+        max_length: int = 128,
+        stride: int = 16,
+        overflow: str = "window",
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("PMNERProcessor needs a `tokenizer` (the masked LM's)")
+        if image_processor is None:
+            image_processor = PMNERImageProcessor()
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.prompt_template = prompt_template
+        self.prompt_mode = prompt_mode
+        self.label_names = list(label_names) if label_names is not None else list(DEFAULT_LABEL_NAMES)
+        self.max_length = int(max_length)
+        self.stride = int(stride)
+        self.overflow = overflow
+        self._template = self._parse_template(prompt_template)
+        self._validate()
+
+    # -- settings -------------------------------------------------------------------------------------------------
+
+    def _validate(self):
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.overflow not in OVERFLOW_MODES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {self.overflow!r}")
+        if self.stride < 0:
+            raise ValueError(f"stride must be at least 0, got {self.stride}")
+        if self.tokenizer.mask_token is None:
+            raise ValueError(f"the tokenizer {type(self.tokenizer).__name__} has no mask token")
+        fields = {element[0] for element in self._template if element[0] != "text"}
+        if self.prompt_mode == "cloze" and not {"word", "mask"} <= fields:
+            raise ValueError(
+                f"prompt_mode='cloze' needs the fields {{word}} and {{mask}} in prompt_template={self.prompt_template!r}"
+            )
+        if "O" not in self.label_names:
+            raise ValueError(f"label_names must contain 'O', got {self.label_names}")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"label_names has duplicates: {self.label_names}")
+        for index, name in enumerate(self.label_names):
+            _split_tag(name, index, "BIOES")
+        self.label2id = {name: index for index, name in enumerate(self.label_names)}
+        self.tag_scheme = tag_scheme_of(self.label_names)
+        budget = self._budget(max_word_pieces=1)
+        if budget < 1:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for the sentence: the special tokens and the template "
+                f"{self.prompt_template!r} already take {self.max_length - budget + 1} tokens"
+            )
+
+    @staticmethod
+    def _parse_template(template: str) -> list[tuple]:
+        elements, seen = [], []
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as error:
+            raise ValueError(f"prompt_template={template!r} is not a valid template: {error}") from error
+        for literal, field, spec, conversion in parsed:
+            if literal.strip():
+                elements.append(("text", literal.split()))
+            if field is None:
+                continue
+            if field not in TEMPLATE_FIELDS or spec or conversion:
+                raise ValueError(f"prompt_template={template!r}: unknown field {{{field}}}; use {TEMPLATE_FIELDS}")
+            if field in seen:
+                raise ValueError(f"prompt_template={template!r}: the field {{{field}}} appears twice")
+            seen.append(field)
+            elements.append((field,))
+        if "sentence" not in seen:
+            raise ValueError(f"prompt_template={template!r} has no {{sentence}} field")
+        return elements
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = [name for name in self.tokenizer.model_input_names if name in ("input_ids", "token_type_ids", "attention_mask")]
+        return names + list(self.image_processor.model_input_names)
+
+    # -- tokenisation helpers -----------------------------------------------------------------------------------
+
+    def _word_pieces(self, words: list[str]) -> list[list[int]]:
+        """Sub-word ids of each word (as the tokenizer splits them in context, words separated by spaces)."""
+        if not words:
+            return []
+        encoding = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
+        pieces = [[] for _ in words]
+        for token_id, word in zip(encoding["input_ids"], encoding.word_ids()):
+            if word is not None:
+                pieces[word].append(token_id)
+        return pieces
+
+    def _template_pieces(self) -> int:
+        """Tokens of the template's literal text and mask (not `{word}`, not `{sentence}`)."""
+        total = 0
+        for element in self._template:
+            if element[0] == "text":
+                total += sum(len(pieces) or 1 for pieces in self._word_pieces(element[1]))
+            elif element[0] == "mask":
+                total += 1
+            elif element[0] == "word" and self.prompt_mode == "token":
+                total += 1
+        return total
+
+    def _budget(self, max_word_pieces: int) -> int:
+        """Sentence tokens that fit in one row."""
+        limit = min(self.max_length, self.tokenizer.model_max_length or self.max_length)
+        budget = limit - self.tokenizer.num_special_tokens_to_add(pair=False) - self._template_pieces()
+        if self.prompt_mode == "cloze":
+            budget -= max_word_pieces
+        return budget
+
+    def _row_words(self, sentence: list[str], window: tuple[int, int], query: int | None) -> tuple[list[str], list]:
+        """The words of one row and, for each, its role: a sentence word index, "mask", "query" or None."""
+        words, roles = [], []
+        mask = self.tokenizer.mask_token
+        for element in self._template:
+            kind = element[0]
+            if kind == "text":
+                words += element[1]
+                roles += [None] * len(element[1])
+            elif kind == "sentence":
+                words += sentence[window[0] : window[1]]
+                roles += list(range(window[0], window[1]))
+            elif kind == "mask":
+                words.append(mask)
+                roles.append("mask")
+            elif kind == "word":
+                words.append(sentence[query] if query is not None else mask)
+                roles.append("query" if query is not None else None)
+        return words, roles
+
+    # -- main call -----------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        words_or_batch=None,
+        images=None,
+        labels=None,
+        visual_features=None,
+        visual_mask=None,
+        return_tensors: str | None = "pt",
+        padding: str = "longest",
+        return_mapping: bool = False,
+        image_kwargs: dict | None = None,
+        **kwargs,
+    ) -> PMNERBatchFeature:
+        """Encodes word-tokenised sentences (with their images or precomputed features, and their tags).
+
+        Args:
+            words_or_batch: one sentence as a list of words (or a string, split on spaces), or a list of them.
+            images: one image per sentence (anything [`PMNERImageProcessor`] reads; `None` for no image).
+            labels: per sentence, one tag per word: tag strings in BIO or BIOES (converted to the processor's
+                scheme) or ids of `label_names`.
+            visual_features: precomputed features (batch, objects, feature_dim) instead of `images`.
+            visual_mask: their mask (batch, objects); all true when omitted.
+            return_tensors: `"pt"` (default), `"np"` or `None` (lists).
+            padding: `"longest"` (default) or `"max_length"`.
+            return_mapping: also put `sample_mapping`, `word_ids`, `prediction_word_index` (rows, length; -1 where
+                none) and `num_words` in the returned data (e.g. to keep them through `datasets.map`).
+            image_kwargs: arguments of the image processor call (e.g. `{"device": "cuda"}`).
+
+        Returns:
+            [`PMNERBatchFeature`] with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer has them),
+            `visual_features` (rows, objects, feature_dim), `visual_mask` (rows, objects) and, with labels, `labels`
+            (rows, length) with -100 where no tag is predicted; its `mapping` maps rows back to sentences and words.
+        """
+        if kwargs:
+            raise TypeError(f"PMNERProcessor got unexpected arguments {sorted(kwargs)}")
+        if words_or_batch is None:
+            raise ValueError("PMNERProcessor needs the words of at least one sentence")
+        sentences, single = self._as_batch(words_or_batch)
+        if labels is not None:
+            labels = [labels] if single else list(labels)
+            if len(labels) != len(sentences):
+                raise ValueError(f"labels has {len(labels)} entries for {len(sentences)} sentences")
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+
+        rows, mapping = self._encode_rows(sentences, labels)
+        visual = self._visual_inputs(len(sentences), single, images, visual_features, visual_mask, image_kwargs)
+        data = self._pad(rows, padding, mapping)
+        row_samples = torch.tensor(mapping["sample_mapping"], dtype=torch.long)  # (rows,)
+        data["visual_features"] = visual[0][row_samples]  # (rows, objects, D)
+        data["visual_mask"] = visual[1][row_samples]  # (rows, objects)
+        if return_mapping:
+            data["sample_mapping"] = row_samples  # (rows,)
+            data["word_ids"] = torch.tensor(
+                [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]], dtype=torch.long
+            )  # (rows, L)
+            data["prediction_word_index"] = torch.tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, L)
+            data["num_words"] = torch.tensor(
+                [mapping["num_words"][sample] for sample in mapping["sample_mapping"]], dtype=torch.long
+            )  # (rows,)
+        if return_tensors == "np":
+            data = {key: value.numpy() for key, value in data.items()}
+        elif return_tensors is None:
+            data = {key: value.tolist() for key, value in data.items()}
+        elif return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        return PMNERBatchFeature(data, mapping=mapping)
+
+    @staticmethod
+    def _as_batch(words_or_batch) -> tuple[list[list[str]], bool]:
+        if isinstance(words_or_batch, str):
+            return [words_or_batch.split()], True
+        items = list(words_or_batch)
+        if all(isinstance(item, str) for item in items):
+            return [items], True  # one pre-tokenised sentence (an empty list is one empty sentence)
+        sentences = []
+        for index, item in enumerate(items):
+            if isinstance(item, str):
+                sentences.append(item.split())
+            elif isinstance(item, (list, tuple)) and all(isinstance(word, str) for word in item):
+                sentences.append(list(item))
+            else:
+                raise ValueError(
+                    f"sentence {index} is a {type(item).__name__}; expected a list of words (strings) or a string"
+                )
+        return sentences, False
+
+    def _label_ids(self, tags, num_words: int, sentence: int) -> list[int]:
+        if isinstance(tags, (torch.Tensor, np.ndarray)):
+            tags = tags.tolist()
+        tags = list(tags)
+        if len(tags) != num_words:
+            raise ValueError(f"sentence {sentence} has {num_words} words but {len(tags)} labels")
+        if all(isinstance(tag, (int, np.integer)) and not isinstance(tag, bool) for tag in tags):
+            for tag in tags:
+                if not 0 <= tag < len(self.label_names):
+                    raise ValueError(
+                        f"sentence {sentence}: label id {tag} is not an id of label_names ({len(self.label_names)} tags)"
+                    )
+            return [int(tag) for tag in tags]
+        if not all(isinstance(tag, str) for tag in tags):
+            raise ValueError(f"sentence {sentence}: labels must be all tag strings or all ids, got {tags}")
+        try:
+            converted = convert_tags(tags, self.tag_scheme)
+        except ValueError as error:
+            raise ValueError(f"sentence {sentence}: {error}") from error
+        unknown = sorted({(tag, new) for tag, new in zip(tags, converted) if new not in self.label2id})
+        if unknown:
+            described = [tag if tag == new else f"{tag} (as {new} in {self.tag_scheme})" for tag, new in unknown]
+            raise ValueError(f"sentence {sentence}: tags {described} are not in label_names {self.label_names}")
+        return [self.label2id[tag] for tag in converted]
+
+    def _encode_rows(self, sentences: list[list[str]], labels) -> tuple[list[dict], dict]:
+        """Builds every row (input ids, roles, labels, prediction positions) and the mapping."""
+        mapping = {
+            "sample_mapping": [], "word_ids": [], "prediction_word_index": [], "windows": [], "query_word": [],
+            "num_words": [len(sentence) for sentence in sentences], "num_dropped_words": [],
+        }
+        row_words, row_roles, row_meta = [], [], []
+        unk = self.tokenizer.unk_token
+        for index, sentence in enumerate(sentences):
+            sentence = list(sentence)
+            tag_ids = self._label_ids(labels[index], len(sentence), index) if labels is not None else None
+            pieces = self._word_pieces(sentence)
+            base = self._budget(max_word_pieces=0)
+            # a cloze row holds the queried word twice (in the sentence and in the template)
+            limit = base if self.prompt_mode == "token" else base // 2
+            for position, word_pieces in enumerate(pieces):
+                if not word_pieces:
+                    sentence[position] = unk  # a word the tokenizer drops (e.g. a zero-width space) keeps a position
+                    pieces[position] = [self.tokenizer.unk_token_id]
+                elif len(word_pieces) > limit:
+                    warnings.warn(
+                        f"sentence {index}, word {position} ({sentence[position][:40]!r}) has {len(word_pieces)} "
+                        f"sub-words, more than fit in max_length={self.max_length}; it is encoded as {unk}",
+                        TruncationWarning,
+                        stacklevel=3,
+                    )
+                    sentence[position] = unk
+                    pieces[position] = [self.tokenizer.unk_token_id]
+            max_pieces = max((len(p) for p in pieces), default=0)
+            budget = base - max_pieces if self.prompt_mode == "cloze" else base
+            counts = [len(p) for p in pieces]
+            windows = word_windows(counts, budget, self.stride)
+            dropped = 0
+            if self.overflow == "truncate" and len(windows) > 1:
+                windows = windows[:1]
+                dropped = len(sentence) - windows[0][1]
+                warnings.warn(
+                    f"sentence {index} does not fit in max_length={self.max_length}: its last {dropped} of "
+                    f"{len(sentence)} words are dropped (overflow='truncate'; use overflow='window' to keep them)",
+                    TruncationWarning,
+                    stacklevel=3,
+                )
+            mapping["num_dropped_words"].append(dropped)
+            kept = windows[-1][1] if self.overflow == "truncate" else len(sentence)
+            owners = [window_owner(windows, word, kept) for word in range(kept)]
+            if self.prompt_mode == "token":
+                for window_index, window in enumerate(windows):
+                    words, roles = self._row_words(sentence, window, None)
+                    row_words.append(words)
+                    row_roles.append(roles)
+                    row_meta.append((index, window, None, window_index, owners, tag_ids))
+            else:
+                for word in range(kept):
+                    window = windows[owners[word]]
+                    words, roles = self._row_words(sentence, window, word)
+                    row_words.append(words)
+                    row_roles.append(roles)
+                    row_meta.append((index, window, word, owners[word], owners, tag_ids))
+
+        rows = []
+        if row_words:
+            encoding = self.tokenizer(row_words, is_split_into_words=True, add_special_tokens=True, truncation=False)
+        for row, (words, roles, meta) in enumerate(zip(row_words, row_roles, row_meta)):
+            sample, window, query, window_index, owners, tag_ids = meta
+            input_ids = encoding["input_ids"][row]
+            if len(input_ids) > min(self.max_length, self.tokenizer.model_max_length or self.max_length):
+                raise RuntimeError(
+                    f"sentence {sample}: a row has {len(input_ids)} tokens, over max_length={self.max_length}; the "
+                    "tokenizer splits words differently in context than alone"
+                )
+            word_ids, prediction, row_labels = [], [], []
+            previous = None
+            for token_word in encoding.word_ids(row):
+                role = roles[token_word] if token_word is not None else None
+                first = token_word is not None and token_word != previous
+                previous = token_word
+                sentence_word = role if isinstance(role, int) else None
+                word_ids.append(sentence_word)
+                predicted = -1
+                if self.prompt_mode == "token" and sentence_word is not None and first:
+                    if owners[sentence_word] == window_index:
+                        predicted = sentence_word
+                elif self.prompt_mode == "cloze" and role == "mask" and first:
+                    predicted = query
+                prediction.append(predicted)
+                if tag_ids is not None:
+                    row_labels.append(tag_ids[predicted] if predicted >= 0 else -100)
+            entry = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+            if "token_type_ids" in encoding:
+                entry["token_type_ids"] = encoding["token_type_ids"][row]
+            if tag_ids is not None:
+                entry["labels"] = row_labels
+            rows.append(entry)
+            mapping["sample_mapping"].append(sample)
+            mapping["word_ids"].append(word_ids)
+            mapping["prediction_word_index"].append(prediction)
+            mapping["windows"].append(window)
+            mapping["query_word"].append(query)
+        return rows, mapping
+
+    def _pad(self, rows: list[dict], padding: str, mapping: dict) -> dict:
+        """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors)."""
+        longest = max((len(row["input_ids"]) for row in rows), default=0)
+        length = self.max_length if padding == "max_length" else longest
+        pad_values = {
+            "input_ids": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
+            "attention_mask": 0,
+            "token_type_ids": self.tokenizer.pad_token_type_id,
+            "labels": -100,
+        }
+        left = self.tokenizer.padding_side == "left"
+        data = {}
+        for key, value in pad_values.items():
+            if not rows or key not in rows[0]:
+                continue
+            padded = []
+            for row in rows:
+                fill = [value] * (length - len(row[key]))
+                padded.append(fill + row[key] if left else row[key] + fill)
+            data[key] = torch.tensor(padded, dtype=torch.long).reshape(len(rows), length)  # (rows, L)
+        for key, value in (("word_ids", None), ("prediction_word_index", -1)):
+            mapping[key] = [
+                [value] * (length - len(ids)) + ids if left else ids + [value] * (length - len(ids))
+                for ids in mapping[key]
+            ]
+        return data
+
+    def _visual_inputs(self, batch_size, single, images, visual_features, visual_mask, image_kwargs):
+        """`(features (batch, objects, D), mask (batch, objects))` from images, precomputed features or nothing."""
+        if images is not None and visual_features is not None:
+            raise ValueError("pass either `images` or precomputed `visual_features`, not both")
+        if images is not None:
+            if single and not (isinstance(images, (list, tuple)) and len(images) == 1):
+                images = [images]
+            images = list(images)
+            if len(images) != batch_size:
+                raise ValueError(f"images has {len(images)} entries for {batch_size} sentences")
+            output = self.image_processor(images, return_tensors="pt", **(image_kwargs or {}))
+            return output["visual_features"], output["visual_mask"]
+        if visual_features is not None:
+            features = torch.as_tensor(np.asarray(visual_features) if isinstance(visual_features, list) else visual_features)
+            features = features.float()
+            if single and features.dim() == 2:
+                features = features.unsqueeze(0)  # (1, objects, D)
+            if features.dim() != 3 or features.shape[0] != batch_size:
+                raise ValueError(
+                    f"visual_features has shape {tuple(features.shape)}; expected (batch={batch_size}, objects, dim)"
+                )
+            if visual_mask is None:
+                mask = torch.ones(features.shape[:2], dtype=torch.bool)  # (batch, objects)
+            else:
+                mask = torch.as_tensor(np.asarray(visual_mask) if isinstance(visual_mask, list) else visual_mask).bool()
+                if single and mask.dim() == 1:
+                    mask = mask.unsqueeze(0)  # (1, objects)
+                if mask.shape != features.shape[:2]:
+                    raise ValueError(
+                        f"visual_mask has shape {tuple(mask.shape)}; expected {tuple(features.shape[:2])}"
+                    )
+            return features, mask
+        if visual_mask is not None:
+            raise ValueError("visual_mask was given without visual_features")
+        objects, dim = self.image_processor.max_objects, self.image_processor.feature_dim
+        return (
+            torch.zeros(batch_size, objects, dim),  # (batch, objects, D): no image
+            torch.zeros(batch_size, objects, dtype=torch.bool),  # (batch, objects)
+        )
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mapping_of(batch) -> dict:
+        mapping = getattr(batch, "mapping", None)
+        if mapping:
+            return mapping
+        keys = ("sample_mapping", "prediction_word_index", "num_words")
+        if isinstance(batch, dict) and all(key in batch for key in keys):
+            # lists, arrays, tensors or datasets columns
+            samples = [int(sample) for sample in _as_list(batch["sample_mapping"])]
+            num_words = [int(count) for count in _as_list(batch["num_words"])]
+            per_sentence = {}
+            for sample, count in zip(samples, num_words):
+                per_sentence[sample] = count
+            total = max(per_sentence) + 1 if per_sentence else 0
+            return {
+                "sample_mapping": samples,
+                "prediction_word_index": [
+                    [int(word) for word in _as_list(row)] for row in _as_list(batch["prediction_word_index"])
+                ],
+                "num_words": [per_sentence.get(index, 0) for index in range(total)],
+            }
+        raise ValueError(
+            "cannot map predictions back to words: pass the PMNERBatchFeature returned by the processor, or a dict "
+            "with sample_mapping, prediction_word_index and num_words (return_mapping=True)"
+        )
+
+    def merge_window_predictions(self, predictions, batch, fill=None) -> list[list]:
+        """Per input sentence, per word, the row value at the position that predicts it.
+
+        `predictions` is (rows, length, ...) (ids, logits or probabilities). Each word is read in exactly one row:
+        the window where it has most context (token mode) or its cloze query. Words without a prediction (dropped
+        by truncation) get `fill`.
+        """
+        mapping = self._mapping_of(batch)
+        if isinstance(predictions, torch.Tensor):
+            predictions = predictions.detach().cpu().numpy()
+        predictions = np.asarray(predictions)
+        positions = mapping["prediction_word_index"]
+        if predictions.shape[0] != len(positions):
+            raise ValueError(f"predictions have {predictions.shape[0]} rows; the batch has {len(positions)}")
+        merged = [[fill] * count for count in mapping["num_words"]]
+        for row, (sample, row_positions) in enumerate(zip(mapping["sample_mapping"], positions)):
+            if predictions.shape[1] < len(row_positions):
+                raise ValueError(
+                    f"predictions have length {predictions.shape[1]}; the batch rows have {len(row_positions)}"
+                )
+            for position, word in enumerate(row_positions):
+                if word >= 0:
+                    merged[sample][word] = predictions[row, position]
+        return merged
+
+    def post_process_token_classification(self, predictions, batch, output_scheme: str = "BIO") -> list[list[str]]:
+        """Per input sentence, one tag per word.
+
+        Args:
+            predictions: the model's logits (rows, length, num_labels) (or its output, with `.logits`), or predicted
+                ids (rows, length).
+            batch: what the processor returned for those rows ([`PMNERBatchFeature`], or a dict made with
+                `return_mapping=True`).
+            output_scheme: `"BIO"` (default) or `"BIOES"`.
+
+        Words dropped by `overflow="truncate"` are tagged "O" (their count is in `batch.num_dropped_words`).
+        """
+        if hasattr(predictions, "logits"):
+            predictions = predictions.logits
+        if isinstance(predictions, torch.Tensor):
+            predictions = predictions.detach().cpu().numpy()
+        predictions = np.asarray(predictions)
+        if predictions.ndim == 3:
+            predictions = predictions.argmax(-1)  # (rows, length)
+        if predictions.ndim != 2:
+            raise ValueError(f"predictions have shape {predictions.shape}; expected (rows, length[, num_labels])")
+        merged = self.merge_window_predictions(predictions, batch, fill=self.label2id["O"])
+        tags = [[self.label_names[int(label)] for label in sentence] for sentence in merged]
+        if output_scheme == "BIO":
+            return [bioes_to_bio(sentence) if self.tag_scheme == "BIOES" else sentence for sentence in tags]
+        if output_scheme == "BIOES":
+            return [bio_to_bioes(sentence) if self.tag_scheme == "BIO" else sentence for sentence in tags]
+        raise ValueError(f"output_scheme must be 'BIO' or 'BIOES', got {output_scheme!r}")
+
+    def extract_dataset_features(self, dataset, **kwargs):
+        """[`PMNERImageProcessor.extract_dataset_features`] of the image processor."""
+        return self.image_processor.extract_dataset_features(dataset, **kwargs)
+
+
+__all__ = [
+    "PMNERBatchFeature",
+    "PMNERProcessor",
+    "TruncationWarning",
+    "bio_to_bioes",
+    "bioes_to_bio",
+    "convert_tags",
+    "tag_scheme_of",
+    "window_owner",
+    "word_windows",
+]
