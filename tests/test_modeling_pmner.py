@@ -15,20 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification,
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification, tag_names
 from modeling_pmner.modeling_pmner import resolve_label_word_ids
 
-
-WORDS = (
-    "the word of is none begin inside end single person location organization miscellaneous other "
-    "rt @user # : , . ! ? new york trump apple google obama london paris festival nba vote year "
-    "a b c d e f g h i j k l m n o p q r s t u v w x y z"
-).split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
-VOCAB += [f"##{letter}" for letter in "abcdefghijklmnopqrstuvwxyz"]
-
-
-def write_tiny_tokenizer(folder) -> BertTokenizer:
-    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(VOCAB)})
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+from fixtures import TINY_BERT, VOCAB, write_tiny_tokenizer
 
 
 class PMNERModelTester:
@@ -40,17 +27,7 @@ class PMNERModelTester:
     visual_feature_dim = 16
 
     def text_config(self) -> dict:
-        return dict(
-            model_type="bert",
-            vocab_size=len(VOCAB),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
+        return dict(model_type="bert", **TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
     def get_config(self, label_word_ids=True, **kwargs) -> PMNERConfig:
         config = PMNERConfig(
