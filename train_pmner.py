@@ -480,6 +480,7 @@ def write_model_card(
         data_args.dataset_name, data_args.dataset_name
     )
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    text_model = resolve_text_model(model_args.text_model_name_or_path)
     eval_results = [
         EvalResult(
             task_type="token-classification",
@@ -498,7 +499,7 @@ def write_model_card(
         pipeline_tag="token-classification",
         tags=["multimodal-ner", "named-entity-recognition", "pmner", "custom_code"],
         datasets=[data_args.dataset_name],
-        base_model=None if os.path.isdir(model_args.text_model_name_or_path) else model_args.text_model_name_or_path,
+        base_model=None if os.path.isdir(text_model) else text_model,  # a Hub id only, not a local folder
         model_name=repo_id,
         eval_results=eval_results,
     )
