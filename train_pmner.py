@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
+from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.seqeval_metric import ner_classification_report, load_seqeval_metric
 from processing_pmner.twitter_mner import load_twitter_mner
 
@@ -404,6 +405,8 @@ def main():
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         trainer.save_state()
+        if trainer.is_world_process_zero():
+            add_pipeline_to_folder(training_args.output_dir)  # pipeline(model=folder, trust_remote_code=True)
         all_results.update(train_result.metrics)
         all_results["train_samples"] = len(raw["train"])
 
