@@ -449,7 +449,11 @@ class PMNERForTokenClassification(PMNERPreTrainedModel):
         )
         logger.warning(
             f"P-MNER built on {text_model_name_or_path}: text encoder loaded; newly initialised: {new_weights}"
-            + ("" if loaded_head else " (the checkpoint has no masked-LM head: the prompt transform is new)")
+            + (
+                " (the checkpoint has no masked-LM head: the prompt transform is new)"
+                if config.head == "verbalizer" and not loaded_head
+                else ""
+            )
         )
         del masked_lm
         return model
