@@ -12,7 +12,8 @@ Measures, on this machine, with random inputs of fixed shape:
     python benchmarks/bench_model.py                      # MiniLM-L6 (offline extra) on 2 CPU cores, ~5 min
     python benchmarks/bench_model.py --text-model bert-base-uncased --device cuda --batch-size 32
 
-Prints a markdown table per section. Times are medians over --repeats steps after --warmup steps.
+Prints a markdown table per section. Times are medians over --repeats steps after --warmup steps; sections 1-3
+repeat each model in --rounds fresh processes (rotating order) and report the median round.
 """
 
 import argparse
@@ -42,6 +43,10 @@ def parse_args():
     parser.add_argument("--object-counts", default="0,1,3,5", help="object counts of section 5")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="fresh processes per configuration of sections 1-3, in rotating order; the median over rounds is reported",
+    )
     return parser.parse_args()
 
 
@@ -196,25 +201,41 @@ def main():
         f"batch {args.batch_size}, length {args.length}, objects {args.objects}, median of {args.repeats} after {args.warmup}"
     )
     context = multiprocessing.get_context("spawn")
+    names = list(CONFIGURATIONS)
+    rounds = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        # rotate the order so that no configuration always runs first (warm caches, a busy neighbour)
+        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+            queue = context.Queue()
+            process = context.Process(target=measure_configuration, args=(name, args, queue))
+            process.start()
+            rounds[name].append(queue.get())
+            process.join()
+            if process.exitcode != 0:
+                raise RuntimeError(f"measuring {name!r} failed with exit code {process.exitcode}")
     results = {}
-    for name in CONFIGURATIONS:
-        queue = context.Queue()
-        process = context.Process(target=measure_configuration, args=(name, args, queue))
-        process.start()
-        results[name] = queue.get()
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"measuring {name!r} failed with exit code {process.exitcode}")
+    for name, runs in rounds.items():
+        results[name] = dict(runs[0])
+        results[name]["train"] = statistics.median(run["train"] for run in runs)
+        results[name]["infer"] = statistics.median(run["infer"] for run in runs)
+        results[name]["train_rounds"] = [run["train"] for run in runs]
+        results[name]["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+        cuda = [run["peak_cuda_mib"] for run in runs if run["peak_cuda_mib"] is not None]
+        results[name]["peak_cuda_mib"] = max(cuda) if cuda else None
 
     baseline = results["baseline (linear head, text only)"]
     print("\n## 1-3. Training step, inference, peak memory\n")
-    print("| model | parameters | train step (s) | x baseline | inference (seq/s) | peak RSS (MiB) | peak CUDA (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"Median over {args.rounds} fresh processes per model (each a median of {args.repeats} steps).\n")
+    print(
+        "| model | parameters | train step (s) | x baseline | train step per round (s) | inference (seq/s) "
+        "| peak RSS (MiB) | peak CUDA (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         cuda = "-" if result["peak_cuda_mib"] is None else f"{result['peak_cuda_mib']:.0f}"
         print(
             f"| {name} | {result['parameters'] / 1e6:.1f} M | {result['train']:.3f} | {result['train'] / baseline['train']:.2f} "
-            f"| {args.batch_size / result['infer']:.1f} | {result['peak_rss_mib']:.0f} | {cuda} |"
+            f"| {', '.join(f'{t:.3f}' for t in result['train_rounds'])} | {args.batch_size / result['infer']:.1f} | {result['peak_rss_mib']:.0f} | {cuda} |"
         )
 
     cost = head_cost(args)

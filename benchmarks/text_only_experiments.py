@@ -7,10 +7,16 @@ mean and standard deviation of test F1. `--variants` adds the switches that exis
 scheme, trainable verbalizer), each compared with the default prompt head on the same seeds.
 
     python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds, 2 epochs
-    python benchmarks/text_only_experiments.py --datasets twitter2017 --seeds 1 --epochs 1 --variants cloze,bioes
+    python benchmarks/text_only_experiments.py --variants bioes,trainable     # ~1 h more on 2 CPU cores
+    python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze --max-train-samples 400
+
+Cloze mode asks one question per word (about 16 rows per Twitter-2017 tweet, each twice as long), so a full cloze
+run takes hours on a CPU; `--max-train-samples` trains every arm on the same first N tweets (validation and test
+stay whole) and names its folders `...-trainN-...`.
 
 Each run writes its folder under --output-dir (default outputs/experiments); runs whose all_results.json already
-exists are read back instead of re-run, so an interrupted sweep continues where it stopped.
+exists are read back instead of re-run, so an interrupted sweep continues where it stopped. A finished run whose
+recorded settings differ from the requested ones stops the sweep with an error instead of being reused.
 """
 
 import argparse
@@ -48,8 +54,22 @@ def parse_args():
 
 
 def run(args, dataset, arm, seed) -> dict:
-    output_dir = os.path.join(args.output_dir, f"{dataset}-{arm}-seed{seed}")
+    subset = f"-train{args.max_train_samples}" if args.max_train_samples else ""
+    output_dir = os.path.join(args.output_dir, f"{dataset}-{arm}{subset}-seed{seed}")
     results_file = os.path.join(output_dir, "all_results.json")
+    settings_file = os.path.join(output_dir, "experiment.json")
+    settings = {
+        "dataset": dataset, "arm": arm, "seed": seed, "epochs": args.epochs, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "text_model": args.text_model, "max_train_samples": args.max_train_samples,
+    }
+    if os.path.exists(results_file) and os.path.exists(settings_file):
+        with open(settings_file) as handle:
+            recorded = json.load(handle)
+        if recorded != settings:
+            raise SystemExit(
+                f"{output_dir} holds a finished run with other settings ({recorded}); "
+                f"pass another --output-dir for {settings}"
+            )
     if not os.path.exists(results_file):
         command = [
             sys.executable, os.path.join(PROJECT, "train_pmner.py"),
@@ -75,6 +95,8 @@ def run(args, dataset, arm, seed) -> dict:
         with open(output_dir + ".log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
         print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        with open(settings_file, "w") as handle:
+            json.dump(settings, handle, indent=2)
     with open(results_file) as handle:
         return json.load(handle)
 
@@ -98,18 +120,20 @@ def main():
             for seed in range(1, args.seeds + 1):
                 table.setdefault((dataset, arm), []).append(run(args, dataset, arm, seed))
 
+    subset = f", first {args.max_train_samples} training tweets" if args.max_train_samples else ""
     print(
-        f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}, "
-        f"{args.seeds} seeds (mean ± std; model chosen on validation)\n"
+        f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}"
+        f"{subset}, {args.seeds} seeds (mean ± std; model chosen on validation)\n"
     )
-    print("| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 | train tweets | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (dataset, arm), runs in table.items():
         per_seed = ", ".join(f"{r['predict_f1'] * 100:.2f}" for r in runs)
         print(
             f"| {dataset} | {arm} | {summary([r['eval_f1'] for r in runs])} "
             f"| {summary([r['predict_precision'] for r in runs])} | {summary([r['predict_recall'] for r in runs])} "
-            f"| {summary([r['predict_f1'] for r in runs])} | {per_seed} |"
+            f"| {summary([r['predict_f1'] for r in runs])} | {per_seed} | {runs[0]['train_samples']} "
+            f"| {statistics.mean(r['train_runtime'] for r in runs):.0f} |"
         )
 
 

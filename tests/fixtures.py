@@ -1,11 +1,18 @@
-"""Small offline fixtures shared by the tests: a tiny BERT masked LM with its tokenizer, and a tiny Twitter MNER
-data set (CoNLL text plus generated images)."""
+"""Small offline fixtures shared by the tests: a tiny BERT masked LM with its tokenizer, a tiny Twitter MNER
+data set (CoNLL text plus generated images), and a fresh Python process that cannot import this project."""
 
 import os
 import random
+import subprocess
+import sys
+import textwrap
 
 from PIL import Image
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_MODULES = ("modeling_pmner", "processing_pmner", "train_pmner")
 
 
 PEOPLE = ["trump", "obama", "kawhi", "leonard"]
@@ -80,3 +87,37 @@ def write_twitter_fixture(data_dir, image_dir=None, sizes=(40, 12, 12), seed: in
                 image.save(os.path.join(image_dir, f"{image_id}.jpg"))
         with open(os.path.join(data_dir, f"{split}.txt"), "w") as handle:
             handle.write("\n".join(lines) + "\n")
+
+
+_WITHOUT_PROJECT = """
+import sys as _sys
+_sys.meta_path[:] = [f for f in _sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+_sys.path[:] = [p for p in _sys.path if p not in ("", ".", {project!r})]
+_sys.path_hooks[:] = [h for h in _sys.path_hooks if "editable" not in repr(h).lower()]
+_sys.path_importer_cache.clear()
+for _name in {modules!r}:
+    try:
+        __import__(_name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"the project ({{_name}}) is importable in the remote-code process")
+"""
+
+
+def run_without_project(script: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python that cannot import this project, like a Hub user's process loading a saved
+    folder with `trust_remote_code=True`: the editable-install finder, the project folder and PYTHONPATH are removed
+    first, and the process exits with an error if a project module can still be imported. Offline, with its own
+    HF_HOME under `cwd` (so no modules cached by an earlier run are reused)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        PYTHONNOUSERSITE="1",
+        HF_HOME=os.path.join(str(cwd), "hf-home"),
+    )
+    prelude = _WITHOUT_PROJECT.format(project=PROJECT, modules=PROJECT_MODULES)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -4,18 +4,16 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification, BertConfig, BertForMaskedLM, BertTokenizer
 
-from modeling_pmner import PMNERConfig, PMNERForTokenClassification, tag_names
+from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from modeling_pmner.modeling_pmner import resolve_label_word_ids
 
-from fixtures import TINY_BERT, VOCAB, write_tiny_tokenizer
+from fixtures import TINY_BERT, VOCAB, run_without_project, write_tiny_tokenizer
 
 
 class PMNERModelTester:
@@ -245,15 +243,6 @@ def test_from_text_pretrained_offline_error_names_a_local_path(tmp_path, monkeyp
 REMOTE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", {project!r})]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
-    try:
-        import modeling_pmner
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the project is importable in the remote-code process")
     from transformers import AutoModel, AutoModelForTokenClassification
     inputs = torch.load({inputs!r})
     results = {{}}
@@ -276,7 +265,6 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 def test_remote_code_round_trip_in_a_fresh_process(tmp_path):
-    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = PMNERForTokenClassification(tester.get_config()).eval()
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
@@ -294,12 +282,7 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = model(**inputs).logits
-    script = REMOTE_SCRIPT.format(project=project, inputs=str(tmp_path / "inputs.pt"), folder=str(elsewhere))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_without_project(REMOTE_SCRIPT.format(inputs=str(tmp_path / "inputs.pt"), folder=str(elsewhere)), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     for name in ("token", "auto"):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -13,16 +11,14 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from fixtures import write_tiny_masked_lm
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.pipeline_pmner import PMNERPipeline, TASK, add_pipeline_to_folder, register_pipeline
 from processing_pmner.tweet_tokenizer import join_words, split_tweet
 
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWITTER2017 = os.path.join(PROJECT, "..", "shared", "data", "twitter2017", "train.txt")
-ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 # the tiny vocabulary spells a URL letter by letter: more sub-words than fit in max_length=32 (encoded as [UNK])
 pytestmark = pytest.mark.filterwarnings("ignore:.*sub-words, more than fit in max_length")
 
@@ -110,17 +106,7 @@ def image_file(folder, name="photo.jpg", color=(200, 30, 30)) -> str:
 
 ISOLATED_SCRIPT = textwrap.dedent(
     """
-    import json, sys, warnings
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", {project!r})]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
-    for name in ("modeling_pmner", "processing_pmner"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-        else:
-            raise SystemExit(f"the project ({{name}}) is importable in the remote-code process")
+    import json, warnings
     from PIL import Image
     from transformers import pipeline
 
@@ -157,14 +143,10 @@ def test_pipeline_from_saved_folder_in_a_process_without_the_project(tiny, tmp_p
     bad_image.write_bytes(b"this is not a jpeg")
     text = TRICKY_TWEETS[0]
     script = ISOLATED_SCRIPT.format(
-        project=PROJECT, folder=folder, text=text, image=image_file(tmp_path), bad_image=str(bad_image),
+        folder=folder, text=text, image=image_file(tmp_path), bad_image=str(bad_image),
         resaved=str(resaved),
     )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(ENV, HF_HOME=str(tmp_path / "hf-home"))
-    completed = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    completed = run_without_project(script, tmp_path)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     result = json.loads(completed.stdout.split("RESULT ", 1)[1])
     assert result["task"] == TASK

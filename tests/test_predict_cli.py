@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from fixtures import write_tiny_masked_lm

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -34,8 +33,9 @@ from processing_pmner import (
     word_windows,
 )
 
+from fixtures import run_without_project
 
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 WORDS = (
     "the word of is none begin inside end single person location organization miscellaneous other "
     "rt @user # : , . ! ? new york trump apple google obama london paris festival nba vote year "
@@ -605,17 +605,7 @@ def test_left_padding_keeps_the_mapping_aligned(tmp_path):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import json, sys, torch
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", {project!r})]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in repr(h).lower()]
-    for name in ("processing_pmner", "modeling_pmner"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-        else:
-            raise SystemExit(f"the project ({{name}}) is importable in the remote-code process")
+    import json, torch
     from transformers import AutoProcessor
     processor = AutoProcessor.from_pretrained({folder!r}, trust_remote_code=True)
     assert "transformers_modules" in type(processor).__module__, type(processor).__module__
@@ -653,11 +643,8 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(image_files, tmp_path
     shutil.copytree(saved, elsewhere)
     images = [str(image_files["jpeg"]), str(image_files["exif"]), None]
     expected = processor(SENTENCES, images=images, labels=TAGS)
-    script = REMOTE_SCRIPT.format(project=PROJECT, folder=str(elsewhere), sentences=SENTENCES, images=images, tags=TAGS)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), PYTHONNOUSERSITE="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    script = REMOTE_SCRIPT.format(folder=str(elsewhere), sentences=SENTENCES, images=images, tags=TAGS)
+    result = run_without_project(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("input_ids", "attention_mask", "token_type_ids", "labels", "visual_mask"):

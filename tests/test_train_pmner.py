@@ -10,10 +10,7 @@ import time
 
 import pytest
 
-from fixtures import write_tiny_masked_lm, write_twitter_fixture
-
-
-PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
 
 
 ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -92,15 +89,7 @@ def test_training_writes_every_output_and_learns(visual_run):
 
 RELOAD_SCRIPT = textwrap.dedent(
     """
-    import json, sys
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", {project!r})]
-    try:
-        import modeling_pmner
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the project is importable in the remote-code process")
+    import json
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForTokenClassification, AutoProcessor
@@ -124,10 +113,7 @@ def test_output_folder_reloads_with_remote_code_and_same_predictions(visual_run,
     output_dir, _ = visual_run
     elsewhere = tmp_path / "copied-model"
     shutil.copytree(output_dir, elsewhere, ignore=shutil.ignore_patterns("checkpoint-*", "frr_cache"))
-    script = RELOAD_SCRIPT.format(project=PROJECT, folder=str(elsewhere), images=str(workspace / "images"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_without_project(RELOAD_SCRIPT.format(folder=str(elsewhere), images=str(workspace / "images")), tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["same"], outcome
