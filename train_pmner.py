@@ -161,15 +161,6 @@ class PMNERDataCollator:
 MAPPING_COLUMNS = ("sample_mapping", "word_ids", "prediction_word_index", "num_words")
 
 
-def trim_padding(encoding: dict) -> dict:
-    """Drops the processor's padding from each row (the collator pads each training batch to its own longest)."""
-    lengths = [sum(mask) for mask in encoding["attention_mask"]]
-    for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "word_ids", "prediction_word_index"):
-        if name in encoding:
-            encoding[name] = [row[:length] for row, length in zip(encoding[name], lengths)]
-    return encoding
-
-
 def parse_arguments():
     parser = HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -325,8 +316,10 @@ def main():
         visual = {}
         if use_visual:
             visual = {"visual_features": batch["visual_features"], "visual_mask": batch["visual_mask"]}
-        encoding = processor(batch["tokens"], labels=tags, return_tensors=None, return_mapping=True, **visual)
-        encoding = trim_padding(dict(encoding))
+        # unpadded rows: the collator pads each training batch to its own longest
+        encoding = dict(
+            processor(batch["tokens"], labels=tags, return_tensors=None, padding=False, return_mapping=True, **visual)
+        )
         encoding["sample_mapping"] = [indices[sample] for sample in encoding["sample_mapping"]]
         if not use_visual:
             del encoding["visual_features"], encoding["visual_mask"]

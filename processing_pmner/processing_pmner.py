@@ -378,7 +378,7 @@ class PMNERProcessor(ProcessorMixin):
         visual_features=None,
         visual_mask=None,
         return_tensors: str | None = "pt",
-        padding: str = "longest",
+        padding: bool | str = "longest",
         return_mapping: bool = False,
         image_kwargs: dict | None = None,
         **kwargs,
@@ -393,7 +393,8 @@ class PMNERProcessor(ProcessorMixin):
             visual_features: precomputed features (batch, objects, feature_dim) instead of `images`.
             visual_mask: their mask (batch, objects); all true when omitted.
             return_tensors: `"pt"` (default), `"np"` or `None` (lists).
-            padding: `"longest"` (default) or `"max_length"`.
+            padding: `"longest"` (default, or `True`), `"max_length"`, or `False` / `"do_not_pad"`: rows keep their own
+                lengths (needs `return_tensors=None`; for `datasets.map`, leaving padding to the data collator).
             return_mapping: also put `sample_mapping`, `word_ids`, `prediction_word_index` (rows, length; -1 where
                 none) and `num_words` in the returned data (e.g. to keep them through `datasets.map`).
             image_kwargs: arguments of the image processor call (e.g. `{"device": "cuda"}`).
@@ -412,8 +413,14 @@ class PMNERProcessor(ProcessorMixin):
             labels = [labels] if single else list(labels)
             if len(labels) != len(sentences):
                 raise ValueError(f"labels has {len(labels)} entries for {len(sentences)} sentences")
-        if padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        padding = {True: "longest", False: "do_not_pad"}.get(padding, padding)
+        if padding not in ("longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be 'longest' (True), 'max_length' or 'do_not_pad' (False), got {padding!r}")
+        if padding == "do_not_pad" and return_tensors is not None:
+            raise ValueError(
+                f"padding=False leaves rows of different lengths, which return_tensors={return_tensors!r} cannot hold: "
+                "pass return_tensors=None"
+            )
 
         rows, mapping = self._encode_rows(sentences, labels)
         visual = self._visual_inputs(len(sentences), single, images, visual_features, visual_mask, image_kwargs)
@@ -422,18 +429,22 @@ class PMNERProcessor(ProcessorMixin):
         data["visual_features"] = visual[0][row_samples]  # (rows, objects, D)
         data["visual_mask"] = visual[1][row_samples]  # (rows, objects)
         if return_mapping:
-            data["sample_mapping"] = row_samples  # (rows,)
-            data["word_ids"] = torch.tensor(
-                [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]], dtype=torch.long
-            )  # (rows, L)
-            data["prediction_word_index"] = torch.tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, L)
-            data["num_words"] = torch.tensor(
-                [mapping["num_words"][sample] for sample in mapping["sample_mapping"]], dtype=torch.long
-            )  # (rows,)
+            word_ids = [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]]
+            num_words = [mapping["num_words"][sample] for sample in mapping["sample_mapping"]]
+            if padding == "do_not_pad":
+                data["sample_mapping"] = list(mapping["sample_mapping"])
+                data["word_ids"] = word_ids
+                data["prediction_word_index"] = [list(ids) for ids in mapping["prediction_word_index"]]
+                data["num_words"] = num_words
+            else:
+                data["sample_mapping"] = row_samples  # (rows,)
+                data["word_ids"] = torch.tensor(word_ids, dtype=torch.long)  # (rows, L)
+                data["prediction_word_index"] = torch.tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, L)
+                data["num_words"] = torch.tensor(num_words, dtype=torch.long)  # (rows,)
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         elif return_tensors is None:
-            data = {key: value.tolist() for key, value in data.items()}
+            data = {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in data.items()}
         elif return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         return PMNERBatchFeature(data, mapping=mapping)
@@ -583,7 +594,11 @@ class PMNERProcessor(ProcessorMixin):
         return rows, mapping
 
     def _pad(self, rows: list[dict], padding: str, mapping: dict) -> dict:
-        """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors)."""
+        """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors); with
+        `"do_not_pad"`, returns the rows as lists of their own lengths."""
+        if padding == "do_not_pad":
+            keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+            return {key: [row[key] for row in rows] for key in keys if rows and key in rows[0]}
         longest = max((len(row["input_ids"]) for row in rows), default=0)
         length = self.max_length if padding == "max_length" else longest
         pad_values = {

@@ -653,6 +653,31 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(image_files, tmp_path
     assert remote["decoded"] == TAGS
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["token", "cloze"])
+def test_no_padding_gives_each_row_its_own_length(side, mode):
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = side
+    processor = make_processor(tokenizer, label_names=BIOES, prompt_mode=mode, max_length=20, stride=1)
+    sentences = SENTENCES + [["new"] * 15]
+    tags = TAGS + [["O"] * 14 + ["B-LOC"]]
+    padded = processor(sentences, labels=tags, return_tensors=None, return_mapping=True)
+    unpadded = processor(sentences, labels=tags, return_tensors=None, padding=False, return_mapping=True)
+    lengths = [sum(mask) for mask in padded["attention_mask"]]
+    assert len(set(lengths)) > 1 and [len(row) for row in unpadded["input_ids"]] == lengths
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels", "word_ids", "prediction_word_index"):
+        expected = [
+            row[len(row) - length :] if side == "left" else row[:length] for row, length in zip(padded[key], lengths)
+        ]
+        assert unpadded[key] == expected, key
+    for key in ("sample_mapping", "num_words", "visual_features", "visual_mask"):
+        assert unpadded[key] == padded[key], key
+    with pytest.raises(ValueError, match="padding=False leaves rows of different lengths.*return_tensors=None"):
+        processor(sentences, padding=False)
+    with pytest.raises(ValueError, match="padding must be"):
+        processor(sentences, padding="shortest")
+
+
 def test_mapping_survives_datasets_map_and_decodes_from_columns(tokenizer):
     import datasets
 
