@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -161,13 +162,40 @@ class PMNERDataCollator:
 MAPPING_COLUMNS = ("sample_mapping", "word_ids", "prediction_word_index", "num_words")
 
 
-def parse_arguments():
+def parse_arguments(argv: list[str] | None = None):
+    """Command-line arguments, or a JSON / YAML file of them as the first argument followed by command-line
+    arguments that override it (`train_pmner.py configs/paper-twitter2017.yaml --fusion concat`)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        argv = config_file_arguments(parser, argv[0]) + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def config_file_arguments(parser: HfArgumentParser, path: str) -> list[str]:
+    """The settings of a JSON / YAML file as command-line arguments (so that later ones override them)."""
+    with open(path) as handle:
+        settings = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(settings).__name__}")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown arguments {unknown} (see `python train_pmner.py --help`)")
+    arguments = []
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            values = [str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            values = [str(item) for item in value]
+        elif isinstance(value, dict):
+            values = [json.dumps(value)]
+        else:
+            values = [str(value)]
+        arguments += [f"--{name}", *values]
+    return arguments
 
 
 OFFLINE_MINILM = "offline-minilm"

@@ -169,3 +169,102 @@ def test_resume_after_kill_mid_epoch_matches_an_uninterrupted_run(workspace):
     results = json.loads((resumed / "all_results.json").read_text())
     for key in ("eval_f1", "predict_f1", "eval_loss", "predict_loss", "best_epoch"):
         assert results[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument files: every shipped config parses, and command-line arguments after the file override it
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(PROJECT, "configs"))))
+def test_shipped_configs_parse_and_command_line_overrides_them(config):
+    from train_pmner import parse_arguments
+
+    path = os.path.join(PROJECT, "configs", config)
+    # --use_cpu: the paper configs ask for bf16, which TrainingArguments refuses on a machine without a GPU otherwise
+    model_args, data_args, training_args = parse_arguments([path, "--use_cpu", "true"])
+    assert data_args.dataset_name in ("twitter2015", "twitter2017") and training_args.do_train
+    model_args, data_args, training_args = parse_arguments(
+        [path, "--use_cpu", "true", "--fusion", "concat", "--head", "linear", "--num_train_epochs", "1",
+         "--output_dir", "elsewhere", "--do_train", "false"]
+    )
+    assert (model_args.fusion, model_args.head, training_args.num_train_epochs) == ("concat", "linear", 1.0)
+    assert training_args.output_dir == "elsewhere" and not training_args.do_train
+
+
+def test_argument_file_errors_name_the_file(tmp_path):
+    from train_pmner import parse_arguments
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("dataset_name: twitter2017\nlearning_rte: 1.0e-4\noutput_dir: out\n")
+    with pytest.raises(ValueError, match=r"typo\.yaml: unknown arguments \['learning_rte'\]"):
+        parse_arguments([str(typo)])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- dataset_name\n- twitter2017\n")
+    with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping"):
+        parse_arguments([str(listing)])
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"dataset_name": "twitter2015", "output_dir": "out", "use_cpu": True, "seed": 7}))
+    model_args, data_args, training_args = parse_arguments([str(settings), "--seed", "3"])
+    assert data_args.dataset_name == "twitter2015" and training_args.use_cpu and training_args.seed == 3
+
+
+def reproduce_paper(*argv, cwd):
+    command = [sys.executable, os.path.join(PROJECT, "benchmarks", "reproduce_paper.py"), *argv]
+    env = dict(os.environ, HF_HOME=str(cwd / "hf-home"), **ENV)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def test_reproduce_paper_commands_carry_each_table3_row(tmp_path):
+    import shlex
+
+    from train_pmner import parse_arguments
+
+    output = reproduce_paper("--dry-run", "--output-dir", str(tmp_path / "paper"), "--", "--seed", "7", cwd=tmp_path)
+    commands = [shlex.split(line) for line in output.splitlines() if "train_pmner.py" in line]
+    assert len(commands) == 8  # 4 rows x 2 datasets
+    seen = set()
+    for command in commands:
+        argv = command[command.index(os.path.join(PROJECT, "train_pmner.py")) + 1 :]
+        model_args, data_args, training_args = parse_arguments(argv + ["--use_cpu", "true"])
+        assert training_args.seed == 7 and model_args.text_model_name_or_path == "bert-base-uncased"
+        assert model_args.tag_scheme == "BIOES" and training_args.bf16
+        seen.add((data_args.dataset_name, model_args.fusion, model_args.head, model_args.detector, training_args.output_dir))
+    assert {(fusion, head, detector) for _, fusion, head, detector, _ in seen} == {
+        ("concat", "linear", "none"),
+        ("tcfm", "linear", "none"),
+        ("tcfm", "linear", "fasterrcnn_resnet50_fpn_v2"),
+        ("tcfm", "verbalizer", "fasterrcnn_resnet50_fpn_v2"),
+    }
+    assert len({folder for *_, folder in seen}) == 8 and {dataset for dataset, *_ in seen} == {"twitter2015", "twitter2017"}
+
+
+def test_reproduce_paper_runs_rows_and_prints_the_table(workspace, tmp_path):
+    tiny = [
+        "--data_dir", str(workspace / "data"), "--image_dir", str(workspace / "images"),
+        "--text_model_name_or_path", str(workspace / "tiny-bert"), "--fusion_num_heads", "4",
+        "--detector", "none", "--backbone", "resnet18", "--backbone_weights", "none",
+        "--bf16", "false", "--use_cpu", "true", "--num_train_epochs", "1", "--learning_rate", "3e-3",
+    ]
+    output = reproduce_paper(
+        "--datasets", "twitter2017", "--rows", "T+V,OURS", "--output-dir", str(tmp_path / "paper"), "--", *tiny,
+        cwd=tmp_path,
+    )
+    table = [line for line in output.splitlines() if line.startswith("| twitter2017 |")]
+    assert [line.split(" | ")[1] for line in table] == ["T+V", "OURS"]
+    assert table[0].split(" | ")[6] == "84.33" and table[1].split(" | ")[6] == "91.31"  # the paper's, marked as such
+    for row, fusion, head in (("t_v", "concat", "linear"), ("ours", "tcfm", "verbalizer")):
+        folder = tmp_path / "paper" / f"twitter2017-{row}"
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["fusion"], config["head"], config["tag_scheme"]) == (fusion, head, "BIOES")
+        results = json.loads((folder / "all_results.json").read_text())
+        assert f"{results['predict_f1'] * 100:.2f}" in table[0 if row == "t_v" else 1]
+    # finished rows are read back, not re-run
+    again = reproduce_paper(
+        "--datasets", "twitter2017", "--rows", "T+V,OURS", "--output-dir", str(tmp_path / "paper"), "--", *tiny,
+        cwd=tmp_path,
+    )
+    assert "train_pmner.py" not in again.split("## Table 3")[0].split("\n", 1)[1]
+    assert [line for line in again.splitlines() if line.startswith("| twitter2017 |")] == table
