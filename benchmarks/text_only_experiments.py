@@ -8,11 +8,12 @@ scheme, trainable verbalizer), each compared with the default prompt head on the
 
     python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds, 2 epochs
     python benchmarks/text_only_experiments.py --variants bioes,trainable     # ~1 h more on 2 CPU cores
-    python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze --max-train-samples 400
+    python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze \
+        --max-train-samples 200 --max-eval-samples 200                     # ~45 min
 
 Cloze mode asks one question per word (about 16 rows per Twitter-2017 tweet, each twice as long), so a full cloze
-run takes hours on a CPU; `--max-train-samples` trains every arm on the same first N tweets (validation and test
-stay whole) and names its folders `...-trainN-...`.
+run takes hours on a CPU; `--max-train-samples` / `--max-eval-samples` train and select every arm on the same
+first N tweets (test stays whole) and name its folders `...-trainN-valM-...`.
 
 Each run writes its folder under --output-dir (default outputs/experiments); runs whose all_results.json already
 exists are read back instead of re-run, so an interrupted sweep continues where it stopped. A finished run whose
@@ -48,19 +49,22 @@ def parse_args():
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--text-model", default="offline-minilm")
     parser.add_argument("--variants", default="", help="comma list of extra arms: cloze, bioes, trainable")
-    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N tweets only")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="select on the first N validation tweets")
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
     return parser.parse_args()
 
 
 def run(args, dataset, arm, seed) -> dict:
     subset = f"-train{args.max_train_samples}" if args.max_train_samples else ""
+    subset += f"-val{args.max_eval_samples}" if args.max_eval_samples else ""
     output_dir = os.path.join(args.output_dir, f"{dataset}-{arm}{subset}-seed{seed}")
     results_file = os.path.join(output_dir, "all_results.json")
     settings_file = os.path.join(output_dir, "experiment.json")
     settings = {
         "dataset": dataset, "arm": arm, "seed": seed, "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "text_model": args.text_model, "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples,
     }
     if os.path.exists(results_file) and os.path.exists(settings_file):
         with open(settings_file) as handle:
@@ -90,6 +94,8 @@ def run(args, dataset, arm, seed) -> dict:
         ]
         if args.max_train_samples:
             command += ["--max_train_samples", str(args.max_train_samples)]
+        if args.max_eval_samples:
+            command += ["--max_eval_samples", str(args.max_eval_samples)]
         os.makedirs(args.output_dir, exist_ok=True)
         start = time.perf_counter()
         with open(output_dir + ".log", "w") as log:
@@ -121,6 +127,7 @@ def main():
                 table.setdefault((dataset, arm), []).append(run(args, dataset, arm, seed))
 
     subset = f", first {args.max_train_samples} training tweets" if args.max_train_samples else ""
+    subset += f", first {args.max_eval_samples} validation tweets" if args.max_eval_samples else ""
     print(
         f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}"
         f"{subset}, {args.seeds} seeds (mean ± std; model chosen on validation)\n"
