@@ -6,9 +6,10 @@ data and budget (one `train_pmner.py` run each, model selected on validation, te
 mean and standard deviation of test F1. `--variants` adds the switches that exist only here (prompt mode, tag
 scheme, trainable verbalizer), each compared with the default prompt head on the same seeds.
 
-    python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds, 2 epochs
+    python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds: ~1 h
+    python benchmarks/text_only_experiments.py --datasets twitter2017 --seeds 1                    # ~10 min
     python benchmarks/text_only_experiments.py --variants bioes,trainable     # ~1 h more on 2 CPU cores
-    python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze \
+    python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze \\
         --max-train-samples 200 --max-eval-samples 200                     # ~45 min
 
 Cloze mode asks one question per word (about 16 rows per Twitter-2017 tweet, each twice as long), so a full cloze
