@@ -168,34 +168,22 @@ def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        argv = config_file_arguments(parser, argv[0]) + argv[1:]
+        set_file_defaults(parser, argv.pop(0))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def config_file_arguments(parser: HfArgumentParser, path: str) -> list[str]:
-    """The settings of a JSON / YAML file as command-line arguments (so that later ones override them)."""
+def set_file_defaults(parser: HfArgumentParser, path: str) -> None:
+    """Makes the settings of a JSON / YAML file the parser's defaults, so that command-line arguments override them
+    (values keep their types: `null`, lists and mappings included; strings are converted like command-line text)."""
     with open(path) as handle:
         settings = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(settings).__name__}")
-    known = {action.dest for action in parser._actions}
+    known = {action.dest for action in parser._actions if action.dest != "help"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"{path}: unknown arguments {unknown} (see `python train_pmner.py --help`)")
-    arguments = []
-    for name, value in settings.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            values = [str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            values = [str(item) for item in value]
-        elif isinstance(value, dict):
-            values = [json.dumps(value)]
-        else:
-            values = [str(value)]
-        arguments += [f"--{name}", *values]
-    return arguments
+    parser.set_defaults(**settings)
 
 
 OFFLINE_MINILM = "offline-minilm"

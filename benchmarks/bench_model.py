@@ -13,7 +13,8 @@ Measures, on this machine, with random inputs of fixed shape:
     python benchmarks/bench_model.py --text-model bert-base-uncased --device cuda --batch-size 32
 
 Prints a markdown table per section. Times are medians over --repeats steps after --warmup steps; sections 1-3
-repeat each model in --rounds fresh processes (rotating order) and report the median round.
+repeat each model in --rounds fresh processes (rotating order) and report the median over rounds for times and
+the maximum over rounds for peak memory.
 """
 
 import argparse
@@ -195,6 +196,8 @@ def scaling(args):
 
 def main():
     args = parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        raise SystemExit(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     print(f"command: python {' '.join(sys.argv)}")
     print(
         f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, text model {args.text_model}, "

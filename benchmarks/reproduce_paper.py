@@ -16,8 +16,10 @@ ImageNet ResNet-152, 5 objects above 0.95, BIOES, batch 8, max length 128, bf16)
     python benchmarks/reproduce_paper.py --rows OURS -- --seed 7           # after --: more train_pmner.py arguments
 
 Every run selects its model on validation and evaluates test once. Runs whose folder under --output-dir already
-holds all_results.json are read back, not re-run. The table prints the paper's Table 3 numbers beside ours, marked
-as theirs. Image folders default to `twitter2015_images` / `twitter2017_images` (override with `-- --image_dir`).
+holds all_results.json are read back, not re-run, when they were run with the same command (recorded in its
+experiment.json; a different one stops with an error). The rows of a dataset share one image-feature cache. The
+table prints the paper's Table 3 numbers beside ours, marked as theirs. Runs start in the current folder, so
+relative paths (the configs' `twitter2017_images`, `-- --image_dir imgs`) are read from there.
 """
 
 import argparse
@@ -30,6 +32,10 @@ import time
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# set by the rows and the script: arguments after -- may not name them (--detector may: it picks the FRR rows'
+# detector, while the whole-image rows keep --detector none)
+RESERVED = ("--fusion", "--head", "--output_dir", "--feature_cache_dir")
 
 ROWS = {
     "T+V": ["--fusion", "concat", "--head", "linear", "--detector", "none"],
@@ -52,7 +58,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="twitter2015,twitter2017")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
-    parser.add_argument("--launcher", default=f"{shlex.quote(sys.executable)}", help='e.g. "accelerate launch"')
+    parser.add_argument("--launcher", default=shlex.quote(sys.executable), help='e.g. "accelerate launch"')
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "paper"))
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -61,7 +67,11 @@ def parse_args(argv=None):
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1 :]
     args = parser.parse_args(argv)
+    reserved = [item for item in extra if item.split("=", 1)[0] in RESERVED]
+    if reserved:
+        parser.error(f"{reserved} after -- would change what a row is or where it is written; use --rows / --output-dir")
     args.extra = extra
+    args.output_dir = os.path.abspath(args.output_dir)
     args.datasets = args.datasets.split(",")
     args.rows = args.rows.split(",")
     unknown = [row for row in args.rows if row not in ROWS] + [
@@ -82,27 +92,41 @@ def row_command(args, dataset, row) -> list[str]:
         os.path.join(PROJECT, "train_pmner.py"),
         os.path.join(PROJECT, "configs", f"paper-{dataset}.yaml"),
         "--output_dir", row_folder(args, dataset, row),
-        *ROWS[row],
+        "--feature_cache_dir", os.path.join(args.output_dir, f"frr_cache-{dataset}"),  # shared by the rows
         *args.extra,
+        *ROWS[row],  # last, so that the row's switches win
     ]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"command: python {' '.join(sys.argv)}")
+    print(f"command: python {shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])}")
     results = {}
     for dataset in args.datasets:
         for row in args.rows:
             command = row_command(args, dataset, row)
-            results_file = os.path.join(row_folder(args, dataset, row), "all_results.json")
             if args.dry_run:
                 print(shlex.join(command))
                 continue
+            folder = row_folder(args, dataset, row)
+            results_file = os.path.join(folder, "all_results.json")
+            settings_file = os.path.join(folder, "experiment.json")
+            settings = {"command": command[command.index(os.path.join(PROJECT, "train_pmner.py")) :]}
+            if os.path.exists(settings_file):
+                with open(settings_file) as handle:
+                    recorded = json.load(handle)
+                if recorded != settings:
+                    raise SystemExit(f"{folder} was run with another command ({recorded['command']}); "
+                                     "pass another --output-dir or delete it")
+            elif os.path.exists(results_file):
+                raise SystemExit(f"{folder} holds results without experiment.json; pass another --output-dir")
             if not os.path.exists(results_file):
-                os.makedirs(args.output_dir, exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
+                with open(settings_file, "w") as handle:
+                    json.dump(settings, handle, indent=2)
                 start = time.perf_counter()
                 print(f"  {dataset} {row}: {shlex.join(command)}", flush=True)
-                subprocess.run(command, check=True, cwd=PROJECT)
+                subprocess.run(command, check=True)
                 print(f"  {dataset} {row}: {time.perf_counter() - start:.0f} s", flush=True)
             with open(results_file) as handle:
                 results[(dataset, row)] = json.load(handle)
@@ -110,7 +134,10 @@ def main(argv=None):
         return
 
     print("\n## Table 3 rows: test scores (%) of the model chosen on validation\n")
-    print("| dataset | row | validation F1 | test P | test R | test F1 | paper test F1 (theirs) | s per epoch |")
+    print(
+        "| dataset | row | validation F1 | test P | test R | test F1 | paper test F1 (theirs) "
+        "| s per epoch (training + validation) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for (dataset, row), result in results.items():
         per_epoch = result["train_runtime"] / result["epoch"] if result.get("epoch") else float("nan")

@@ -17,8 +17,9 @@ run takes hours on a CPU; `--max-train-samples` / `--max-eval-samples` train and
 first N tweets (test stays whole) and name its folders `...-trainN-valM-...`.
 
 Each run writes its folder under --output-dir (default outputs/experiments); runs whose all_results.json already
-exists are read back instead of re-run, so an interrupted sweep continues where it stopped. A finished run whose
-recorded settings differ from the requested ones stops the sweep with an error instead of being reused.
+exists are read back instead of re-run, so an interrupted sweep continues where it stopped (an interrupted run
+resumes from its last checkpoint). A run folder whose settings (experiment.json, written before training) differ
+from the requested ones stops the sweep with an error instead of being reused or resumed.
 """
 
 import argparse
@@ -53,7 +54,9 @@ def parse_args():
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N tweets only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="select on the first N validation tweets")
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.output_dir = os.path.abspath(args.output_dir)
+    return args
 
 
 def run(args, dataset, arm, seed) -> dict:
@@ -67,14 +70,15 @@ def run(args, dataset, arm, seed) -> dict:
         "learning_rate": args.learning_rate, "text_model": args.text_model, "max_train_samples": args.max_train_samples,
         "max_eval_samples": args.max_eval_samples,
     }
-    if os.path.exists(results_file) and os.path.exists(settings_file):
+    if os.path.exists(settings_file):  # a finished run, or an interrupted one that train_pmner.py would resume
         with open(settings_file) as handle:
             recorded = json.load(handle)
         if recorded != settings:
             raise SystemExit(
-                f"{output_dir} holds a finished run with other settings ({recorded}); "
-                f"pass another --output-dir for {settings}"
+                f"{output_dir} holds a run with other settings ({recorded}); pass another --output-dir for {settings}"
             )
+    elif os.path.exists(output_dir):
+        raise SystemExit(f"{output_dir} exists without experiment.json (its settings are unknown); move it away")
     if not os.path.exists(results_file):
         command = [
             sys.executable, os.path.join(PROJECT, "train_pmner.py"),
@@ -97,13 +101,13 @@ def run(args, dataset, arm, seed) -> dict:
             command += ["--max_train_samples", str(args.max_train_samples)]
         if args.max_eval_samples:
             command += ["--max_eval_samples", str(args.max_eval_samples)]
-        os.makedirs(args.output_dir, exist_ok=True)
-        start = time.perf_counter()
-        with open(output_dir + ".log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
-        print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        os.makedirs(output_dir, exist_ok=True)
         with open(settings_file, "w") as handle:
             json.dump(settings, handle, indent=2)
+        start = time.perf_counter()
+        with open(output_dir + ".log", "a") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
+        print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     with open(results_file) as handle:
         return json.load(handle)
 
@@ -133,7 +137,10 @@ def main():
         f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}"
         f"{subset}, {args.seeds} seeds (mean ± std; model chosen on validation)\n"
     )
-    print("| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 | train tweets | train time (s) |")
+    print(
+        "| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 | train tweets "
+        "| training run (s, incl. validation) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for (dataset, arm), runs in table.items():
         per_seed = ", ".join(f"{r['predict_f1'] * 100:.2f}" for r in runs)

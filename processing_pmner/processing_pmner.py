@@ -413,13 +413,14 @@ class PMNERProcessor(ProcessorMixin):
             labels = [labels] if single else list(labels)
             if len(labels) != len(sentences):
                 raise ValueError(f"labels has {len(labels)} entries for {len(sentences)} sentences")
-        padding = {True: "longest", False: "do_not_pad"}.get(padding, padding)
+        if padding is True or padding is False:
+            padding = "longest" if padding else "do_not_pad"
         if padding not in ("longest", "max_length", "do_not_pad"):
             raise ValueError(f"padding must be 'longest' (True), 'max_length' or 'do_not_pad' (False), got {padding!r}")
         if padding == "do_not_pad" and return_tensors is not None:
             raise ValueError(
-                f"padding=False leaves rows of different lengths, which return_tensors={return_tensors!r} cannot hold: "
-                "pass return_tensors=None"
+                f"padding=False ('do_not_pad') leaves rows of different lengths, which "
+                f"return_tensors={return_tensors!r} cannot hold: pass return_tensors=None"
             )
 
         rows, mapping = self._encode_rows(sentences, labels)

@@ -672,7 +672,7 @@ def test_no_padding_gives_each_row_its_own_length(side, mode):
         assert unpadded[key] == expected, key
     for key in ("sample_mapping", "num_words", "visual_features", "visual_mask"):
         assert unpadded[key] == padded[key], key
-    with pytest.raises(ValueError, match="padding=False leaves rows of different lengths.*return_tensors=None"):
+    with pytest.raises(ValueError, match=r"padding=False \('do_not_pad'\) leaves rows of different lengths.*return_tensors=None"):
         processor(sentences, padding=False)
     with pytest.raises(ValueError, match="padding must be"):
         processor(sentences, padding="shortest")

@@ -209,12 +209,30 @@ def test_argument_file_errors_name_the_file(tmp_path):
     assert data_args.dataset_name == "twitter2015" and training_args.use_cpu and training_args.seed == 3
 
 
-def reproduce_paper(*argv, cwd):
+def test_argument_file_values_keep_their_types(tmp_path):
+    from train_pmner import parse_arguments
+
+    config = tmp_path / "typed.yaml"
+    config.write_text(
+        "dataset_name: twitter2015\noutput_dir: out\nuse_cpu: true\n"
+        "detector: null\nsave_total_limit: null\nreport_to: []\nlearning_rate: 5e-5\nmax_train_samples: '16'\n"
+        "lr_scheduler_kwargs: {power: 2.0}\n"
+    )
+    model_args, data_args, training_args = parse_arguments([str(config)])
+    assert model_args.detector is None and training_args.save_total_limit is None  # null overrides a default
+    assert training_args.report_to == [] and training_args.lr_scheduler_kwargs == {"power": 2.0}
+    assert training_args.learning_rate == 5e-5 and data_args.max_train_samples == 16  # strings read like flags
+    model_args, _, training_args = parse_arguments([str(config), "--detector", "none", "--save_total_limit", "1"])
+    assert model_args.detector == "none" and training_args.save_total_limit == 1
+
+
+def reproduce_paper(*argv, cwd, check=True):
     command = [sys.executable, os.path.join(PROJECT, "benchmarks", "reproduce_paper.py"), *argv]
     env = dict(os.environ, HF_HOME=str(cwd / "hf-home"), **ENV)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout if check else result
 
 
 def test_reproduce_paper_commands_carry_each_table3_row(tmp_path):
@@ -245,26 +263,39 @@ def test_reproduce_paper_runs_rows_and_prints_the_table(workspace, tmp_path):
     tiny = [
         "--data_dir", str(workspace / "data"), "--image_dir", str(workspace / "images"),
         "--text_model_name_or_path", str(workspace / "tiny-bert"), "--fusion_num_heads", "4",
-        "--detector", "none", "--backbone", "resnet18", "--backbone_weights", "none",
+        "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector_weights", "none",
+        "--backbone", "resnet18", "--backbone_weights", "none",
         "--bf16", "false", "--use_cpu", "true", "--num_train_epochs", "1", "--learning_rate", "3e-3",
     ]
     output = reproduce_paper(
         "--datasets", "twitter2017", "--rows", "T+V,OURS", "--output-dir", str(tmp_path / "paper"), "--", *tiny,
         cwd=tmp_path,
     )
-    table = [line for line in output.splitlines() if line.startswith("| twitter2017 |")]
-    assert [line.split(" | ")[1] for line in table] == ["T+V", "OURS"]
-    assert table[0].split(" | ")[6] == "84.33" and table[1].split(" | ")[6] == "91.31"  # the paper's, marked as such
-    for row, fusion, head in (("t_v", "concat", "linear"), ("ours", "tcfm", "verbalizer")):
+    table = [line.split(" | ") for line in output.splitlines() if line.startswith("| twitter2017 |")]
+    assert [cells[1] for cells in table] == ["T+V", "OURS"]
+    assert table[0][6] == "84.33" and table[1][6] == "91.31"  # the paper's, in their own column
+    rows = (("t_v", "concat", "linear", None), ("ours", "tcfm", "verbalizer", "fasterrcnn_mobilenet_v3_large_320_fpn"))
+    for cells, (row, fusion, head, detector) in zip(table, rows):
         folder = tmp_path / "paper" / f"twitter2017-{row}"
+        processor = json.loads((folder / "processor_config.json").read_text())
+        assert processor["image_processor"]["detector"] == detector  # the whole-image row keeps its own
         config = json.loads((folder / "config.json").read_text())
         assert (config["fusion"], config["head"], config["tag_scheme"]) == (fusion, head, "BIOES")
         results = json.loads((folder / "all_results.json").read_text())
-        assert f"{results['predict_f1'] * 100:.2f}" in table[0 if row == "t_v" else 1]
+        assert cells[5] == f"{results['predict_f1'] * 100:.2f}" and cells[2] == f"{results['eval_f1'] * 100:.2f}"
+    assert os.listdir(tmp_path / "paper" / "frr_cache-twitter2017")  # one feature cache for both rows
     # finished rows are read back, not re-run
     again = reproduce_paper(
         "--datasets", "twitter2017", "--rows", "T+V,OURS", "--output-dir", str(tmp_path / "paper"), "--", *tiny,
         cwd=tmp_path,
     )
     assert "train_pmner.py" not in again.split("## Table 3")[0].split("\n", 1)[1]
-    assert [line for line in again.splitlines() if line.startswith("| twitter2017 |")] == table
+    assert [line.split(" | ") for line in again.splitlines() if line.startswith("| twitter2017 |")] == table
+    # ... but not when the command differs, and a row's own switches cannot be overridden after --
+    other = reproduce_paper(
+        "--datasets", "twitter2017", "--rows", "OURS", "--output-dir", str(tmp_path / "paper"), "--", *tiny,
+        "--seed", "3", cwd=tmp_path, check=False,
+    )
+    assert other.returncode != 0 and "twitter2017-ours was run with another command" in other.stderr
+    reserved = reproduce_paper("--rows", "OURS", "--dry-run", "--", "--head", "linear", cwd=tmp_path, check=False)
+    assert reserved.returncode == 2 and "['--head'] after -- would change what a row is" in reserved.stderr
