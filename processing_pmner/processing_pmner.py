@@ -426,7 +426,7 @@ class PMNERProcessor(ProcessorMixin):
 
         rows, mapping = self._encode_rows(sentences, labels)
         visual = self._visual_inputs(len(sentences), single, images, visual_features, visual_mask, image_kwargs)
-        data = self._pad(rows, padding, mapping)
+        data = self._pad(rows, padding, mapping, with_labels=labels is not None)
         row_samples = torch.tensor(mapping["sample_mapping"], dtype=torch.long)  # (rows,)
         data["visual_features"] = visual[0][row_samples]  # (rows, objects, D)
         data["visual_mask"] = visual[1][row_samples]  # (rows, objects)
@@ -595,12 +595,18 @@ class PMNERProcessor(ProcessorMixin):
             mapping["query_word"].append(query)
         return rows, mapping
 
-    def _pad(self, rows: list[dict], padding: str, mapping: dict) -> dict:
+    def _pad(self, rows: list[dict], padding: str, mapping: dict, with_labels: bool) -> dict:
         """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors); with
-        `"do_not_pad"`, returns the rows as lists of their own lengths."""
+        `"do_not_pad"`, returns the rows as lists of their own lengths. No rows (cloze mode, empty sentences) still
+        give every key, with zero rows."""
+        if rows:
+            keys = [key for key in ("input_ids", "attention_mask", "token_type_ids", "labels") if key in rows[0]]
+        else:
+            keys = ["input_ids", "attention_mask"]
+            keys += ["token_type_ids"] if "token_type_ids" in self.tokenizer.model_input_names else []
+            keys += ["labels"] if with_labels else []
         if padding == "do_not_pad":
-            keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-            return {key: [row[key] for row in rows] for key in keys if rows and key in rows[0]}
+            return {key: [row[key] for row in rows] for key in keys}
         longest = max((len(row["input_ids"]) for row in rows), default=0)
         length = self.max_length if padding == "max_length" else longest
         pad_values = {
@@ -611,9 +617,8 @@ class PMNERProcessor(ProcessorMixin):
         }
         left = self.tokenizer.padding_side == "left"
         data = {}
-        for key, value in pad_values.items():
-            if not rows or key not in rows[0]:
-                continue
+        for key in keys:
+            value = pad_values[key]
             padded = []
             for row in rows:
                 fill = [value] * (length - len(row[key]))

@@ -678,6 +678,20 @@ def test_no_padding_gives_each_row_its_own_length(side, mode):
         processor(sentences, padding="shortest")
 
 
+@pytest.mark.parametrize("padding", ["longest", False])
+def test_a_cloze_batch_of_empty_tweets_keeps_every_column(padding):
+    processor = make_processor(tiny_tokenizer(), label_names=BIO, prompt_mode="cloze")
+    tensors = "pt" if padding == "longest" else None
+    batch = processor([[], []], labels=[[], []], padding=padding, return_tensors=tensors, return_mapping=True)
+    expected = {"input_ids", "attention_mask", "token_type_ids", "labels", "visual_features", "visual_mask",
+                "sample_mapping", "word_ids", "prediction_word_index", "num_words"}
+    assert set(batch) == expected  # datasets.map needs the same columns from every batch
+    assert all(len(batch[key]) == 0 for key in expected)
+    if tensors == "pt":
+        assert batch["input_ids"].shape == (0, 0)
+        assert processor.post_process_token_classification(torch.zeros(0, 0, len(BIO)), batch) == [[], []]
+
+
 def test_mapping_survives_datasets_map_and_decodes_from_columns(tokenizer):
     import datasets
 
