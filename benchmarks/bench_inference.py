@@ -62,17 +62,12 @@ def parse_args(argv=None):
 
 def read_tweets(path: str, count: int) -> tuple[list[list[str]], str]:
     """`count` tweets (lists of words) from a CoNLL file, cycled if it has fewer; synthetic if it is missing."""
-    tweets, current = [], None
+    from processing_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
+
+    tweets = []
     if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                line = line.rstrip("\n")
-                if line.startswith("IMGID:"):
-                    current = []
-                    tweets.append(current)
-                elif line and current is not None:
-                    current.append(line.split("\t")[0])
-        tweets = [tweet for tweet in tweets if tweet]
+        tags = {tag for name in ("twitter2015", "twitter2017") for tag in TwitterMNERConfig(name=name).source_tags}
+        tweets = [tweet.tokens for tweet in read_twitter_conll(path, sorted(tags)) if tweet.tokens]
         source = f"{os.path.normpath(path)} ({len(tweets)} tweets)"
     if not tweets:
         import random

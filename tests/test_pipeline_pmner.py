@@ -16,6 +16,7 @@ from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.pipeline_pmner import PMNERPipeline, TASK, add_pipeline_to_folder, register_pipeline
 from processing_pmner.tweet_tokenizer import join_words, split_tweet
+from processing_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
 
 
 TWITTER2017 = os.path.join(PROJECT, "..", "shared", "data", "twitter2017", "train.txt")
@@ -205,15 +206,8 @@ def test_split_tweet_follows_the_benchmark_style():
 
 @pytest.mark.skipif(not os.path.isfile(TWITTER2017), reason="Twitter-2017 text not available")
 def test_split_tweet_reproduces_the_twitter2017_tokenisation():
-    sentences, current = [], None
-    with open(TWITTER2017, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.rstrip("\n")
-            if line.startswith("IMGID:"):
-                current = []
-                sentences.append(current)
-            elif line:
-                current.append(line.split("\t")[0])
+    config = TwitterMNERConfig(name="twitter2017")
+    sentences = [tweet.tokens for tweet in read_twitter_conll(TWITTER2017, config.source_tags)]
     same = sum([word for word, _, _ in split_tweet(" ".join(tokens))] == tokens for tokens in sentences)
     assert same / len(sentences) > 0.99, f"{same} of {len(sentences)} tweets split as in the data"
 
