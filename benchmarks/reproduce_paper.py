@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from run_folders import start_or_reuse
+
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,26 +111,13 @@ def main(argv=None):
                 print(shlex.join(command))
                 continue
             folder = row_folder(args, dataset, row)
-            results_file = os.path.join(folder, "all_results.json")
-            settings_file = os.path.join(folder, "experiment.json")
             settings = {"command": command[command.index(os.path.join(PROJECT, "train_pmner.py")) :]}
-            if os.path.exists(settings_file):
-                with open(settings_file) as handle:
-                    recorded = json.load(handle)
-                if recorded != settings:
-                    raise SystemExit(f"{folder} was run with another command ({recorded['command']}); "
-                                     "pass another --output-dir or delete it")
-            elif os.path.exists(results_file):
-                raise SystemExit(f"{folder} holds results without experiment.json; pass another --output-dir")
-            if not os.path.exists(results_file):
-                os.makedirs(folder, exist_ok=True)
-                with open(settings_file, "w") as handle:
-                    json.dump(settings, handle, indent=2)
+            if not start_or_reuse(folder, settings):
                 start = time.perf_counter()
                 print(f"  {dataset} {row}: {shlex.join(command)}", flush=True)
                 subprocess.run(command, check=True)
                 print(f"  {dataset} {row}: {time.perf_counter() - start:.0f} s", flush=True)
-            with open(results_file) as handle:
+            with open(os.path.join(folder, "all_results.json")) as handle:
                 results[(dataset, row)] = json.load(handle)
     if args.dry_run:
         return

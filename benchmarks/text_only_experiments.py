@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from run_folders import start_or_reuse
+
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,23 +65,12 @@ def run(args, dataset, arm, seed) -> dict:
     subset = f"-train{args.max_train_samples}" if args.max_train_samples else ""
     subset += f"-val{args.max_eval_samples}" if args.max_eval_samples else ""
     output_dir = os.path.join(args.output_dir, f"{dataset}-{arm}{subset}-seed{seed}")
-    results_file = os.path.join(output_dir, "all_results.json")
-    settings_file = os.path.join(output_dir, "experiment.json")
     settings = {
         "dataset": dataset, "arm": arm, "seed": seed, "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "text_model": args.text_model, "max_train_samples": args.max_train_samples,
         "max_eval_samples": args.max_eval_samples,
     }
-    if os.path.exists(settings_file):  # a finished run, or an interrupted one that train_pmner.py would resume
-        with open(settings_file) as handle:
-            recorded = json.load(handle)
-        if recorded != settings:
-            raise SystemExit(
-                f"{output_dir} holds a run with other settings ({recorded}); pass another --output-dir for {settings}"
-            )
-    elif os.path.exists(output_dir):
-        raise SystemExit(f"{output_dir} exists without experiment.json (its settings are unknown); move it away")
-    if not os.path.exists(results_file):
+    if not start_or_reuse(output_dir, settings):
         command = [
             sys.executable, os.path.join(PROJECT, "train_pmner.py"),
             "--dataset_name", dataset, "--data_dir", "auto", "--text_only",
@@ -101,14 +92,11 @@ def run(args, dataset, arm, seed) -> dict:
             command += ["--max_train_samples", str(args.max_train_samples)]
         if args.max_eval_samples:
             command += ["--max_eval_samples", str(args.max_eval_samples)]
-        os.makedirs(output_dir, exist_ok=True)
-        with open(settings_file, "w") as handle:
-            json.dump(settings, handle, indent=2)
         start = time.perf_counter()
         with open(output_dir + ".log", "a") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
         print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-    with open(results_file) as handle:
+    with open(os.path.join(output_dir, "all_results.json")) as handle:
         return json.load(handle)
 
 
