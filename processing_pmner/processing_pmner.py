@@ -431,18 +431,14 @@ class PMNERProcessor(ProcessorMixin):
         data["visual_features"] = visual[0][row_samples]  # (rows, objects, D)
         data["visual_mask"] = visual[1][row_samples]  # (rows, objects)
         if return_mapping:
-            word_ids = [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]]
-            num_words = [mapping["num_words"][sample] for sample in mapping["sample_mapping"]]
-            if padding == "do_not_pad":
-                data["sample_mapping"] = list(mapping["sample_mapping"])
-                data["word_ids"] = word_ids
-                data["prediction_word_index"] = [list(ids) for ids in mapping["prediction_word_index"]]
-                data["num_words"] = num_words
-            else:
-                data["sample_mapping"] = row_samples  # (rows,)
-                data["word_ids"] = torch.tensor(word_ids, dtype=torch.long)  # (rows, L)
-                data["prediction_word_index"] = torch.tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, L)
-                data["num_words"] = torch.tensor(num_words, dtype=torch.long)  # (rows,)
+            columns = {
+                "sample_mapping": list(mapping["sample_mapping"]),  # (rows,)
+                "word_ids": [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]],  # (rows, L)
+                "prediction_word_index": [list(ids) for ids in mapping["prediction_word_index"]],  # (rows, L)
+                "num_words": [mapping["num_words"][sample] for sample in mapping["sample_mapping"]],  # (rows,)
+            }
+            for key, value in columns.items():  # unpadded rows stay lists of their own lengths
+                data[key] = value if padding == "do_not_pad" else torch.tensor(value, dtype=torch.long)
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         elif return_tensors is None:
