@@ -2,7 +2,8 @@
 
 Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
 `AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
-`processing_pmner.py` and `image_processing_pmner.py` into the folder, and
+`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`image_loading.py`,
+`frr_models.py`, `feature_cache.py`) into the folder, and
 `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
 """
 

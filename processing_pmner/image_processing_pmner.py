@@ -6,52 +6,46 @@ A Faster R-CNN finds the objects of an image; the first `max_objects` detections
 into `visual_features` (batch, max_objects, feature_dim) and `visual_mask` (batch, max_objects), and extracts and
 caches them for a whole `datasets.Dataset` (`extract_dataset_features`).
 
-This file is copied flat into saved processor folders (remote code): it imports only torch, torchvision,
-transformers, PIL and numpy at module level.
+The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and runs
+them, `feature_cache.py` holds the feature cache and the dataset extraction; this file holds the processor and
+re-exports the public names of its siblings.
+
+This file and its siblings are copied flat into saved processor folders (remote code): they import only torch,
+torchvision, transformers, PIL and numpy at module level, and each other relatively.
 """
 
 import copy
 import hashlib
-import io
 import json
 import os
-import uuid
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import logging
 
+from .feature_cache import FRRFeatureCache, extract_dataset_features
+from .frr_models import (
+    _is_weights_file,
+    backbone_feature_dim,
+    backbone_preprocessing,
+    build_backbone,
+    build_detector,
+    frr_forward,
+)
+from .image_loading import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
+    BadImageWarning,
+    content_key,
+    describe_image,
+    load_image,
+    to_rgb,
+)
 
-try:
-    from safetensors.torch import load_file as safetensors_load_file
-    from safetensors.torch import save_file as safetensors_save_file
-except ImportError:  # safetensors is a dependency of transformers; kept optional for the remote-code check
-    safetensors_load_file = safetensors_save_file = None
-
-try:
-    import datasets
-except ImportError:
-    datasets = None
-
-
-logger = logging.get_logger(__name__)
 
 BAD_IMAGE_POLICIES = ("blank", "error")
-# Pillow's own decompression-bomb limit (warning level); over it an image is refused unless max_image_pixels is raised.
-DEFAULT_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
-CACHE_FORMAT_VERSION = 1
-
-
-class BadImageError(ValueError):
-    """An image that is missing, empty or cannot be decoded; the message names the image."""
-
-
-class BadImageWarning(UserWarning):
-    """Issued (with `on_bad_image="blank"`) for each image that is processed as text-only."""
 
 
 class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
@@ -130,487 +124,6 @@ FEATURE_SETTINGS = (
     "add_whole_image",
     "max_image_side",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Image loading
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def describe_image(image, index: int | None = None) -> str:
-    """A short name of an image input for messages: its path where it has one."""
-    suffix = "" if index is None else f" #{index}"
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    if isinstance(image, dict):
-        if image.get("path"):
-            return str(image["path"])
-        if image.get("bytes") is not None:
-            return f"<image bytes{suffix}, sha1 {hashlib.sha1(image['bytes']).hexdigest()[:12]}>"
-        return f"<empty image dict{suffix}>"
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return f"<image bytes{suffix}, sha1 {hashlib.sha1(bytes(image)).hexdigest()[:12]}>"
-    if isinstance(image, Image.Image):
-        filename = getattr(image, "filename", None)
-        return filename if filename else f"<PIL image{suffix} {image.mode} {image.size[0]}x{image.size[1]}>"
-    if isinstance(image, (np.ndarray, torch.Tensor)):
-        return f"<{type(image).__name__}{suffix} shape {tuple(image.shape)}>"
-    if image is None:
-        return f"<no image{suffix}>"
-    return f"<{type(image).__name__}{suffix}>"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any Pillow mode to 8-bit RGB: grayscale and palette are expanded, transparency is composited on
-    white, CMYK/YCbCr/LAB are converted, and 16-bit or float data is rescaled to 0-255 (Pillow's own conversion
-    would clip it)."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(image).astype(np.float64)  # (H, W)
-        if mode.startswith("I;16"):
-            array = array / 257.0
-        elif mode == "I":
-            peak = float(array.max(initial=0.0))
-            array = array / 257.0 if 255.0 < peak <= 65535.0 else (array * 255.0 / peak if peak > 65535.0 else array)
-        elif float(array.max(initial=0.0)) <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.round(array), 0, 255).astype(np.uint8)  # (H, W)
-        return Image.fromarray(array, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def array_to_pil(array, name: str) -> Image.Image:
-    """(H, W), (H, W, C) or (C, H, W) arrays of uint8, uint16, bool or float (0-1 or 0-255) to a PIL image."""
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
-    if array.size == 0:
-        raise BadImageError(f"Image {name} is an empty array of shape {array.shape}")
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]  # (H, W)
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise BadImageError(
-            f"Image {name} has shape {array.shape}; expected (H, W), (H, W, 3|4) or (3|4, H, W)"
-        )
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
-        array = np.round(array / 257.0)
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise BadImageError(f"Image {name} holds NaN or infinite values")
-        array = np.round(array * 255.0 if float(array.max(initial=0.0)) <= 1.0 else array)
-    array = np.clip(array, 0, 255).astype(np.uint8)
-    mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
-    return Image.fromarray(np.ascontiguousarray(array), mode=mode)
-
-
-def load_image(
-    image,
-    max_side: int | None = 1333,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    name: str | None = None,
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Reads one image as 8-bit RGB with its EXIF orientation applied, downscaled to `max_side`.
-
-    Args:
-        image: a path, a PIL image, a numpy array / tensor, encoded bytes, or a `datasets.Image(decode=False)` dict
-            (`{"path": ..., "bytes": ...}`).
-        max_side: longest side after loading (JPEGs are decoded at a reduced scale with `Image.draft`).
-        max_pixels: images with more pixels are refused (decompression-bomb guard); `None` disables it.
-        name: how messages name the image (defaults to its path or a description).
-
-    Returns:
-        `(rgb_image, (width, height))`: the RGB image and the image's size after EXIF orientation, before any
-        downscaling.
-
-    Raises:
-        BadImageError: missing, empty, truncated or undecodable image, or one over `max_pixels`; the message names it.
-    """
-    name = name or describe_image(image)
-    opened_here = False
-    if image is None:
-        raise BadImageError(f"Image {name} is missing (None)")
-    if isinstance(image, dict):
-        if image.get("bytes") is not None:
-            image = image["bytes"]
-        elif image.get("path"):
-            image = image["path"]
-        else:
-            raise BadImageError(f"Image {name} has neither a path nor bytes")
-
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.exists(path):
-            raise BadImageError(f"Image file {path} does not exist")
-        if os.path.isdir(path):
-            raise BadImageError(f"Image path {path} is a directory")
-        if os.path.getsize(path) == 0:
-            raise BadImageError(f"Image file {path} is empty (0 bytes)")
-        pil = _open(path, name)
-        opened_here = True
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        if len(image) == 0:
-            raise BadImageError(f"Image {name} is empty (0 bytes)")
-        pil = _open(io.BytesIO(bytes(image)), name)
-        opened_here = True
-    elif isinstance(image, Image.Image):
-        pil = image
-    elif isinstance(image, (np.ndarray, torch.Tensor)):
-        pil = array_to_pil(image, name)
-    else:
-        raise BadImageError(
-            f"Image {name} is a {type(image).__name__}; expected a path, PIL image, numpy array, tensor, bytes or "
-            "a {'path', 'bytes'} dict"
-        )
-
-    try:
-        rgb, original_size = _decode(pil, name, max_side, max_pixels, opened_here)
-        if opened_here and rgb is pil:
-            rgb = rgb.copy()  # the opened file is closed below
-        return rgb, original_size
-    finally:
-        if opened_here:
-            pil.close()
-
-
-def _decode(pil: Image.Image, name: str, max_side, max_pixels, opened_here: bool):
-    width, height = pil.size
-    if width == 0 or height == 0:
-        raise BadImageError(f"Image {name} has size {width}x{height}")
-    if max_pixels is not None and width * height > max_pixels:
-        raise BadImageError(
-            f"Image {name} has {width}x{height} = {width * height} pixels, over max_image_pixels={max_pixels} "
-            "(decompression-bomb guard); raise max_image_pixels, or set it to None, to accept it"
-        )
-    original = pil
-    try:
-        orientation = pil.getexif().get(0x0112, 1)
-        if opened_here and max_side is not None and pil.format == "JPEG" and max(width, height) > max_side:
-            # decode at 1/2, 1/4 or 1/8 scale while the longest side stays at least max_side
-            ratio = max_side / max(width, height)
-            pil.draft(None, (max(1, int(width * ratio)), max(1, int(height * ratio))))
-        pil.load()
-        pil = ImageOps.exif_transpose(pil)
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise BadImageError(f"Image {name} could not be decoded: {type(error).__name__}: {error}") from error
-    original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    if max_side is not None and max(pil.size) > max_side:
-        if pil is original:
-            pil = pil.copy()  # never resize the caller's image in place
-        pil.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return to_rgb(pil), original_size
-
-
-def _open(source, name: str) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            # the pixel limit is checked by load_image with its own message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(source)
-    except Image.DecompressionBombError as error:
-        raise BadImageError(
-            f"Image {name} was refused by Pillow as a decompression bomb ({error}); it is far over any sane size"
-        ) from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(f"Image {name} is not a readable image: {type(error).__name__}: {error}") from error
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Model building
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _weights_enum(builder_name: str):
-    import torchvision
-
-    try:
-        return torchvision.models.get_model_weights(builder_name)
-    except (ValueError, KeyError):
-        return None
-
-
-def _is_weights_file(weights) -> bool:
-    return isinstance(weights, (str, os.PathLike)) and (
-        os.path.sep in os.fspath(weights) or os.path.exists(os.fspath(weights))
-    )
-
-
-def _resolve_weights(builder_name: str, weights, setting: str):
-    """`(torchvision_weights_or_None, local_file_or_None)` for a weights setting."""
-    if weights is None:
-        return None, None
-    if _is_weights_file(weights):
-        path = os.fspath(weights)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{setting}={path!r}: no such weights file")
-        return None, path
-    enum = _weights_enum(builder_name)
-    if enum is None:
-        raise ValueError(f"{setting}={weights!r}: torchvision has no pretrained weights for {builder_name!r}")
-    if weights == "DEFAULT":
-        return enum.DEFAULT, None
-    if weights in enum.__members__:
-        return enum[weights], None
-    raise ValueError(
-        f"{setting}={weights!r} is neither a weights name of {builder_name} ({['DEFAULT', *enum.__members__]}) "
-        "nor an existing file"
-    )
-
-
-def _read_state_dict(path: str, setting: str) -> dict:
-    if path.endswith(".safetensors"):
-        if safetensors_load_file is None:
-            raise ImportError(f"{setting}={path!r} is a safetensors file but `safetensors` is not installed")
-        state = safetensors_load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, ...); re-raised
-            raise OSError(f"{setting}={path!r} could not be read as a state dict: {error}") from error
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{setting}={path!r} holds a {type(state).__name__}, not a state dict")
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
-    return state
-
-
-def _download_error(setting: str, weights, builder: str, error: Exception) -> OSError:
-    return OSError(
-        f"Could not load {setting}={weights!r} for {builder}: {error}\nOffline, download the weights elsewhere and "
-        f"pass the local file instead ({setting}='/path/to/weights.pth' or .safetensors), or {setting}=None for "
-        "random weights."
-    )
-
-
-def build_detector(name: str, weights, extra_kwargs: dict | None = None) -> torch.nn.Module:
-    """A torchvision detection model in eval mode (`weights` as the `detector_weights` setting)."""
-    import torchvision
-
-    tv_weights, path = _resolve_weights(name, weights, "detector_weights")
-    kwargs = dict(extra_kwargs or {})
-    kwargs.setdefault("weights_backbone", None)  # never fetch ImageNet weights behind the user's back
-    try:
-        model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
-    except (OSError, RuntimeError) as error:
-        if tv_weights is None:
-            raise
-        raise _download_error("detector_weights", weights, name, error) from error
-    if path is not None:
-        state = _read_state_dict(path, "detector_weights")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"detector_weights={path!r} does not fit {name}: {error}") from error
-    return model.eval()
-
-
-def build_backbone(name: str, weights) -> torch.nn.Module:
-    """A torchvision classifier with its `fc` head replaced by identity: it maps crops (N, 3, S, S) to pooled
-    features (N, feature_dim)."""
-    import torchvision
-
-    tv_weights, path = _resolve_weights(name, weights, "backbone_weights")
-    try:
-        model = torchvision.models.get_model(name, weights=tv_weights)
-    except (OSError, RuntimeError) as error:
-        if tv_weights is None:
-            raise
-        raise _download_error("backbone_weights", weights, name, error) from error
-    if not isinstance(getattr(model, "fc", None), torch.nn.Linear):
-        raise ValueError(f"backbone={name!r}: expected a torchvision classifier with an `fc` head (ResNet family)")
-    model.fc = torch.nn.Identity()
-    if path is not None:
-        state = {key: value for key, value in _read_state_dict(path, "backbone_weights").items() if not key.startswith("fc.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"backbone_weights={path!r} does not fit {name}: {error}") from error
-    return model.eval()
-
-
-def backbone_feature_dim(name: str) -> int:
-    """Width of the backbone's pooled features, read from an architecture built on the meta device (no memory)."""
-    import torchvision
-
-    with torch.device("meta"):
-        model = torchvision.models.get_model(name, weights=None)
-    fc = getattr(model, "fc", None)
-    if not isinstance(fc, torch.nn.Linear):
-        raise ValueError(f"backbone={name!r}: expected a torchvision classifier with an `fc` head (ResNet family)")
-    return fc.in_features
-
-
-def backbone_preprocessing(name: str, weights) -> dict:
-    """Crop size, resize interpolation, mean and std from the weights' own `transforms()` (the builder's DEFAULT
-    weights when the weights are random or a local file)."""
-    import torchvision
-
-    enum = _weights_enum(name)
-    entry = None
-    if enum is not None:
-        entry = enum[weights] if isinstance(weights, str) and weights in enum.__members__ else enum.DEFAULT
-    if entry is None:
-        return {
-            "crop_size": 224,
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
-            "interpolation": torchvision.transforms.InterpolationMode.BILINEAR,
-        }
-    transform = entry.transforms()
-    return {
-        "crop_size": int(transform.crop_size[0]),
-        "mean": list(transform.mean),
-        "std": list(transform.std),
-        "interpolation": transform.interpolation,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Feature cache
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class FRRFeatureCache:
-    """Keyed store of FRR features: `<cache_dir>/frr-<fingerprint>/shard-*.safetensors`.
-
-    Each shard holds `visual_features` (N, max_objects, feature_dim), `visual_mask` (N, max_objects) and, in its
-    metadata, the N keys. Shards are written atomically (temporary file + rename), one per process and run, so
-    several processes can add to one cache. `fingerprint` identifies the extraction settings: a change of settings
-    gives a new folder, never stale features.
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str, settings: dict | None = None):
-        self.folder = os.path.join(os.fspath(cache_dir), f"frr-{fingerprint}")
-        self.fingerprint = fingerprint
-        self.settings = settings or {}
-        self.features = None  # (N, max_objects, feature_dim) after load()
-        self.masks = None  # (N, max_objects)
-        self.index: dict[str, int] = {}
-
-    def shard_files(self) -> list[str]:
-        if not os.path.isdir(self.folder):
-            return []
-        return sorted(
-            os.path.join(self.folder, name)
-            for name in os.listdir(self.folder)
-            if name.startswith("shard-") and name.endswith(".safetensors")
-        )
-
-    def load(self) -> "FRRFeatureCache":
-        """Reads every shard; a key present in several shards keeps its first copy."""
-        if safetensors_load_file is None:
-            raise ImportError("the FRR feature cache needs `safetensors`")
-        features, masks, index = [], [], {}
-        offset = 0
-        for path in self.shard_files():
-            tensors = safetensors_load_file(path)
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as handle:
-                keys = json.loads(handle.metadata()["keys"])
-            if len(keys) != tensors["visual_features"].shape[0]:
-                raise ValueError(f"FRR cache shard {path} is inconsistent: {len(keys)} keys for "
-                                 f"{tensors['visual_features'].shape[0]} rows; delete it")
-            features.append(tensors["visual_features"])  # (n, max_objects, feature_dim)
-            masks.append(tensors["visual_mask"].bool())  # (n, max_objects)
-            for row, key in enumerate(keys):
-                index.setdefault(key, offset + row)
-            offset += len(keys)
-        self.features = torch.cat(features) if features else None  # (N, max_objects, feature_dim)
-        self.masks = torch.cat(masks) if masks else None  # (N, max_objects)
-        self.index = index
-        return self
-
-    def __contains__(self, key) -> bool:
-        return str(key) in self.index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def get(self, key) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(visual_features (max_objects, feature_dim), visual_mask (max_objects,))` of a key."""
-        row = self.index[str(key)]
-        return self.features[row], self.masks[row]
-
-    def write_shard(self, keys: list[str], features: torch.Tensor, masks: torch.Tensor, rank: int = 0) -> str | None:
-        """Writes one shard of `features` (n, max_objects, feature_dim) and `masks` (n, max_objects)."""
-        if not keys:
-            return None
-        if safetensors_save_file is None:
-            raise ImportError("the FRR feature cache needs `safetensors`")
-        os.makedirs(self.folder, exist_ok=True)
-        settings_file = os.path.join(self.folder, "settings.json")
-        if not os.path.exists(settings_file):
-            temporary = f"{settings_file}.{uuid.uuid4().hex}.tmp"
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(self.settings, handle, indent=2, sort_keys=True, default=str)
-            os.replace(temporary, settings_file)
-        name = f"shard-{os.getpid()}-rank{rank}-{uuid.uuid4().hex[:12]}.safetensors"
-        path = os.path.join(self.folder, name)
-        temporary = path + ".tmp"
-        safetensors_save_file(
-            {
-                "visual_features": features.detach().to("cpu", torch.float32).contiguous(),  # (n, M, D)
-                "visual_mask": masks.detach().to("cpu", torch.bool).contiguous(),  # (n, M)
-            },
-            temporary,
-            metadata={"keys": json.dumps([str(key) for key in keys]), "format_version": str(CACHE_FORMAT_VERSION)},
-        )
-        os.replace(temporary, path)
-        return path
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _file_sha1(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_key(source) -> str:
-    """Key of an image by content (sha1 of its file or bytes), for datasets without an image-id column."""
-    if isinstance(source, dict):
-        source = source.get("bytes") if source.get("bytes") is not None else source.get("path")
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            return f"unreadable:{path}"
-        return "sha1:" + _file_sha1(path)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return "sha1:" + hashlib.sha1(bytes(source)).hexdigest()
-    if isinstance(source, Image.Image):
-        return "sha1:" + hashlib.sha1(source.tobytes() + repr((source.mode, source.size)).encode()).hexdigest()
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        array = np.ascontiguousarray(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source)
-        return "sha1:" + hashlib.sha1(array.tobytes() + repr((array.dtype.str, array.shape)).encode()).hexdigest()
-    if source is None:
-        return "missing"
-    raise TypeError(f"cannot key an image of type {type(source).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The image processor
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 class PMNERImageProcessor(BaseImageProcessor):
@@ -888,7 +401,7 @@ class PMNERImageProcessor(BaseImageProcessor):
         boxes = torch.zeros(count, self.max_objects, 4)  # (B, M, 4)
         for start in range(0, len(loaded), batch_size):
             chunk = loaded[start : start + batch_size]
-            chunk_features, chunk_counts, chunk_boxes = self._forward([rgb for _, rgb, _ in chunk])
+            chunk_features, chunk_counts, chunk_boxes = frr_forward(self, [rgb for _, rgb, _ in chunk])
             offset = 0
             for (index, rgb, (width, height)), objects, image_boxes in zip(chunk, chunk_counts, chunk_boxes):
                 features[index, :objects] = chunk_features[offset : offset + objects].float().cpu()  # (objects, D)
@@ -897,71 +410,6 @@ class PMNERImageProcessor(BaseImageProcessor):
                 boxes[index, :objects] = image_boxes.cpu() * scale  # (objects, 4)
                 offset += objects
         return features, masks, boxes, bad
-
-    @torch.inference_mode()
-    def _forward(self, rgb_images: list[Image.Image]) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
-        """Detects, crops and encodes a chunk of RGB images; returns the crop features (N, D), objects per image and
-        the boxes (objects, 4) of each image (pixels of the downscaled image)."""
-        device = self._models_device
-        preprocessing = self.preprocessing
-        tensors = [
-            torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)  # (3, H, W) uint8
-            for image in rgb_images
-        ]
-        detections = self._detect(tensors)  # per image (k, 4), k <= max_objects
-        mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-        size = preprocessing["crop_size"]
-        crops, counts, all_boxes = [], [], []
-        for tensor, image_boxes in zip(tensors, detections):
-            height, width = tensor.shape[-2:]
-            if self.add_whole_image and image_boxes.shape[0] < self.max_objects:
-                whole = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device)  # (1, 4)
-                image_boxes = torch.cat([image_boxes, whole])  # (k + 1, 4)
-            for x1, y1, x2, y2 in image_boxes.tolist():
-                left = min(max(int(np.floor(x1)), 0), width - 1)
-                top = min(max(int(np.floor(y1)), 0), height - 1)
-                right = max(min(int(np.ceil(x2)), width), left + 1)
-                bottom = max(min(int(np.ceil(y2)), height), top + 1)
-                crops.append(self._resize(tensor[:, top:bottom, left:right], size))  # (3, S, S) float in [0, 1]
-            counts.append(image_boxes.shape[0])
-            all_boxes.append(image_boxes)
-        if not crops:
-            return torch.zeros(0, self.feature_dim), counts, all_boxes
-        batch = (torch.stack(crops) - mean) / std  # (N, 3, S, S)
-        features = self._backbone_module(batch)  # (N, D)
-        if features.dim() != 2 or features.shape != (batch.shape[0], self.feature_dim):
-            raise ValueError(
-                f"backbone {self.backbone!r} returned shape {tuple(features.shape)}; expected "
-                f"({batch.shape[0]}, feature_dim={self.feature_dim})"
-            )
-        return features, counts, all_boxes
-
-    def _resize(self, crop: torch.Tensor, size: int) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as tvF
-
-        crop = crop.float().unsqueeze(0) / 255.0  # (1, 3, h, w)
-        resized = tvF.resize(crop, [size, size], interpolation=self.preprocessing["interpolation"], antialias=True)
-        return resized[0].clamp_(0.0, 1.0)  # (3, S, S)
-
-    def _detect(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per image, the boxes (k, 4) of the first `max_objects` detections (by score) above `score_threshold`."""
-        device = self._models_device
-        if self._detector_module is None:
-            return [torch.zeros(0, 4, device=device) for _ in tensors]
-        inputs = [tensor.float() / 255.0 for tensor in tensors]  # each (3, H, W) in [0, 1] (ObjectDetection())
-        outputs = self._detector_module(inputs)
-        if len(outputs) != len(inputs):
-            raise ValueError(f"detector {self.detector!r} returned {len(outputs)} results for {len(inputs)} images")
-        kept = []
-        for output in outputs:
-            scores = output["scores"].to(device)  # (K,)
-            boxes = output["boxes"].to(device, torch.float32)  # (K, 4)
-            order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
-            scores, boxes = scores[order], boxes[order]
-            boxes = boxes[scores > self.score_threshold][: self.max_objects]  # (k, 4)
-            kept.append(boxes)
-        return kept
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
@@ -1002,144 +450,13 @@ class PMNERImageProcessor(BaseImageProcessor):
         device=None,
         progress: bool = True,
     ):
-        """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it.
-
-        Images are keyed by `key_column` (e.g. the tweet's image id; tweets sharing an image are computed once) or,
-        when the dataset has no such column or `key_column=None`, by the sha1 of the image file / bytes. Features
-        are stored in `<cache_dir>/frr-<settings fingerprint>/` as safetensors shards; a second run (or another
-        process) reads them instead of recomputing. Bad images (see `on_bad_image`) are never cached.
-
-        Under `torch.distributed` (torchrun, accelerate) each process computes a disjoint share of the missing
-        images and writes its own shard; after a barrier every process reads the whole cache. Call it on every
-        process.
-
-        Args:
-            dataset: a `datasets.Dataset` whose `image_column` holds images (`datasets.Image`, paths or bytes).
-            image_column: the column of images.
-            key_column: the column of image ids, or `None` to key by content.
-            cache_dir: where features are kept (default: `<HF datasets cache>/pmner-frr`).
-            batch_size: images per forward (default: the `batch_size` setting).
-            device: where the models run.
-            progress: show a progress bar (on the main process only).
-
-        Returns:
-            The dataset with two more columns: `visual_features` (`Array2D` (max_objects, feature_dim) float32) and
-            `visual_mask` (max_objects bools). Existing columns of those names are replaced.
-        """
-        if datasets is None:
-            raise ImportError("extract_dataset_features needs the `datasets` package")
-        if image_column not in dataset.column_names:
-            raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {dataset.column_names}")
-        if key_column is not None and key_column not in dataset.column_names:
-            logger.warning(
-                f"key_column={key_column!r} is not a column of the dataset ({dataset.column_names}); images are "
-                "keyed by the sha1 of their content"
-            )
-            key_column = None
-        if cache_dir is None:
-            cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "pmner-frr")
-        rank, world_size = _distributed()
-        raw = dataset
-        if isinstance(dataset.features[image_column], datasets.Image):
-            raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-        columns = [image_column] + ([key_column] if key_column is not None else [])
-        raw = raw.select_columns(columns)
-
-        # 1. key of every row; first row of each distinct key
-        row_keys: list[str] = []
-        first_row: dict[str, int] = {}
-        for batch in raw.iter(batch_size=1000):
-            sources = batch[image_column]
-            keys = [str(key) for key in batch[key_column]] if key_column else [content_key(s) for s in sources]
-            for key, source in zip(keys, sources):
-                if key_column and source is None:
-                    key = f"missing:{key}"
-                first_row.setdefault(key, len(row_keys))
-                row_keys.append(key)
-
-        # 2. compute the missing keys (this process's share) and write a shard
-        cache = self.feature_cache(cache_dir).load()
-        pending = sorted(key for key in first_row if key not in cache)
-        if world_size > 1:
-            torch.distributed.barrier()  # every process has read the same cache state before anyone writes
-        share = pending[rank::world_size]
-        local_error = None
-        try:
-            self._extract_keys(raw, image_column, share, first_row, cache, rank, batch_size, device, progress)
-        except Exception as error:  # re-raised below, after telling the other processes (no hang at the barrier)
-            local_error = error
-        if world_size > 1:
-            errors = [None] * world_size
-            torch.distributed.all_gather_object(errors, None if local_error is None else repr(local_error))
-            if local_error is None and any(errors):
-                failed = next(index for index, message in enumerate(errors) if message)
-                raise RuntimeError(f"FRR feature extraction failed on process {failed}: {errors[failed]}")
-        if local_error is not None:
-            raise local_error
-        if world_size > 1:
-            torch.distributed.barrier()
-        cache = self.feature_cache(cache_dir).load()
-
-        # 3. add the columns
-        feature_dim = cache.features.shape[-1] if cache.features is not None else self.feature_dim
-        missing = sorted({key for key in row_keys if key not in cache})
-        fingerprint_text = json.dumps(
-            [getattr(dataset, "_fingerprint", ""), cache.fingerprint, len(cache), missing, image_column, key_column]
+        """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it; see
+        `feature_cache.extract_dataset_features` for the arguments. Returns the dataset with `visual_features`
+        (`Array2D` (max_objects, feature_dim) float32) and `visual_mask` (max_objects bools) columns."""
+        return extract_dataset_features(
+            self, dataset, image_column=image_column, key_column=key_column, cache_dir=cache_dir,
+            batch_size=batch_size, device=device, progress=progress,
         )
-        new_fingerprint = hashlib.sha256(fingerprint_text.encode()).hexdigest()[:32]
-        rows = torch.tensor([cache.index.get(key, -1) for key in row_keys])  # (rows,)
-
-        def add_features(batch, indices):
-            positions = rows[indices]  # (b,)
-            out_features = np.zeros((len(indices), self.max_objects, feature_dim), dtype=np.float32)  # (b, M, D)
-            out_masks = np.zeros((len(indices), self.max_objects), dtype=bool)  # (b, M)
-            present = positions >= 0
-            if present.any():
-                out_features[present.numpy()] = cache.features[positions[present]].numpy()  # (b', M, D)
-                out_masks[present.numpy()] = cache.masks[positions[present]].numpy()  # (b', M)
-            return {"visual_features": out_features, "visual_mask": out_masks}
-
-        existing = [name for name in ("visual_features", "visual_mask") if name in dataset.column_names]
-        base = dataset.remove_columns(existing) if existing else dataset
-        features = base.features.copy()
-        features["visual_features"] = datasets.Array2D(shape=(self.max_objects, feature_dim), dtype="float32")
-        features["visual_mask"] = datasets.List(datasets.Value("bool"), length=self.max_objects)
-        map_kwargs = dict(
-            batched=True, with_indices=True, features=features, new_fingerprint=new_fingerprint,
-            desc="Adding FRR features",
-        )
-        if world_size > 1 and rank != 0:
-            torch.distributed.barrier()  # the main process writes the datasets cache first
-        result = base.map(add_features, **map_kwargs)
-        if world_size > 1 and rank == 0:
-            torch.distributed.barrier()
-        return result
-
-    def _extract_keys(self, raw, image_column, keys, first_row, cache, rank, batch_size, device, progress):
-        batch_size = batch_size or self.batch_size
-        if not keys:
-            return
-        from transformers.utils.logging import tqdm
-
-        done_keys, done_features, done_masks = [], [], []
-        bar = tqdm(total=len(keys), desc="FRR features", unit="image", disable=not progress or rank != 0)
-        try:
-            for start in range(0, len(keys), batch_size):
-                chunk = keys[start : start + batch_size]
-                sources = raw[[first_row[key] for key in chunk]][image_column]
-                names = [f"{describe_image(source)} (key {key})" for key, source in zip(chunk, sources)]
-                features, masks, _, bad = self.extract(sources, names, device=device, batch_size=batch_size)
-                for index, (key, feature, mask) in enumerate(zip(chunk, features, masks)):
-                    if index in bad:
-                        continue  # never cache a bad image: a fixed file is read again next time
-                    done_keys.append(key)
-                    done_features.append(feature)  # (M, D)
-                    done_masks.append(mask)  # (M,)
-                bar.update(len(chunk))
-        finally:
-            bar.close()
-            if done_keys:  # what was computed is kept even when a later image raised
-                cache.write_shard(done_keys, torch.stack(done_features), torch.stack(done_masks), rank=rank)
 
 
 __all__ = [
@@ -1147,6 +464,8 @@ __all__ = [
     "BadImageWarning",
     "FRRFeatureCache",
     "PMNERImageProcessor",
+    "content_key",
+    "describe_image",
     "load_image",
     "to_rgb",
 ]
