@@ -14,7 +14,8 @@ it copies this file and `tweet_tokenizer.py` into the folder and records the tas
 (`custom_pipelines`), so that `pipeline(model=folder, trust_remote_code=True)` finds the task by itself.
 
 This file is copied flat into saved model folders (remote code): it imports only torch, numpy, transformers and the
-standard library, and its sibling `tweet_tokenizer.py` relatively.
+standard library, and its siblings `tweet_tokenizer.py` and `processing_pmner.py` (the tag-scheme helpers and the
+processor/model label check) relatively.
 """
 
 import copy
@@ -29,6 +30,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
+from .processing_pmner import bio_to_bioes, bioes_to_bio, check_processor_matches_model, tag_parts
 from .tweet_tokenizer import join_words, split_tweet
 
 
@@ -43,41 +45,6 @@ CUSTOM_PIPELINE_ENTRY = {
     "pt": ["AutoModelForTokenClassification"],
     "type": "multimodal",
 }
-
-
-def _tag_parts(tag: str) -> tuple[str, str | None]:
-    """`("B", "PER")` for `B-PER`; `("O", None)` for `O`; a tag without prefix is read as a continuation."""
-    if tag == "O":
-        return "O", None
-    prefix, dash, entity = tag.partition("-")
-    if dash and prefix in ("B", "I", "E", "S") and entity:
-        return prefix, entity
-    return "I", tag
-
-
-def _convert_tag(tag: str, scheme: str) -> str:
-    """A predicted tag in `scheme`, word by word (`S-`/`E-` to `B-`/`I-` for BIO); BIO to BIOES needs the next
-    tag and is done on whole sentences by `_to_bioes`."""
-    prefix, entity = _tag_parts(tag)
-    if scheme == "BIO" and prefix in ("S", "E"):
-        return f"{'B' if prefix == 'S' else 'I'}-{entity}"
-    return tag
-
-
-def _to_bioes(tags: list[str]) -> list[str]:
-    result = []
-    for index, tag in enumerate(tags):
-        prefix, entity = _tag_parts(tag)
-        if prefix == "O" or prefix in ("E", "S"):
-            result.append(tag)
-            continue
-        following = _tag_parts(tags[index + 1]) if index + 1 < len(tags) else ("O", None)
-        continues = following[0] in ("I", "E") and following[1] == entity
-        if prefix == "B":
-            result.append(f"{'B' if continues else 'S'}-{entity}")
-        else:
-            result.append(f"{'I' if continues else 'E'}-{entity}")
-    return result
 
 
 class _Passthrough:
@@ -142,13 +109,8 @@ class PMNERPipeline(Pipeline):
         for name in ("post_process_token_classification", "merge_window_predictions", "label_names"):
             if not hasattr(self.processor, name):
                 raise TypeError(f"processor {type(self.processor).__name__} is not a P-MNER processor (no `{name}`)")
-        labels = [self.model.config.id2label[index] for index in range(self.model.config.num_labels)]
-        if list(self.processor.label_names) != labels:
-            raise ValueError(
-                f"the processor's label_names {list(self.processor.label_names)} differ from the model's id2label "
-                f"{labels}; they must be the same tags in the same order"
-            )
-        self.labels = labels
+        check_processor_matches_model(self.processor, self.model.config)
+        self.labels = [self.model.config.id2label[index] for index in range(self.model.config.num_labels)]
         if getattr(self.processor, "overflow", "window") != "window":
             logger.warning(
                 f"the processor has overflow={self.processor.overflow!r}; the pipeline uses overflow='window' so "
@@ -380,6 +342,8 @@ class PMNERPipeline(Pipeline):
                     f"tweet {item['index']}: visual_features has shape {tuple(features.shape)}; expected "
                     "(objects, feature_dim)"
                 )
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError(f"tweet {item['index']}: visual_features hold NaN or infinite values")
             if item["visual_mask"] is None:
                 mask = torch.ones(features.shape[0], dtype=torch.bool)
             else:
@@ -464,7 +428,7 @@ class PMNERPipeline(Pipeline):
             if ignore_labels:
                 entities = [
                     entity for entity in entities
-                    if entity.get("entity_group", _tag_parts(entity.get("entity", "O"))[1]) not in ignore_labels
+                    if entity.get("entity_group", tag_parts(entity.get("entity", "O"))[1]) not in ignore_labels
                 ]
             if return_words:
                 results.append(
@@ -478,9 +442,9 @@ class PMNERPipeline(Pipeline):
         best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
         tags = [self.labels[int(label)] for label in best]
         if output_scheme == "BIO":
-            tags = [_convert_tag(tag, "BIO") for tag in tags]
+            tags = bioes_to_bio(tags)
         elif output_scheme == "BIOES":
-            tags = _to_bioes([_convert_tag(tag, "BIO") for tag in tags])
+            tags = bio_to_bioes(bioes_to_bio(tags))  # predicted BIOES made well-formed
         return [
             {"word": word, "start": start, "end": end, "tag": tag, "score": float(scores[index, best[index]])}
             for index, (word, (start, end), tag) in enumerate(zip(item["words"], item["spans"], tags))
@@ -491,12 +455,12 @@ class PMNERPipeline(Pipeline):
         if not hasattr(self, "_type_matrix"):
             types_ = []
             for label in self.labels:
-                entity = _tag_parts(label)[1]
+                entity = tag_parts(label)[1]
                 if entity is not None and entity not in types_:
                     types_.append(entity)
             matrix = np.zeros((len(self.labels), len(types_)), dtype=np.float32)
             for row, label in enumerate(self.labels):
-                entity = _tag_parts(label)[1]
+                entity = tag_parts(label)[1]
                 if entity is not None:
                     matrix[row, types_.index(entity)] = 1.0
             self._entity_types, self._type_matrix = types_, matrix
@@ -517,7 +481,7 @@ class PMNERPipeline(Pipeline):
         if aggregation_strategy not in AGGREGATION_STRATEGIES:
             raise ValueError(f"aggregation_strategy must be one of {AGGREGATION_STRATEGIES}, got {aggregation_strategy!r}")
         best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
-        tags = [_tag_parts(self.labels[int(label)]) for label in best]
+        tags = [tag_parts(self.labels[int(label)]) for label in best]
         tag_scores = [float(scores[index, label]) for index, label in enumerate(best)]
         if aggregation_strategy == "none":
             return [
@@ -536,7 +500,7 @@ class PMNERPipeline(Pipeline):
         if aggregation_strategy == "simple":
             group = None  # [first, last, type, scores]
             for index, (prefix, entity) in enumerate(tags):
-                ended = group is not None and _tag_parts(self.labels[int(best[group[1]])])[0] in ("E", "S")
+                ended = group is not None and tag_parts(self.labels[int(best[group[1]])])[0] in ("E", "S")
                 if prefix != "O" and group is not None and entity == group[2] and prefix in ("I", "E") and not ended:
                     group[1] = index
                     group[3].append(tag_scores[index])
@@ -628,8 +592,8 @@ def register_pipeline():
 def add_pipeline_to_folder(folder) -> list[str]:
     """Makes a saved P-MNER model folder pipeline-ready.
 
-    Copies this file and `tweet_tokenizer.py` into `folder` and adds `custom_pipelines["multimodal-ner"]` to its
-    `config.json`, so that `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
+    Copies this file and its siblings (`tweet_tokenizer.py`, `processing_pmner.py` and what that imports) into
+    `folder` and adds `custom_pipelines["multimodal-ner"]` to its `config.json`, so that `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
     `pipeline("multimodal-ner", model=folder, trust_remote_code=True)` work. Safe to call again.
 
     Returns:

@@ -15,6 +15,8 @@ predictions are merged back to one tag per word, or cut with a warning and a cou
 This file is copied flat into saved processor folders (remote code): it imports its sibling only relatively.
 """
 
+import copy
+import json
 import string
 import warnings
 
@@ -45,15 +47,22 @@ class TruncationWarning(UserWarning):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _split_tag(tag: str, index: int, scheme: str) -> tuple[str, str]:
+def _split_tag(tag: str, index: int | None, scheme: str) -> tuple[str, str]:
+    where = "" if index is None else f" at position {index}"
     if not isinstance(tag, str):
-        raise ValueError(f"tag {tag!r} at position {index} is not a string")
+        raise ValueError(f"tag {tag!r}{where} is not a string")
     if tag == "O":
         return "O", ""
     prefix, dash, entity = tag.partition("-")
     if not dash or not entity or prefix not in scheme:
-        raise ValueError(f"tag {tag!r} at position {index} is not a {scheme} tag")
+        raise ValueError(f"tag {tag!r}{where} is not a {scheme} tag")
     return prefix, entity
+
+
+def tag_parts(tag: str) -> tuple[str, str | None]:
+    """`("B", "PER")` for `B-PER`, `("O", None)` for `O`; a `ValueError` for anything that is not a BIO/BIOES tag."""
+    prefix, entity = _split_tag(tag, None, "BIOES")
+    return prefix, entity or None
 
 
 def bio_to_bioes(tags: list[str]) -> list[str]:
@@ -106,6 +115,112 @@ def convert_tags(tags: list[str], scheme: str) -> list[str]:
     return bio_to_bioes(tags) if scheme == "BIOES" else bioes_to_bio(tags)
 
 
+def check_processor_matches_model(processor, config) -> None:
+    """Raises a `ValueError` naming both sides when the processor's tags (`label_names`, in id order) or tag scheme
+    differ from the model's (`config.id2label`, `config.tag_scheme`): the model's logits would be read as other tags.
+    Call it wherever a processor and a model are loaded beside each other (the pipeline does)."""
+    num_labels = getattr(config, "num_labels", None) or len(config.id2label)
+    id2label = {int(index): label for index, label in config.id2label.items()}
+    model_labels = [id2label.get(index) for index in range(num_labels)]
+    processor_labels = list(processor.label_names)
+    model_scheme = getattr(config, "tag_scheme", None) or tag_scheme_of(model_labels)
+    processor_scheme = getattr(processor, "tag_scheme", None) or tag_scheme_of(processor_labels)
+    problems = []
+    if processor_labels != model_labels:
+        problems.append(
+            f"the processor's label_names ({len(processor_labels)} tags) {processor_labels} differ from the model's "
+            f"config.id2label ({len(model_labels)} tags) {model_labels}"
+        )
+    if processor_scheme != model_scheme:
+        problems.append(f"the processor's tag scheme {processor_scheme} differs from the model's {model_scheme}")
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ". They must be the same tags in the same order: save the processor that was "
+            "trained with this model (processor.save_pretrained(folder)), or build it with "
+            "label_names=[config.id2label[i] for i in range(config.num_labels)]"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers: words given one by one are encoded as in running text
+# ----------------------------------------------------------------------------------------------------------------------
+
+# a probe whose words after the first must get the same sub-words alone as in running text
+PROBE_WORDS = ["RT", "Kawhi", "Leonard", "wins", "the", "#NBAAwards", "vote", "in", "2017", "!"]
+
+
+def split_words_match_running_text(tokenizer, words: list[str] = PROBE_WORDS) -> bool:
+    """Whether `tokenizer(words, is_split_into_words=True)` gives the words after the first the ids they get in
+    `tokenizer(" ".join(words))`. Byte-level BPE tokenizers (RoBERTa, GPT-2) without `add_prefix_space=True` do not:
+    each word is then encoded as if it began the text ("Leonard" as `Le onar d` instead of `ĠLeonard`)."""
+    split = tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
+    rest = [token for token, word in zip(split["input_ids"], split.word_ids()) if word is not None and word > 0]
+    running = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    first = tokenizer(words[0], add_special_tokens=False)["input_ids"]
+    return running[: len(first)] == first and running[len(first) :] == rest
+
+
+def _prefix_space_settings(settings):
+    """The backend component (JSON) with a word-start space on every word: ByteLevel `add_prefix_space`, Metaspace
+    `prepend_scheme="always"`; `(settings, changed)`."""
+    if isinstance(settings, list):
+        changed = False
+        items = []
+        for item in settings:
+            item, item_changed = _prefix_space_settings(item)
+            items.append(item)
+            changed |= item_changed
+        return items, changed
+    if not isinstance(settings, dict):
+        return settings, False
+    settings, changed = dict(settings), False
+    if settings.get("type") in ("ByteLevel", "RobertaProcessing") and settings.get("add_prefix_space") is False:
+        settings["add_prefix_space"] = True
+        changed = True
+    if settings.get("type") == "Metaspace" and settings.get("prepend_scheme") == "never":
+        settings["prepend_scheme"] = "always"
+        changed = True
+    for key in ("pretokenizers", "processors", "decoders"):
+        if key in settings:
+            settings[key], inner = _prefix_space_settings(settings[key])
+            changed |= inner
+    return settings, changed
+
+
+def with_word_start_spaces(tokenizer):
+    """`tokenizer` when it already encodes words given one by one (`is_split_into_words=True`) as in running text;
+    otherwise a copy with `add_prefix_space=True` (byte-level BPE: RoBERTa, Longformer, DeBERTa v1, GPT-2), whose
+    backend pre-tokenizer gives every word its word-start space. The copy saves `add_prefix_space: true` in
+    `tokenizer_config.json` and `tokenizer.json`, so `AutoTokenizer` / `AutoProcessor.from_pretrained` reload it
+    so. WordPiece (BERT, DistilBERT, ELECTRA) and SentencePiece (XLM-R, "▁") tokenizers are returned unchanged."""
+    if split_words_match_running_text(tokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    changed = False
+    if backend is not None:
+        settings = json.loads(backend.to_str())
+        fixed = dict(settings)
+        for key in ("pre_tokenizer", "post_processor", "decoder"):
+            fixed[key], key_changed = _prefix_space_settings(settings.get(key))
+            changed |= key_changed
+    if changed:
+        rebuilt = type(backend).from_str(json.dumps(fixed))
+        tokenizer = copy.deepcopy(tokenizer)
+        backend = tokenizer.backend_tokenizer
+        for key in ("pre_tokenizer", "post_processor", "decoder"):
+            if fixed.get(key) is not None:
+                setattr(backend, key, getattr(rebuilt, key))
+        tokenizer.add_prefix_space = True
+        tokenizer.init_kwargs["add_prefix_space"] = True
+    if not split_words_match_running_text(tokenizer):
+        logger.warning(
+            f"the tokenizer {type(tokenizer).__name__} encodes words given one by one differently from running text "
+            f"(probe {PROBE_WORDS}), and P-MNER could not set it right (no ByteLevel or Metaspace pre-tokenizer to "
+            "give a word-start space): the encoder sees other sub-words than in pretraining"
+        )
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Windows
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,6 +260,22 @@ def window_owner(windows: list[tuple[int, int]], word: int, num_words: int) -> i
     if best is None:
         raise ValueError(f"word {word} is in no window {windows}")
     return best
+
+
+def _as_float_tensor(values, name: str) -> torch.Tensor:
+    """A float32 tensor from a tensor, a numpy array or (nested) lists of numbers or arrays."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().float()
+    if isinstance(values, (list, tuple)) and values and all(isinstance(value, torch.Tensor) for value in values):
+        values = [value.detach().cpu().numpy() for value in values]
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{name} must be numbers of one shape (a tensor, a numpy array or nested lists); could not convert a "
+            f"{type(values).__name__}: {error}"
+        ) from error
+    return torch.from_numpy(array)
 
 
 def _as_list(values) -> list:
@@ -248,6 +379,8 @@ class PMNERProcessor(ProcessorMixin):
             raise ValueError("PMNERProcessor needs a `tokenizer` (the masked LM's)")
         if image_processor is None:
             image_processor = PMNERImageProcessor()
+        # byte-level BPE: every word with its word-start space, as in running text (Ġ); saved with the tokenizer
+        tokenizer = with_word_start_spaces(tokenizer)
         super().__init__(image_processor, tokenizer, **kwargs)
         self.prompt_template = prompt_template
         self.prompt_mode = prompt_mode
@@ -640,13 +773,19 @@ class PMNERProcessor(ProcessorMixin):
             output = self.image_processor(images, return_tensors="pt", **(image_kwargs or {}))
             return output["visual_features"], output["visual_mask"]
         if visual_features is not None:
-            features = torch.as_tensor(np.asarray(visual_features) if isinstance(visual_features, list) else visual_features)
-            features = features.float()
+            features = _as_float_tensor(visual_features, "visual_features")
             if single and features.dim() == 2:
                 features = features.unsqueeze(0)  # (1, objects, D)
             if features.dim() != 3 or features.shape[0] != batch_size:
                 raise ValueError(
                     f"visual_features has shape {tuple(features.shape)}; expected (batch={batch_size}, objects, dim)"
+                )
+            finite = torch.isfinite(features).flatten(1).all(dim=1)  # (batch,)
+            if not bool(finite.all()):
+                bad = torch.nonzero(~finite).flatten().tolist()
+                raise ValueError(
+                    f"visual_features of sentence(s) {bad[:10]} (row index in this batch) hold NaN or infinite "
+                    "values; the model would give NaN logits. Re-extract those images' features"
                 )
             if visual_mask is None:
                 mask = torch.ones(features.shape[:2], dtype=torch.bool)  # (batch, objects)
@@ -760,8 +899,12 @@ __all__ = [
     "TruncationWarning",
     "bio_to_bioes",
     "bioes_to_bio",
+    "check_processor_matches_model",
     "convert_tags",
+    "split_words_match_running_text",
+    "tag_parts",
     "tag_scheme_of",
     "window_owner",
+    "with_word_start_spaces",
     "word_windows",
 ]
