@@ -3,7 +3,13 @@
 from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification
 
 from .configuration_pmner import PMNERConfig, default_verbalizer, tag_names
-from .modeling_pmner import PMNERForTokenClassification, PMNERModel, PMNERModelOutput, PMNERPreTrainedModel
+from .modeling_pmner import (
+    PMNERForTokenClassification,
+    PMNERModel,
+    PMNERModelOutput,
+    PMNERPreTrainedModel,
+    PMNERTokenClassifierOutput,
+)
 
 
 AutoConfig.register(PMNERConfig.model_type, PMNERConfig, exist_ok=True)
@@ -19,6 +25,7 @@ __all__ = [
     "PMNERModel",
     "PMNERModelOutput",
     "PMNERPreTrainedModel",
+    "PMNERTokenClassifierOutput",
     "default_verbalizer",
     "tag_names",
 ]
