@@ -3,8 +3,9 @@
     pmner-predict MODEL tweets.jsonl -o entities.jsonl --image-dir images/ --batch-size 64 --device cuda
     pmner-predict MODEL twitter2017/test.txt -o predictions.conll --image-dir twitter2017_images \\
         --feature-cache-dir runs/t17/frr_cache
+    torchrun --nproc_per_node 4 -m processing_pmner.predict_cli MODEL tweets.jsonl -o entities.jsonl
 
-Input (`--input-format`, guessed from the extension, else from the first line):
+Input (`--input-format`, guessed from the extension, else from the first line; stdin needs it):
 - JSONL: one object per line with `"text"` (a raw tweet) or `"words"`/`"tokens"` (pre-split words), and optionally
   `"image"` (a path; relative paths are read under `--image-dir` when given), `"image_id"` (the key of the tweet's
   features in the FRR cache; with `--image-dir` and no `"image"`, the image is `<image-dir>/<image_id><ext>`),
@@ -18,6 +19,23 @@ Output (`--output-format`, default: JSONL for JSONL input, CoNLL for CoNLL input
   `"tokens"` and `"tags"`.
 - CoNLL: `IMGID:<id>` (when known), then `token<TAB>gold<TAB>predicted` (`token<TAB>predicted` without gold tags).
 
+The output never costs data: an output that is the input (same path, a symlink or a hard link to it, or the shell
+redirection of stdout into it) is refused before anything is opened. A file output is written to `<output>.partial`
+beside it and renamed onto `<output>` only when complete, so an interrupted run leaves an older `<output>` as it was.
+After each batch the partial output is flushed and its progress (bytes, input records done, the settings of the run)
+saved in `<output>.partial.json`; `--resume` continues an interrupted run from there (same input file and settings,
+else a clear error; anything written after the last saved batch is cut off), and without `--resume` a left-over
+partial output is an error rather than overwritten. Argument, input and output problems exit with status 2 before
+the model loads.
+
+Distributed (`torchrun --nproc_per_node N -m processing_pmner.predict_cli ...`, `accelerate launch -m ...`): RANK,
+WORLD_SIZE and LOCAL_RANK are read from the environment. Every process reads the input and cuts it into the same
+batches as a single process would; batch k is tagged by process k mod N (on `cuda:LOCAL_RANK` when CUDA is available
+and no `--device`, or a bare `cuda`, is given); each round the results are gathered (gloo, JSON over byte tensors) and
+process 0 alone writes them in input order, so the output is the one of a single-process run, and prints the
+messages and one summary with the per-process counts. Feature-cache shards are written by each process under their
+own names. stdin cannot be split between processes.
+
 Visual features: with `--feature-cache-dir` (e.g. the `frr_cache` folder written by `train_pmner.py`), tweets whose
 key is in the cache of the model's FRR settings reuse the cached features; features computed for the others are
 added to the cache (unless `--no-cache-write`). Without a cache, images are encoded batch by batch.
@@ -25,14 +43,16 @@ added to the cache (unless `--no-cache-write`). Without a cache, images are enco
 Errors: a line (or CoNLL tweet) that cannot be read or processed is reported on stderr as `FILE:LINE: error: ...`
 and skipped; the run goes on. An unreadable image is reported as `FILE:LINE: warning: ...` and the tweet is tagged
 from its text alone. A summary follows at the end. Exit status: 0 when at least one tweet was tagged (or the input
-held none and nothing failed), 1 when every tweet failed (or, with `--strict`, when any failed), 2 for bad arguments
-or an unusable model.
+held none and nothing failed), 1 when every tweet failed (or, with `--strict`, when any failed), 2 for bad arguments,
+an unusable input or output, or an unusable model.
 """
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -42,6 +62,18 @@ from dataclasses import dataclass, field
 JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 CONLL_EXTENSIONS = (".txt", ".conll", ".tsv", ".bio")
 IMGID_PREFIX = "IMGID:"
+PARTIAL_SUFFIX = ".partial"
+PROGRESS_SUFFIX = ".partial.json"
+PROGRESS_VERSION = 1
+# Arguments that change the output: a resumed run must use the same ones as the interrupted run.
+OUTPUT_SETTINGS = (
+    "model", "input_format", "output_format", "image_dir", "image_extension", "batch_size", "aggregation_strategy",
+    "word_tags", "trust_remote_code",
+)
+
+
+class UsageError(Exception):
+    """An argument, input or output that cannot be used: reported in one line, exit status 2."""
 
 
 @dataclass
@@ -60,12 +92,23 @@ class Record:
 
 @dataclass
 class Summary:
+    """What the run did (with `--resume`, the interrupted run included), as process 0 saves it in the progress file."""
+
     tagged: int = 0
-    failed: list = field(default_factory=list)  # (line, message)
-    bad_images: list = field(default_factory=list)  # (line, message)
-    cached_features: int = 0
-    computed_features: int = 0
-    written_features: int = 0
+    failed: int = 0
+    failed_lines: list = field(default_factory=list)  # the first 20 lines that failed
+    bad_images: int = 0
+    entries: int = 0  # input records done (tweets and unreadable lines), in input order
+    last_line: int = 0  # the line of the last of them
+    resumed_tagged: int = 0  # tagged before the interruption
+
+    def add(self, outcome: dict):
+        self.tagged += outcome["tagged"]
+        self.failed += len(outcome["failed"])
+        self.failed_lines += outcome["failed"][: max(0, 20 - len(self.failed_lines))]
+        self.bad_images += outcome["bad_images"]
+        self.entries += outcome["entries"]
+        self.last_line = max(self.last_line, outcome["last_line"])
 
 
 class InputError(ValueError):
@@ -85,12 +128,6 @@ def _open_input(path: str):
     return open(path, "rb")
 
 
-def _open_output(path: str):
-    if path == "-":
-        return contextlib.nullcontext(sys.stdout)
-    return open(path, "w", encoding="utf-8", newline="")
-
-
 def decoded_lines(handle):
     """`(line number, text without the line break, or None if the line is not UTF-8, the decoding error)`."""
     for number, raw in enumerate(handle, start=1):
@@ -108,9 +145,7 @@ def guess_format(path: str) -> str:
         return "jsonl"
     if lower.endswith(CONLL_EXTENSIONS):
         return "conll"
-    if path == "-":
-        raise SystemExit("pmner-predict: reading stdin: pass --input-format jsonl or conll")
-    with open(path, encoding="utf-8-sig") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for line in handle:
             if line.strip():
                 return "jsonl" if line.lstrip().startswith("{") else "conll"
@@ -283,12 +318,13 @@ def parse_device(value: str | None):
 
 
 class Predictor:
-    def __init__(self, pipe, args, input_name: str, summary: Summary, report):
+    """Tags batches of records with the pipeline, with visual features from the FRR cache when it has them."""
+
+    def __init__(self, pipe, args, report):
         self.pipe = pipe
         self.args = args
-        self.input_name = input_name
-        self.summary = summary
-        self.report = report
+        self.bad_images = []  # (line, message) since the last `take_bad_images`
+        self.cached_features = self.computed_features = self.written_features = 0
         self.use_visual = pipe.use_visual
         self.image_processor = pipe.processor.image_processor
         self.cache = None
@@ -298,14 +334,14 @@ class Predictor:
             self.cache = self.image_processor.feature_cache(args.feature_cache_dir).load()
             where = self.cache.folder
             if len(self.cache):
-                self.report(f"feature cache: {len(self.cache)} images in {where}")
+                report(f"feature cache: {len(self.cache)} images in {where}")
             else:
-                self.report(
+                report(
                     f"feature cache: nothing cached yet in {where} for this model's FRR settings; features are "
                     + ("computed and added to it" if not args.no_cache_write else "computed (--no-cache-write)")
                 )
         elif args.feature_cache_dir:
-            self.report("the model is text-only (use_visual=False): --feature-cache-dir and images are not used")
+            report("the model is text-only (use_visual=False): --feature-cache-dir and images are not used")
 
     def cache_key(self, record: Record) -> str | None:
         if record.image_id is not None:
@@ -326,7 +362,7 @@ class Predictor:
             key = self.cache_key(record) if self.cache is not None else None
             if key is not None and key in self.cache:
                 result[index] = self.cache.get(key)
-                self.summary.cached_features += 1
+                self.cached_features += 1
             elif record.image is not None:
                 to_compute.append((index, key))
         if not to_compute:
@@ -348,11 +384,10 @@ class Predictor:
             line = records[index].line
             if row in bad:
                 message = messages.get(names[row], f"image {records[index].image} could not be read")
-                self.summary.bad_images.append((line, message))
-                self.report(f"{self.input_name}:{line}: warning: {message}; tagged from the text alone")
+                self.bad_images.append((line, message))
                 continue
             result[index] = (features[row], masks[row])
-            self.summary.computed_features += 1
+            self.computed_features += 1
             if self.cache is not None and key is not None and not self.args.no_cache_write and key not in self.written_keys:
                 self.pending[0].append(key)
                 self.pending[1].append(features[row])
@@ -380,7 +415,11 @@ class Predictor:
             torch.stack([value[1] for value in unique.values()]),  # (n, M)
         )
         self.written_keys.update(unique)
-        self.summary.written_features += len(unique)
+        self.written_features += len(unique)
+
+    def take_bad_images(self) -> list:
+        taken, self.bad_images = self.bad_images, []
+        return taken
 
     def pipeline_item(self, record: Record, visual) -> dict:
         item = {"text": record.text} if record.text is not None else {"words": record.words}
@@ -442,7 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="A P-MNER model folder (written by train_pmner.py) or Hub id.")
     parser.add_argument("input", help="Input file (JSONL or CoNLL); '-' reads stdin.")
-    parser.add_argument("-o", "--output", default="-", help="Output file; '-' writes stdout.")
+    parser.add_argument(
+        "-o", "--output", default="-",
+        help="Output file ('-': stdout), written as <output>.partial and renamed when complete; never the input.",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="Continue the interrupted run that left <output>.partial (same input and settings).",
+    )
     parser.add_argument("--input-format", choices=("auto", "jsonl", "conll"), default="auto")
     parser.add_argument(
         "--output-format", choices=("auto", "jsonl", "conll"), default="auto",
@@ -459,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="Tweets per forward pass.")
     parser.add_argument(
         "--device", default=None,
-        help="'cpu', 'cuda', 'cuda:1', 'mps' or a GPU index; default: the first GPU if any, else the CPU.",
+        help="'cpu', 'cuda', 'cuda:1', 'mps' or a GPU index; default: the first GPU if any, else the CPU "
+        "(distributed: cuda:LOCAL_RANK if CUDA is available, also for 'cuda').",
     )
     parser.add_argument(
         "--threads", type=int, default=None,
@@ -480,106 +527,444 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks before the model loads, and where the output goes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_arguments(args):
+    for name, value in (("batch-size", args.batch_size), ("threads", args.threads), ("cache-flush-size", args.cache_flush_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    if args.image_dir and not os.path.isdir(args.image_dir):
+        raise UsageError(f"--image-dir {args.image_dir} is not a folder")
+    if args.feature_cache_dir and os.path.exists(args.feature_cache_dir) and not os.path.isdir(args.feature_cache_dir):
+        raise UsageError(f"--feature-cache-dir {args.feature_cache_dir} is a file, not a folder")
+
+
+def check_input(args, world: int) -> str:
+    """The input's format; `UsageError` for an input that cannot be read."""
+    if args.input == "-":
+        if args.input_format == "auto":
+            raise UsageError("reading stdin: pass --input-format jsonl or conll")
+        if world > 1:
+            raise UsageError(f"stdin cannot be split between {world} processes: pass an input file")
+        if args.resume:
+            raise UsageError("--resume needs an input file: stdin cannot be checked against the interrupted run")
+        return args.input_format
+    if os.path.isdir(args.input):
+        raise UsageError(f"input {args.input} is a folder; pass a JSONL or CoNLL file")
+    if not os.path.exists(args.input):
+        raise UsageError(f"input file {args.input} does not exist")
+    if not os.access(args.input, os.R_OK):
+        raise UsageError(f"input file {args.input} is not readable")
+    return guess_format(args.input) if args.input_format == "auto" else args.input_format
+
+
+def _stream_stat(stream):
+    """`os.stat_result` of the file behind a standard stream, `None` for one without a file descriptor."""
+    try:
+        return os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (pytest's capture): it is no file on disk
+        return None
+
+
+def output_target(output: str) -> str:
+    """The file the output replaces: for a symlink, the file it points to (the link then shows the new output)."""
+    return os.path.realpath(output) if os.path.islink(output) else output
+
+
+def run_settings(args, input_format: str, output_format: str) -> dict:
+    """The input file and the arguments that shape the output, as the progress file keeps them."""
+    stat = os.stat(args.input)
+    settings = {"input": os.path.abspath(args.input), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
+    for name in OUTPUT_SETTINGS:
+        settings[name] = {"input_format": input_format, "output_format": output_format}.get(name, getattr(args, name, None))
+    for name in ("model", "image_dir"):
+        if settings[name] is not None and os.path.exists(settings[name]):
+            settings[name] = os.path.abspath(settings[name])
+    return settings
+
+
+def check_output(args, input_format: str, output_format: str) -> dict | None:
+    """Refuses an output that would lose data or cannot be written (opening nothing); with `--resume`, the progress
+    of the interrupted run."""
+    if args.output == "-":
+        if args.resume:
+            raise UsageError("--resume needs an output file (-o FILE): the standard output cannot be resumed")
+        stdout = _stream_stat(sys.stdout)
+        if args.input != "-" and stdout is not None and os.path.samestat(stdout, os.stat(args.input)):
+            raise UsageError(f"the standard output goes into the input file {args.input}, which would destroy it")
+        return None
+    target = output_target(args.output)
+    if os.path.exists(target):
+        stdin = _stream_stat(sys.stdin) if args.input == "-" else None
+        if (os.path.samestat(stdin, os.stat(target)) if stdin else args.input != "-" and os.path.samefile(args.input, target)):
+            raise UsageError(f"output {args.output} is the input file, which writing it would destroy; pass another -o")
+        if os.path.isdir(target):
+            raise UsageError(f"output {args.output} is a folder; pass a file name (e.g. -o {os.path.join(args.output, 'predictions')})")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of output {args.output} ({folder}) {'is not a folder' if os.path.exists(folder) else 'does not exist'}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in the folder of output {args.output} ({folder})")
+    partial, progress_file = target + PARTIAL_SUFFIX, target + PROGRESS_SUFFIX
+    if args.input != "-" and os.path.exists(partial) and os.path.samefile(args.input, partial):
+        raise UsageError(f"the partial output {partial} would be the input file; pass another -o")
+    if not args.resume:
+        if os.path.exists(partial):
+            raise UsageError(
+                f"{partial} is left from an interrupted run: pass --resume to continue it, or delete it to start afresh"
+            )
+        return None
+    if not os.path.exists(partial):
+        raise UsageError(f"--resume: there is no {partial} to continue (the last run finished, or never started)")
+    try:
+        with open(progress_file, encoding="utf-8") as handle:
+            progress = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--resume: cannot read {progress_file} ({error}); delete {partial} to start afresh") from error
+    keys = ("version", "settings", "bytes", *Summary.__dataclass_fields__)
+    if not isinstance(progress, dict) or progress.get("version") != PROGRESS_VERSION or not all(key in progress for key in keys):
+        raise UsageError(f"--resume: {progress_file} is not a progress file of this version; delete {partial} to start afresh")
+    settings = run_settings(args, input_format, output_format)
+    differences = [
+        f"{name}: {progress['settings'].get(name)!r} then, {value!r} now" for name, value in settings.items()
+        if progress["settings"].get(name) != value
+    ]
+    if differences:
+        raise UsageError(
+            f"--resume: the interrupted run had other settings or input ({'; '.join(differences)}); run it as it was, "
+            f"or delete {partial} to start afresh"
+        )
+    if os.path.getsize(partial) < progress["bytes"]:
+        raise UsageError(
+            f"--resume: {partial} is shorter than the {progress['bytes']} bytes {progress_file} records; delete it to "
+            "start afresh"
+        )
+    return progress
+
+
+class OutputWriter:
+    """Process 0's output: the standard output, or `<output>.partial`, renamed onto the output when complete, with
+    the run's progress saved in `<output>.partial.json` after each round of batches."""
+
+    def __init__(self, output: str, settings: dict, progress: dict | None):
+        self.target = None if output == "-" else output_target(output)
+        self.progress = progress or {"version": PROGRESS_VERSION, "settings": settings, "bytes": 0}
+        self.handle = None
+        if self.target is None:
+            return
+        self.partial, self.progress_file = self.target + PARTIAL_SUFFIX, self.target + PROGRESS_SUFFIX
+        if progress is None:
+            self.handle = open(self.partial, "xb")  # "x": never over another run's partial output
+        else:
+            self.handle = open(self.partial, "r+b")
+            self.handle.truncate(progress["bytes"])  # what was written after the last saved progress goes
+            self.handle.seek(progress["bytes"])
+        self.save(Summary(**{name: progress[name] for name in Summary.__dataclass_fields__}) if progress else Summary())
+
+    def write(self, text: str):
+        if self.handle is None:
+            sys.stdout.write(text)
+        else:
+            self.handle.write(text.encode("utf-8"))
+
+    def save(self, summary: Summary):
+        """Flushes what was written and records it (with `summary`) as the point `--resume` starts from."""
+        if self.handle is None:
+            sys.stdout.flush()
+            return
+        self.handle.flush()
+        self.progress.update(vars(summary), bytes=self.handle.tell())
+        temporary = self.progress_file + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(self.progress, handle, indent=1)
+        os.replace(temporary, self.progress_file)
+
+    def finish(self):
+        if self.handle is None:
+            sys.stdout.flush()
+            return
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        if os.path.exists(self.target):
+            shutil.copymode(self.target, self.partial)  # the new output keeps the permissions of the one it replaces
+        os.replace(self.partial, self.target)
+        os.remove(self.progress_file)
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes (torchrun / accelerate launch)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place among those started by `torchrun` or `accelerate launch` (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    group: object = None
+    started_group: bool = False
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "Processes":
+        values = {name: environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        try:
+            world, rank = int(values["WORLD_SIZE"] or 1), int(values["RANK"] or 0)
+            local_rank = int(values["LOCAL_RANK"] or rank)
+        except ValueError as error:
+            raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {values}") from error
+        if world < 1 or not 0 <= rank < world or local_rank < 0:
+            raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must satisfy 0 <= RANK < WORLD_SIZE, got {values}")
+        return cls(rank=rank, world=world, local_rank=local_rank)
+
+    def device(self, device: str | None, cuda_available: bool):
+        """One GPU per process: `cuda:LOCAL_RANK` for no `--device` (or a bare `cuda`) when CUDA is available."""
+        if self.world > 1 and cuda_available and device in (None, "cuda"):
+            return f"cuda:{self.local_rank}"
+        return parse_device(device)
+
+    def start(self):
+        if self.world == 1:
+            return
+        import torch.distributed as distributed
+
+        if not distributed.is_initialized():
+            distributed.init_process_group("gloo")  # MASTER_ADDR / MASTER_PORT from the launcher
+            self.started_group = True
+        else:
+            self.group = distributed.new_group(backend="gloo")  # CPU tensors, whatever the caller's backend
+        if distributed.get_world_size() != self.world:
+            raise RuntimeError(f"WORLD_SIZE is {self.world} but the process group has {distributed.get_world_size()}")
+
+    def stop(self):
+        if self.started_group:
+            import torch.distributed as distributed
+
+            distributed.destroy_process_group()
+
+    def gather(self, value) -> list:
+        """`value` of every process, in rank order, on every process: JSON in byte tensors (nothing unpickled)."""
+        if self.world == 1:
+            return [value]
+        import torch
+        import torch.distributed as distributed
+
+        payload = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        distributed.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
+        longest = max(int(size) for size in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
+        distributed.all_gather(buffers, padded, group=self.group)
+        return [json.loads(buffer[: int(size)].numpy().tobytes()) for buffer, size in zip(buffers, sizes)]
+
+
+def batches_of(entries, batch_size: int):
+    """The input cut into batches of `batch_size` records (the unreadable entries among them ride along): the same
+    batches in one process or many, so that every tweet is tagged in the same company (same padding, same numbers)."""
+    batch, records = [], 0
+    for entry in entries:
+        batch.append(entry)
+        if isinstance(entry, Record):
+            records += 1
+            if records == batch_size:
+                yield batch
+                batch, records = [], 0
+    if batch:
+        yield batch
+
+
+def tag_batch(predictor: Predictor, batch: list, input_name: str, output_format: str, word_tags: bool) -> dict:
+    """The output text of one batch and its messages in input order, as plain data (sent between processes)."""
+    records = [entry for entry in batch if isinstance(entry, Record)]
+    results = iter(predictor.run(records) if records else [])
+    texts, failed, lines = [], [], []
+    bad_images = predictor.take_bad_images()
+    messages = [(line, f"{input_name}:{line}: warning: {message}; tagged from the text alone") for line, message in bad_images]
+    for entry in batch:
+        if isinstance(entry, InputError):
+            line, _, message = str(entry).partition("\t")
+            failed.append((int(line), message))
+            lines.append(int(line))
+            continue
+        lines.append(entry.line)
+        result = next(results)
+        if not isinstance(result, Exception):
+            try:
+                texts.append(format_jsonl(entry, result, word_tags) if output_format == "jsonl" else format_conll(entry, result))
+                continue
+            except Exception as error:  # a result that cannot be written: reported with its line below
+                result = error
+            failed.append((entry.line, f"{type(result).__name__}: {result}"))
+        else:
+            failed.append((entry.line, f"{type(result).__name__}: {result}"))
+    messages += [(line, f"{input_name}:{line}: error: {message}") for line, message in failed]
+    messages.sort(key=lambda message: message[0])  # stable: input order
+    return {
+        "text": "".join(texts), "tagged": len(texts), "failed": [line for line, _ in failed], "bad_images": len(bad_images),
+        "messages": [message for _, message in messages], "entries": len(batch), "last_line": max(lines, default=0),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print(f"pmner-predict: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+    processes = None
+    try:
+        processes = Processes.from_environment()
+        check_arguments(args)
+        input_format = check_input(args, processes.world)
+    except UsageError as error:
+        if processes is None or processes.rank == 0:
+            print(f"pmner-predict: error: {error}", file=sys.stderr)
         return 2
-    if args.threads is not None and args.threads < 1:
-        print(f"pmner-predict: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-        return 2
-    if args.cache_flush_size < 1:
-        print(f"pmner-predict: error: --cache-flush-size must be at least 1, got {args.cache_flush_size}", file=sys.stderr)
-        return 2
-    if args.input != "-" and not os.path.isfile(args.input):
-        print(f"pmner-predict: error: input file {args.input} does not exist", file=sys.stderr)
-        return 2
-    if args.image_dir and not os.path.isdir(args.image_dir):
-        print(f"pmner-predict: error: --image-dir {args.image_dir} is not a folder", file=sys.stderr)
-        return 2
-    input_format = guess_format(args.input) if args.input_format == "auto" else args.input_format
     output_format = input_format if args.output_format == "auto" else args.output_format
-    input_name = "<stdin>" if args.input == "-" else args.input
+    processes.start()
+    try:
+        return predict(args, processes, input_format, output_format)
+    finally:
+        processes.stop()
+
+
+def predict(args, processes: Processes, input_format: str, output_format: str) -> int:
+    rank = processes.rank
+
+    def error(message: str) -> int:
+        if rank == 0:
+            print(f"pmner-predict: error: {message}", file=sys.stderr)
+        return 2
+
+    problem = progress = None
+    if rank == 0:
+        try:
+            progress = check_output(args, input_format, output_format)
+        except UsageError as refusal:
+            problem = str(refusal)
+    problem, progress = processes.gather([problem, progress])[0]  # process 0's verdict, on every process
+    if problem:
+        return error(problem)
 
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
-    if args.no_progress:
+    if args.no_progress or rank != 0:
         transformers_logging.disable_progress_bar()
 
     def report(message: str):
-        tqdm.write(message, file=sys.stderr)
+        if rank == 0:
+            tqdm.write(message, file=sys.stderr)
+
+    import torch
 
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
+    device = processes.device(args.device, torch.cuda.is_available())
+    if isinstance(device, str) and device.startswith("cuda:"):
+        torch.cuda.set_device(device)
     try:
-        pipe = load_pipeline(
-            args.model, parse_device(args.device), args.aggregation_strategy, args.trust_remote_code
-        )
-    except Exception as error:  # reported with the model name; nothing can be tagged without it
-        print(f"pmner-predict: error: cannot load the model {args.model!r}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        pipe, failure = load_pipeline(args.model, device, args.aggregation_strategy, args.trust_remote_code), None
+    except Exception as load_error:  # reported below with the model name; nothing can be tagged without it
+        pipe, failure = None, f"{type(load_error).__name__}: {load_error}"
+    failures = [(process, failure) for process, failure in enumerate(processes.gather(failure)) if failure]
+    if failures:
+        where = f" (process {failures[0][0]})" if processes.world > 1 else ""
+        return error(f"cannot load the model {args.model!r}{where}: {failures[0][1]}")
 
-    summary = Summary()
-    predictor = Predictor(pipe, args, input_name, summary, report)
-    reader = read_jsonl if input_format == "jsonl" else read_conll
-    total = count_records(args.input, input_format) if not args.no_progress else None
-    started = time.perf_counter()
-
-    def fail(line: int, message: str):
-        summary.failed.append((line, message))
-        report(f"{input_name}:{line}: error: {message}")
-
-    with _open_input(args.input) as source, _open_output(args.output) as sink:
-        bar = tqdm(total=total, unit="tweet", desc="pmner-predict", disable=args.no_progress, file=sys.stderr)
-
-        def process(batch: list[Record]):
-            results = predictor.run(batch)
-            for record, result in zip(batch, results):
-                if isinstance(result, Exception):
-                    fail(record.line, f"{type(result).__name__}: {result}")
-                    continue
-                if output_format == "jsonl":
-                    sink.write(format_jsonl(record, result, args.word_tags))
-                else:
-                    sink.write(format_conll(record, result))
-                summary.tagged += 1
-            bar.update(len(batch))
-
-        batch = []
+    writer, failure = None, None
+    if rank == 0:
         try:
-            for entry in reader(source, args.image_dir, args.image_extension):
-                if isinstance(entry, InputError):
-                    line, _, message = str(entry).partition("\t")
-                    fail(int(line), message)
-                    bar.update(1)
-                    continue
-                batch.append(entry)
-                if len(batch) == args.batch_size:
-                    process(batch)
-                    batch = []
-            if batch:
-                process(batch)
+            settings = None if args.input == "-" else run_settings(args, input_format, output_format)
+            writer = OutputWriter(args.output, settings, progress)
+        except OSError as open_error:  # e.g. another run created the partial output since the check
+            failure = f"cannot write the output {args.output}: {open_error}"
+    failure = processes.gather(failure)[0]
+    if failure:
+        return error(failure)
+
+    predictor = Predictor(pipe, args, report)
+    summary = Summary(**{name: progress[name] for name in Summary.__dataclass_fields__}) if progress else Summary()
+    summary.resumed_tagged = summary.tagged
+    per_process = [0] * processes.world
+    input_name = "<stdin>" if args.input == "-" else args.input
+    reader = read_jsonl if input_format == "jsonl" else read_conll
+    if progress:
+        report(f"pmner-predict: resuming after input line {summary.last_line} ({summary.tagged} tweets already written)")
+    total = count_records(args.input, input_format) if not args.no_progress and rank == 0 else None
+    started = time.perf_counter()
+    with _open_input(args.input) as source:
+        entries = itertools.islice(reader(source, args.image_dir, args.image_extension), summary.entries, None)
+        batches = batches_of(entries, args.batch_size)
+        bar = tqdm(
+            total=total, initial=summary.entries, unit="tweet", desc="pmner-predict",
+            disable=args.no_progress or rank != 0, file=sys.stderr,
+        )
+        complete = False
+        try:
+            while True:
+                round_batches = list(itertools.islice(batches, processes.world))  # batch k goes to process k mod N
+                if not round_batches:
+                    break
+                mine = round_batches[rank] if rank < len(round_batches) else None
+                outcome = tag_batch(predictor, mine, input_name, output_format, args.word_tags) if mine else None
+                for process, outcome in enumerate(processes.gather(outcome)[: len(round_batches)]):
+                    summary.add(outcome)
+                    per_process[process] += outcome["tagged"]
+                    for message in outcome["messages"]:
+                        report(message)
+                    if writer is not None:
+                        writer.write(outcome["text"])
+                if writer is not None:
+                    writer.save(summary)
+                bar.update(sum(len(batch) for batch in round_batches))
+            complete = True
         finally:
             bar.close()
             if predictor.cache is not None and not args.no_cache_write:
                 predictor.flush_cache()
-
-    elapsed = time.perf_counter() - started
-    parts = [f"{summary.tagged} tweets tagged in {elapsed:.1f} s"]
-    if summary.failed:
-        lines = ", ".join(str(line) for line, _ in summary.failed[:20]) + (" ..." if len(summary.failed) > 20 else "")
-        parts.append(f"{len(summary.failed)} skipped (errors above; lines {lines})")
-    if summary.bad_images:
-        parts.append(f"{len(summary.bad_images)} unreadable image(s) (tweets tagged from their text alone)")
-    if predictor.use_visual and (summary.cached_features or summary.computed_features):
-        parts.append(
-            f"visual features: {summary.cached_features} from cache, {summary.computed_features} computed"
-            + (f", {summary.written_features} added to the cache" if summary.written_features else "")
-        )
-    print("pmner-predict: " + "; ".join(parts), file=sys.stderr)
+            if writer is not None and complete:
+                writer.finish()
+            elif writer is not None:
+                writer.close()
+                if writer.target is not None:
+                    report(
+                        f"pmner-predict: interrupted: the {summary.tagged} tweets done are kept in {writer.partial} "
+                        f"({args.output} is as it was); run the same command with --resume to continue"
+                    )
+    cached, computed, written = (
+        sum(counts) for counts in zip(*processes.gather(
+            [predictor.cached_features, predictor.computed_features, predictor.written_features]
+        ))
+    )
+    if rank == 0:
+        elapsed = time.perf_counter() - started
+        parts = [f"{summary.tagged} tweets tagged in {elapsed:.1f} s"]
+        if processes.world > 1:
+            parts[0] += f" by {processes.world} processes (" + ", ".join(
+                f"process {process}: {count}" for process, count in enumerate(per_process)
+            ) + ")"
+        if summary.resumed_tagged:
+            parts[0] += f" ({summary.resumed_tagged} of them before the interrupted run was resumed)"
+        if summary.failed:
+            lines = ", ".join(map(str, summary.failed_lines)) + (" ..." if summary.failed > len(summary.failed_lines) else "")
+            parts.append(f"{summary.failed} skipped (errors above; lines {lines})")
+        if summary.bad_images:
+            parts.append(f"{summary.bad_images} unreadable image(s) (tweets tagged from their text alone)")
+        if predictor.use_visual and (cached or computed):
+            parts.append(
+                f"visual features: {cached} from cache, {computed} computed"
+                + (f", {written} added to the cache" if written else "")
+            )
+        print("pmner-predict: " + "; ".join(parts), file=sys.stderr)
     if summary.failed and (summary.tagged == 0 or args.strict):
         return 1
     return 0

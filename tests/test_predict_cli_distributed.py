@@ -1,0 +1,74 @@
+"""`pmner-predict` under `torchrun`: the input is split between processes and process 0 writes the output of a
+single-process run, byte for byte."""
+
+import json
+import os
+import subprocess
+import sys
+
+from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
+
+from processing_pmner.predict_cli import Processes, UsageError, main
+
+
+def torchrun(arguments, tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1", **ENV)
+    return subprocess.run(
+        [launcher, "--standalone", "--nproc_per_node", str(processes), "-m", "processing_pmner.predict_cli",
+         *map(str, arguments), "--device", "cpu", "--no-progress"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_two_processes_write_the_single_process_output(workspace, tmp_path, capsys):
+    lines = [json.dumps({"id": index, "text": f"tweet number {index} about london and @nba " * (1 + index % 4)})
+             for index in range(9)]
+    lines[3] = '{"id": 3, "text": "no closing brace"'
+    lines[6] = json.dumps({"id": 6, "text": "a picture", "image": "broken.jpg"})
+    lines[7] = json.dumps({"id": 7, "words": ["kawhi", "wins"]})
+    source = write(tmp_path / "tweets.jsonl", lines)
+    arguments = ["--batch-size", "2", "--image-dir", workspace["images"], "--word-tags", workspace["model"], source]
+    single = tmp_path / "single.jsonl"
+    code, _, err = run_cli(arguments + ["-o", single], capsys)
+    assert code == 0, err
+    together = tmp_path / "together.jsonl"
+    completed = torchrun(arguments + ["-o", together], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert together.read_bytes() == single.read_bytes()
+    assert len(single.read_text().splitlines()) == 8
+    # batches of 2 records: [0,1] [2,(3),4] [5,6] [7,8] -> process 0 tags batches 0 and 2, process 1 batches 1 and 3
+    summaries = [line for line in completed.stderr.splitlines() if "tweets tagged" in line]
+    assert len(summaries) == 1, completed.stderr[-3000:]
+    assert "8 tweets tagged" in summaries[0] and "by 2 processes (process 0: 4, process 1: 4)" in summaries[0]
+    assert "1 skipped (errors above; lines 4)" in summaries[0] and "1 unreadable image(s)" in summaries[0]
+    assert completed.stderr.count(f"{source}:4: error: invalid JSON") == 1
+    assert completed.stderr.count(f"{source}:7: warning:") == 1
+    assert not os.path.exists(f"{together}.partial") and not os.path.exists(f"{together}.partial.json")
+
+
+def test_environment_and_devices(monkeypatch, tmp_path, capsys):
+    assert Processes.from_environment({}) == Processes(rank=0, world=1, local_rank=0)
+    processes = Processes.from_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (processes.rank, processes.world, processes.local_rank) == (3, 4, 1)
+    assert processes.device(None, cuda_available=True) == "cuda:1"
+    assert processes.device("cuda", cuda_available=True) == "cuda:1"
+    assert processes.device("cpu", cuda_available=True) == "cpu"
+    assert processes.device("cuda:0", cuda_available=True) == "cuda:0"
+    assert processes.device(None, cuda_available=False) is None
+    assert Processes.from_environment({}).device(None, cuda_available=True) is None  # one process: the pipeline's choice
+    for environ in ({"WORLD_SIZE": "two"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):
+        try:
+            Processes.from_environment(environ)
+        except UsageError as error:
+            assert "WORLD_SIZE" in str(error)
+        else:
+            raise AssertionError(f"{environ} was accepted")
+    # stdin cannot be split, and bad variables are reported, before any process group or model
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main([str(tmp_path / "no-model"), "-", "--input-format", "jsonl", "--no-progress"])
+    assert code == 2 and "stdin cannot be split between 2 processes" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "x")
+    code = main([str(tmp_path / "no-model"), "-", "--input-format", "jsonl", "--no-progress"])
+    assert code == 2 and "must be integers" in capsys.readouterr().err
