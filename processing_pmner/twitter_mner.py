@@ -647,6 +647,28 @@ def export_to_parquet(
     return written
 
 
+class TwitterMNERHubError(ConnectionError):
+    """A push to the Hub failed before or while committing: no credentials, an endpoint that cannot be reached, or
+    an answer refusing the upload. The message names the repository and the endpoint and says what to do; the
+    dataset and its source files are never changed."""
+
+
+def _hub_transport_errors() -> tuple:
+    """Connection-level errors of the HTTP client under `huggingface_hub` (`httpx2` in 2.x, `httpx` in 1.x), and
+    its offline mode (`HF_HUB_OFFLINE=1`)."""
+    import importlib
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors = [OfflineModeIsEnabled]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
 def push_twitter_mner_to_hub(
     dataset_dict: datasets.DatasetDict,
     repo_id: str,
@@ -659,18 +681,75 @@ def push_twitter_mner_to_hub(
 ):
     """Uploads one config to a Hub dataset repository as Parquet with embedded images.
 
-    After this, `datasets.load_dataset(repo_id, config_name)` works with no code. Returns what
-    `DatasetDict.push_to_hub` returns (the commit info).
+    The files are exactly those `export_to_parquet` writes (`<config_name>/<split>-<i>-of-<n>.parquet` and the
+    `README.md` dataset card, with the description, features, splits, license note and citation); the card of
+    an existing repository is read first, so other configs pushed before stay listed, and the earlier Parquet
+    files of `config_name` are deleted in the same commit. After this, `datasets.load_dataset(repo_id,
+    config_name)` works with no code, streaming or not.
+
+    Args:
+        dataset_dict: e.g. from `load_twitter_mner`; its `image` paths are read and embedded.
+        repo_id: `"user/name"`; the dataset repository is created if needed.
+        config_name: e.g. `"twitter2017"`.
+        private: visibility when the repository is created (ignored if it exists).
+        token: a write token; default: `HF_TOKEN` or the token saved by `hf auth login`.
+        max_shard_size: largest Parquet file (see `export_to_parquet`).
+        commit_message: default `"Upload <config_name>"`.
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit.
+
+    Raises:
+        TwitterMNERHubError: no token, endpoint unreachable, or the Hub refused (e.g. 401 / 403).
     """
-    return dataset_dict.push_to_hub(
-        repo_id,
-        config_name=config_name,
-        embed_external_files=True,
-        private=private,
-        token=token,
-        max_shard_size=max_shard_size,
-        commit_message=commit_message,
-    )
+    import tempfile
+
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
+
+    if not dataset_dict:
+        raise ValueError("dataset_dict has no split to push")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", config_name):
+        raise ValueError(f"config_name must be a plain folder name, got {config_name!r}")
+    api = HfApi(token=token)
+    where = f"dataset repository {repo_id} on {api.endpoint}"
+    if token is None and get_token() is None:
+        raise TwitterMNERHubError(
+            f"Cannot push to the {where}: no Hub token. Pass token=..., set HF_TOKEN, or run `hf auth login` "
+            "with a token that has write access."
+        )
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="twitter-mner-push-") as workspace:
+            folder = os.path.join(workspace, "export")
+            os.makedirs(folder)
+            try:  # keep the configs already described in the repository's card
+                card = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", local_dir=os.path.join(workspace, "card"))
+                Path(folder, "README.md").write_bytes(Path(card).read_bytes())
+            except RemoteEntryNotFoundError:
+                pass  # a new repository: export_to_parquet writes a new card
+            export_to_parquet(dataset_dict, folder, config_name, max_shard_size=max_shard_size)
+            return api.upload_folder(
+                repo_id=repo_id,
+                repo_type="dataset",
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {config_name}",
+                delete_patterns=[f"{config_name}/*.parquet"],
+            )
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        hint = (
+            " Check that the token is valid and can write to this namespace (pass token=..., set HF_TOKEN or run "
+            "`hf auth login`)."
+            if status in (401, 403)
+            else ""
+        )
+        raise TwitterMNERHubError(f"The Hub refused the push to the {where} (HTTP {status}): {err}.{hint}") from err
+    except _hub_transport_errors() as err:
+        raise TwitterMNERHubError(
+            f"Cannot reach the Hub to push to the {where}: {type(err).__name__}: {err}. Check HF_ENDPOINT and the "
+            "network; nothing was uploaded."
+        ) from err
 
 
 __all__ = [
@@ -684,6 +763,7 @@ __all__ = [
     "TwitterMNERConfig",
     "TwitterMNERDownloadError",
     "TwitterMNERFormatError",
+    "TwitterMNERHubError",
     "TwitterMNERSplitStats",
     "count_missing_images",
     "export_to_parquet",

@@ -105,17 +105,20 @@ for _name in {modules!r}:
 """
 
 
-def run_without_project(script: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_without_project(script: str, cwd, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `script` in a fresh Python that cannot import this project, like a Hub user's process loading a saved
     folder with `trust_remote_code=True`: the editable-install finder, the project folder and PYTHONPATH are removed
     first, and the process exits with an error if a project module can still be imported. Offline, with its own
-    HF_HOME under `cwd` (so no modules cached by an earlier run are reused)."""
+    HF_HOME under `cwd` (so no modules cached by an earlier run are reused). `env` is applied last: e.g.
+    `{"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": ...}` for a process that talks to a test Hub."""
+    extra = env
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
         PYTHONNOUSERSITE="1",
         HF_HOME=os.path.join(str(cwd), "hf-home"),
     )
+    env.update(extra or {})
     prelude = _WITHOUT_PROJECT.format(project=PROJECT, modules=PROJECT_MODULES)
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(script)],

@@ -269,23 +269,43 @@ def test_parquet_export_round_trip_with_embedded_images(tmp_path):
     assert other["test"]["tokens"] == dataset2015["test"]["tokens"]
 
 
-def test_push_to_hub_embeds_images(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo, **kwargs: calls.append((repo, kwargs)))
-    push_twitter_mner_to_hub(datasets.DatasetDict(), "user/twitter-mner", "twitter2017", private=True)
-    assert calls == [
-        (
-            "user/twitter-mner",
-            {
-                "config_name": "twitter2017",
-                "embed_external_files": True,
-                "private": True,
-                "token": None,
-                "max_shard_size": "500MB",
-                "commit_message": None,
-            },
-        )
+def test_dataset_card_describes_features_splits_license_and_citation(tmp_path):
+    # push_twitter_mner_to_hub uploads this same card (checked against a real HTTP Hub in test_hub_roundtrip.py)
+    from huggingface_hub import DatasetCard
+
+    data_dir = write_files(tmp_path / "twitter2017", TWITTER2017)
+    _, dataset = build(tmp_path, "twitter2017", data_dir, image_dir=str(write_images(tmp_path / "images", IMAGES_2017)))
+    export_to_parquet(dataset, tmp_path / "hub", "twitter2017")
+    card = DatasetCard.load(tmp_path / "hub" / "README.md")
+    info = card.data.to_dict()["dataset_info"]
+    assert info["config_name"] == "twitter2017"
+    assert {split["name"]: split["num_examples"] for split in info["splits"]} == {"train": 3, "validation": 1, "test": 2}
+    features = {feature["name"]: feature for feature in info["features"]}
+    assert list(features) == ["id", "image_id", "tokens", "ner_tags", "image"]
+    names = features["ner_tags"]["list"]["class_label"]["names"]
+    assert [names[str(index)] for index in range(len(LABELS))] == LABELS
+    assert card.data.to_dict()["configs"] == [
+        {"config_name": "twitter2017", "data_files": [
+            {"split": split, "path": f"twitter2017/{split}-*"} for split in ("train", "validation", "test")
+        ]}
     ]
+    assert card.data.task_categories == ["token-classification"]
+    for part in ("Twitter-2017 (Lu et al., 2018) 3373/723/723", "accepting the terms set by Twitter",
+                 "```bibtex", "@inproceedings{zhang2018adaptive", "https://github.com/jefferyYu/UMT"):
+        assert part in card.text, part
+
+
+@pytest.mark.parametrize(
+    "splits, config_name, message",
+    [({}, "twitter2017", "no split to push"), ({"train": None}, "twitter/2017", "plain folder name")],
+)
+def test_push_rejects_bad_arguments_before_any_request(tmp_path, splits, config_name, message):
+    data_dir = write_files(tmp_path / "twitter2017", TWITTER2017)
+    _, dataset = build(tmp_path, "twitter2017", data_dir)
+    dataset_dict = datasets.DatasetDict({split: dataset[split] for split in splits})
+    # the endpoint is never contacted: no token, no server
+    with pytest.raises(ValueError, match=message):
+        push_twitter_mner_to_hub(dataset_dict, "user/twitter-mner", config_name, token="unused")
 
 
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real Twitter MNER files not available")

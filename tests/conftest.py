@@ -1,0 +1,69 @@
+"""Pytest fixtures shared by the test files: `hub_server`, a real-HTTP Hub on 127.0.0.1 (see hub_server.py)."""
+
+import os
+import secrets
+from dataclasses import dataclass
+
+import pytest
+
+from hub_server import HubServer
+
+
+@dataclass
+class RunningHub:
+    """A started `HubServer` with one user and a write token, and the environment a process needs to use it."""
+
+    server: HubServer
+    url: str
+    user: str
+    token: str
+    home: str  # an empty HF_HOME
+
+    def env(self, token: bool = True) -> dict:
+        """Variables for a subprocess talking to this Hub (online, no Xet, an empty HF_HOME); with `token=False`
+        the process has no credentials at all (no HF_TOKEN, and no token file in its HF_HOME)."""
+        env = {
+            "HF_ENDPOINT": self.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": self.home,
+            "HF_HUB_CACHE": os.path.join(self.home, "hub"),
+            "HF_DATASETS_CACHE": os.path.join(self.home, "datasets"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        if token:
+            env["HF_TOKEN"] = self.token
+        return env
+
+    def api(self, token: bool = True):
+        """An `HfApi` for this Hub in the test process itself (the fixture has turned Xet off there)."""
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.url, token=self.token if token else False)
+
+    def process_env(self, token: bool = True) -> dict:
+        """`os.environ` without PYTHONPATH or any HF_TOKEN, plus `env(token)`: for `subprocess.run(env=...)`."""
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        env.update(self.env(token))
+        return env
+
+
+@pytest.fixture
+def hub_server(tmp_path_factory, monkeypatch):
+    """A Hub on 127.0.0.1 (free ports) storing its files in a temp folder; stopped after the test. In this process,
+    uploads through `RunningHub.api()` use the LFS protocol (`HF_HUB_DISABLE_XET`, read by huggingface_hub at import,
+    is patched); subprocesses get the variables from `RunningHub.env()` / `process_env()`."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    root = tmp_path_factory.mktemp("hub")
+    user, token = "user", "hf_test_" + secrets.token_hex(8)
+    home = tmp_path_factory.mktemp("hf-home")
+    server = HubServer(str(root / "store"), tokens={token: user}).start()
+    try:
+        yield RunningHub(server=server, url=server.url, user=user, token=token, home=str(home))
+    finally:
+        server.stop()

@@ -1,0 +1,311 @@
+"""Round trips through a real HTTP Hub (tests/hub_server.py on 127.0.0.1): files, a tiny P-MNER model loaded by a
+process that cannot import this project, and the Twitter MNER dataset read back with `load_dataset`.
+
+Reusable helpers (for other tests, e.g. an end-to-end `train_pmner.py --push_to_hub` case):
+- `upload_model_folder(hub, folder, repo_id)`: uploads a saved folder with `HfApi.upload_folder`.
+- `compare_hub_and_local(hub, repo_id, folder, workdir, texts, image=None)`: in a fresh process without the project,
+  an empty HF_HOME and HF_ENDPOINT at the test Hub, loads the local folder and the Hub repo with `AutoProcessor`,
+  `AutoModel`, `AutoModelForTokenClassification` and `pipeline(model=..., trust_remote_code=True)`, and asserts the
+  encodings, logits and pipeline outputs are the same. Returns the results of both.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tree_digest(folder) -> dict:
+    """`{relative path: sha256}` of every file under `folder`."""
+    digest = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                digest[os.path.relpath(path, folder)] = hashlib.sha256(handle.read()).hexdigest()
+    return digest
+
+
+def last_json(completed: subprocess.CompletedProcess) -> dict:
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def upload_model_folder(hub, folder, repo_id: str, private: bool = False):
+    """Creates `repo_id` on the test Hub and uploads `folder` to it; returns the commit info."""
+    api = hub.api()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload tiny P-MNER")
+
+
+COMPARE_SCRIPT = """
+import json, os, torch
+from transformers import AutoModel, AutoModelForTokenClassification, AutoProcessor, pipeline
+
+texts, image = {texts!r}, {image!r}
+
+def run(source):
+    result = {{}}
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    batch = processor([text.split() for text in texts], images=[image] * len(texts) if image else None)
+    result["encoding"] = {{key: value.tolist() for key, value in batch.items() if hasattr(value, "tolist")}}
+    inputs = {{key: value for key, value in batch.items() if key not in ("labels",)}}
+    for name, auto in (("model", AutoModel), ("token_classification", AutoModelForTokenClassification)):
+        model = auto.from_pretrained(source, trust_remote_code=True).eval()
+        result[name + "_module"] = type(model).__module__
+        with torch.no_grad():
+            result[name] = model(**inputs).logits.tolist()
+    ner = pipeline(model=source, trust_remote_code=True, device="cpu")
+    result["pipeline_module"] = type(ner).__module__
+    result["pipeline"] = [ner(text, image=image) if image else ner(text) for text in texts]
+    return result
+
+local, hub = run({folder!r}), run({repo_id!r})
+cache = os.path.join(os.environ["HF_HUB_CACHE"], "models--" + {repo_id!r}.replace("/", "--"))
+print("RESULT " + json.dumps({{"local": local, "hub": hub, "cached": os.path.isdir(cache)}}))
+"""
+
+
+def compare_hub_and_local(hub, repo_id: str, folder, workdir, texts, image=None) -> dict:
+    """Loads `folder` and the Hub repo `repo_id` in a fresh process that cannot import the project (empty HF_HOME,
+    HF_ENDPOINT at `hub`) with the Auto classes and `pipeline(..., trust_remote_code=True)`; asserts they give the
+    same encodings, logits and pipeline outputs, and that the repo was really fetched from the Hub."""
+    workdir = os.path.join(str(workdir), "fresh-process")
+    os.makedirs(workdir, exist_ok=True)
+    script = COMPARE_SCRIPT.format(texts=list(texts), image=image, folder=str(folder), repo_id=repo_id)
+    result = last_json(run_without_project(script, workdir, env=hub.env()))
+    local, remote = result["local"], result["hub"]
+    assert result["cached"], "the repo was not downloaded into the empty HF_HOME"
+    for key in ("model_module", "token_classification_module", "pipeline_module"):
+        assert remote[key].startswith("transformers_modules"), remote[key]
+    assert remote["encoding"] == local["encoding"]
+    for key in ("model", "token_classification"):
+        torch.testing.assert_close(torch.tensor(remote[key]), torch.tensor(local[key]), atol=0, rtol=0)
+    assert remote["pipeline"] == local["pipeline"]
+    requests = hub.server.requests
+    assert any(request.startswith("GET /lfs/") for request in requests), "model.safetensors not fetched over LFS"
+    assert any(f"/{repo_id}/resolve/" in request and request.endswith("config.json") for request in requests)
+    return result
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (a port just released by the OS)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+DOWNLOAD_SCRIPT = """
+import json
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError
+
+result = {{}}
+result["snapshot"] = snapshot_download({repo_id!r})
+result["pinned"] = snapshot_download({repo_id!r}, revision={sha!r})
+result["weights"] = hf_hub_download({repo_id!r}, "weights.safetensors")
+result["info_sha"] = HfApi().model_info({repo_id!r}).sha
+try:
+    HfApi(token=False).model_info({repo_id!r})
+except RepositoryNotFoundError as err:
+    result["anonymous"] = type(err).__name__
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_upload_folder_then_download_in_a_fresh_process(hub_server, tmp_path):
+    folder = tmp_path / "files"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "config.json").write_text('{"a": 1}\n')
+    (folder / "nested" / "notes.txt").write_text("small regular file\n")
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "weights.safetensors").write_bytes(os.urandom(4096))  # LFS by its extension
+    (folder / "big.dat").write_bytes(os.urandom(10 * 1024 * 1024 + 1))  # LFS by its size (> 10 MB)
+    before = tree_digest(folder)
+    commit = upload_model_folder(hub_server, folder, "user/files", private=True)
+    assert tree_digest(folder) == before
+
+    env = hub_server.env()
+    result = last_json(run_without_project(DOWNLOAD_SCRIPT.format(repo_id="user/files", sha=commit.oid), tmp_path, env=env))
+    assert result["info_sha"] == commit.oid
+    for key in ("snapshot", "pinned"):
+        downloaded = tree_digest(result[key])
+        assert downloaded.pop(".gitattributes")
+        assert downloaded == before, key
+        assert result[key].startswith(env["HF_HUB_CACHE"])
+    assert hashlib.sha256(open(result["weights"], "rb").read()).hexdigest() == before["weights.safetensors"]
+    assert result["anonymous"] == "RepositoryNotFoundError"  # private: not readable without the token
+
+    requests = hub_server.server.requests
+    assert sum(request.startswith("PUT /upload/") for request in requests) == 2  # the two LFS files
+    assert any(request == "POST /user/files.git/info/lfs/objects/batch" for request in requests)
+    assert any(request.startswith("GET /lfs/") for request in requests)  # downloads follow the redirect
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_tiny_pmner_folder(root) -> str:
+    """A tiny text-only P-MNER folder (model, processor, pipeline, remote code), as tests/test_pipeline_pmner.py
+    builds it."""
+    from test_pipeline_pmner import build_model, build_processor, save_folder
+
+    text_model = write_tiny_masked_lm(root / "tiny-bert")
+    model = build_model(text_model, use_visual=False)
+    return save_folder(root / "tiny-pmner", model, build_processor(text_model, model))
+
+
+def test_model_round_trip_through_the_hub(hub_server, tmp_path):
+    folder = write_tiny_pmner_folder(tmp_path)
+    before = tree_digest(folder)
+    upload_model_folder(hub_server, folder, "user/tiny")
+    assert tree_digest(folder) == before
+    texts = ["trump visits london today", "rt @user : apple meets obama"]
+    result = compare_hub_and_local(hub_server, "user/tiny", folder, tmp_path, texts)
+    assert any(result["local"]["pipeline"]), "the tiny model predicts no entity at all: nothing compared"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+PUSH_SCRIPT = """
+import json, hashlib, sys
+import datasets
+from processing_pmner.twitter_mner import load_twitter_mner, push_twitter_mner_to_hub
+from huggingface_hub import HfApi, hf_hub_download
+
+data = load_twitter_mner("twitter2017", data_dir={data!r}, image_dir={images!r}, cache_dir={cache!r})
+first = push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017", private=True)
+second = push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017", max_shard_size={shard!r})
+result = {{"files": sorted(HfApi().list_repo_files("user/twitter-mner", repo_type="dataset")), "commits": [first.oid, second.oid]}}
+result["card"] = open(hf_hub_download("user/twitter-mner", "README.md", repo_type="dataset")).read()
+for streaming in (False, True):
+    loaded = datasets.load_dataset("user/twitter-mner", "twitter2017", streaming=streaming)
+    rows = {{}}
+    for split in loaded:
+        rows[split] = []
+        for row in loaded[split]:
+            image = row.pop("image")
+            row["image"] = None if image is None else [image.size, image.mode, hashlib.sha256(image.tobytes()).hexdigest()]
+            rows[split].append(row)
+    result["streaming" if streaming else "map"] = rows
+    result["features_" + str(streaming)] = loaded["train"].features.to_dict()
+print("RESULT " + json.dumps(result))
+"""
+
+
+def rows_with_decoded_images(dataset_dict) -> dict:
+    rows = {}
+    for split, dataset in dataset_dict.items():
+        rows[split] = []
+        for row in dataset:
+            image = row.pop("image")
+            row["image"] = None if image is None else [list(image.size), image.mode, hashlib.sha256(image.tobytes()).hexdigest()]
+            rows[split].append(row)
+    return rows
+
+
+def test_twitter_mner_push_and_load_dataset(hub_server, tmp_path):
+    from processing_pmner.twitter_mner import export_to_parquet, load_twitter_mner
+
+    data_dir, image_dir = tmp_path / "twitter2017", tmp_path / "images"
+    write_twitter_fixture(data_dir, image_dir, sizes=(8, 3, 3), missing_images=("valid_1",))
+    before = tree_digest(tmp_path)
+    shard = 9000  # bytes: the second push writes the train split as two shards, replacing the single first one
+    script = PUSH_SCRIPT.format(data=str(data_dir), images=str(image_dir), cache=str(tmp_path / "push-cache"), shard=shard)
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=PROJECT, env=hub_server.process_env(),
+        capture_output=True, text=True, timeout=300,
+    )
+    result = last_json(completed)
+    assert {path: digest for path, digest in tree_digest(tmp_path).items() if not path.startswith("push-cache")} == before
+
+    local = load_twitter_mner("twitter2017", data_dir=str(data_dir), image_dir=str(image_dir), cache_dir=str(tmp_path / "c"))
+    exported = export_to_parquet(local, tmp_path / "export", "twitter2017", max_shard_size=shard)
+    expected_files = sorted(os.path.relpath(path, tmp_path / "export") for path in exported)
+    assert [path for path in result["files"] if path.endswith(".parquet")] == expected_files
+    assert sum("train-" in path for path in expected_files) == 2  # the first push's single train shard was deleted
+    assert set(result["files"]) == set(expected_files) | {"README.md", ".gitattributes"}
+    # the card on the Hub is the exported card: description, features, splits, license note, citation
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert result["card"] == card
+    for part in ("Twitter multimodal NER", "dataset_info:", "splits:", "num_examples: 8", "terms set by Twitter",
+                 "@inproceedings{lu2018visual", "config_name: twitter2017", "path: twitter2017/train-*"):
+        assert part in card, part
+
+    expected = rows_with_decoded_images(local)
+    assert expected["validation"][1]["image"] is None and expected["train"][0]["image"] is not None
+    for mode in ("map", "streaming"):
+        assert json.loads(json.dumps(expected)) == result[mode], mode
+    assert result["features_False"] == local["train"].features.to_dict()
+
+
+FAIL_SCRIPT = """
+import json
+from processing_pmner.twitter_mner import TwitterMNERHubError, load_twitter_mner, push_twitter_mner_to_hub
+
+data = load_twitter_mner("twitter2017", data_dir={data!r}, image_dir={images!r}, cache_dir={cache!r})
+result = {{}}
+for name, token in {tokens!r}:
+    try:
+        push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017", token=token)
+        result[name] = "pushed"
+    except TwitterMNERHubError as err:
+        result[name] = str(err)
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("case", ["credentials", "endpoint"])
+def test_twitter_mner_push_failures_are_clear_and_touch_nothing(hub_server, tmp_path, case):
+    data_dir, image_dir = tmp_path / "twitter2017", tmp_path / "images"
+    write_twitter_fixture(data_dir, image_dir, sizes=(4, 2, 2))
+    env = hub_server.process_env(token=case == "endpoint")
+    if case == "credentials":
+        tokens = [("no_token", None), ("bad_token", "hf_not_a_token")]
+    else:
+        env["HF_ENDPOINT"] = closed_port_url()
+        tokens = [("closed_port", None)]
+    before = tree_digest(tmp_path)
+    script = FAIL_SCRIPT.format(data=str(data_dir), images=str(image_dir), cache=str(tmp_path / "cache"), tokens=tokens)
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    result = last_json(completed)
+    assert {path: digest for path, digest in tree_digest(tmp_path).items() if not path.startswith("cache")} == before
+    if case == "credentials":
+        assert "user/twitter-mner" in result["no_token"] and "no Hub token" in result["no_token"]
+        assert "HF_TOKEN" in result["no_token"] and hub_server.url in result["no_token"]
+        assert "HTTP 401" in result["bad_token"] and "Invalid credentials" in result["bad_token"]
+        assert "token" in result["bad_token"].split("HTTP 401", 1)[1]
+        assert hub_server.server.store.repos == {}  # nothing was created
+    else:
+        assert result["closed_port"].startswith("Cannot reach the Hub") and env["HF_ENDPOINT"] in result["closed_port"]
+        assert "ConnectError" in result["closed_port"] and "nothing was uploaded" in result["closed_port"]
