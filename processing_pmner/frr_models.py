@@ -1,11 +1,29 @@
 """FRR networks of P-MNER (paper section 3.2): building the torchvision detector and backbone from their settings,
-their weights, and the forward pass that detects, crops and encodes the objects of a batch of images.
+their weights (origin, safetensors files saved with the processor, checksums), and the forward pass that detects,
+crops and encodes the objects of a batch of images.
 
-Copied flat into saved processor folders (remote code): imports only torch, torchvision, numpy and PIL at module level
-(torchvision lazily); safetensors sits in `try:`.
+Weights settings (`detector_weights`, `backbone_weights`) take one of these forms, normalised at construction
+(`weights_origin`) and recorded as the weights' origin when the processor is saved:
+- a torchvision weights name: `"DEFAULT"`, a member (`"IMAGENET1K_V2"`) or the full name
+  (`"ResNet152_Weights.IMAGENET1K_V2"`); always stored by its full name, so `DEFAULT` is resolved once;
+- `"random"` or `"random:SEED"`: weights initialised from the seed (0 by default), built the same way every time;
+- a local file (`.safetensors`, or a state dict read with `torch.load(weights_only=True)`); saved folders name it
+  `"file:<basename>"`.
+`None` is an error when weights are needed (it used to mean different random weights on every load).
+
+`save_pretrained` writes the weights as `frr_detector.safetensors` / `frr_backbone.safetensors` (dtype
+`frr_weights_dtype`) and records them in the processor config (`frr_weights`: file, origin, sha256 of the tensors);
+`from_pretrained` reads them back from the folder or Hub repo (`locate_frr_weights`), checking the checksum when the
+models are built.
+
+Copied flat into saved processor folders (remote code): imports only torch, torchvision, numpy, PIL and transformers
+at module level (torchvision lazily); safetensors sits in `try:`.
 """
 
+import hashlib
+import json
 import os
+import struct
 
 import numpy as np
 import torch
@@ -14,8 +32,22 @@ from PIL import Image
 
 try:
     from safetensors.torch import load_file as safetensors_load_file
+    from safetensors.torch import save_file as safetensors_save_file
 except ImportError:  # safetensors is a dependency of transformers; kept optional for the remote-code check
-    safetensors_load_file = None
+    safetensors_load_file = safetensors_save_file = None
+
+
+FRR_WEIGHTS_FILES = {"detector": "frr_detector.safetensors", "backbone": "frr_backbone.safetensors"}
+FRR_WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FRR_WEIGHTS_FORMAT = 1
+FILE_PREFIX = "file:"
+# from_pretrained arguments that locate files of a folder or Hub repo (passed on to `cached_file`)
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights settings
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _weights_enum(builder_name: str):
@@ -29,30 +61,99 @@ def _weights_enum(builder_name: str):
 
 def _is_weights_file(weights) -> bool:
     return isinstance(weights, (str, os.PathLike)) and (
-        os.path.sep in os.fspath(weights) or os.path.exists(os.fspath(weights))
+        os.fspath(weights).startswith(FILE_PREFIX)
+        or os.path.sep in os.fspath(weights)
+        or os.path.exists(os.fspath(weights))
     )
+
+
+def _random_seed(weights: str, setting: str) -> int | None:
+    """The seed of `"random"` / `"random:SEED"` (0 for `"random"`), `None` for any other setting."""
+    if weights == "random":
+        return 0
+    if not weights.startswith("random:"):
+        return None
+    try:
+        return int(weights[len("random:") :])
+    except ValueError:
+        raise ValueError(f"{setting}={weights!r}: expected 'random' or 'random:SEED' with an integer SEED") from None
+
+
+def _enum_entry(enum, weights: str, builder_name: str, setting: str):
+    """The torchvision weights member that `weights` names: `DEFAULT`, a member name or `<Enum>.<member>`."""
+    name = weights
+    if "." in weights:
+        enum_name, name = weights.split(".", 1)
+        if enum_name != enum.__name__:
+            raise ValueError(f"{setting}={weights!r}: {builder_name} takes {enum.__name__} weights, not {enum_name}")
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    if name in enum.__members__:
+        return enum[name]
+    raise ValueError(
+        f"{setting}={weights!r} is neither a weights name of {builder_name} ({['DEFAULT', *enum.__members__]}), "
+        "'random[:SEED]' nor an existing file"
+    )
+
+
+def missing_weights_error(setting: str) -> ValueError:
+    return ValueError(
+        f"{setting}=None: weights are needed. Pass {setting}='random' (or 'random:SEED') for random weights built "
+        "from a seed (saved with the processor, so every load gives the same features), a torchvision weights name "
+        f"such as 'DEFAULT', or a local weights file. ({setting}=None used to mean new random weights on every load.)"
+    )
+
+
+def weights_origin(builder_name: str | None, weights, setting: str):
+    """Normalised weights setting, at construction (no download, no file read): the full torchvision name
+    (`"ResNet152_Weights.IMAGENET1K_V2"`, never `DEFAULT`), `"random:SEED"`, or the file path as given. `None` and
+    the names of builders torchvision does not know are kept as they are (checked when the models are built)."""
+    if isinstance(weights, os.PathLike):
+        return os.fspath(weights)
+    if weights is None or builder_name is None:
+        return weights
+    if not isinstance(weights, str):
+        raise TypeError(f"{setting} must be a string or a path, got {type(weights).__name__}")
+    seed = _random_seed(weights, setting)
+    if seed is not None:
+        return f"random:{seed}"
+    if _is_weights_file(weights):
+        return weights
+    enum = _weights_enum(builder_name)
+    if enum is None:
+        return weights
+    entry = _enum_entry(enum, weights, builder_name, setting)
+    return f"{enum.__name__}.{entry.name}"
+
+
+def saved_origin(weights) -> str | None:
+    """How a saved folder names the weights' origin: a local file by its basename (`"file:resnet152.safetensors"`),
+    anything else as it is."""
+    if isinstance(weights, str) and not weights.startswith(FILE_PREFIX) and _is_weights_file(weights):
+        return FILE_PREFIX + os.path.basename(weights)
+    return weights
 
 
 def _resolve_weights(builder_name: str, weights, setting: str):
-    """`(torchvision_weights_or_None, local_file_or_None)` for a weights setting."""
+    """`(torchvision_weights_or_None, local_file_or_None, seed_or_None)` for a weights setting."""
     if weights is None:
-        return None, None
+        return None, None, None  # TRANSITION: random weights from the global random state
+    seed = _random_seed(weights, setting) if isinstance(weights, str) else None
+    if seed is not None:
+        return None, None, seed
     if _is_weights_file(weights):
         path = os.fspath(weights)
+        path = path[len(FILE_PREFIX) :] if path.startswith(FILE_PREFIX) else path
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{setting}={path!r}: no such weights file")
-        return None, path
+            raise FileNotFoundError(
+                f"{setting}={weights!r}: no such weights file (a folder saved with its FRR weights is loaded with "
+                "from_pretrained, which reads them from the folder)"
+            )
+        return None, path, None
     enum = _weights_enum(builder_name)
     if enum is None:
         raise ValueError(f"{setting}={weights!r}: torchvision has no pretrained weights for {builder_name!r}")
-    if weights == "DEFAULT":
-        return enum.DEFAULT, None
-    if weights in enum.__members__:
-        return enum[weights], None
-    raise ValueError(
-        f"{setting}={weights!r} is neither a weights name of {builder_name} ({['DEFAULT', *enum.__members__]}) "
-        "nor an existing file"
-    )
+    return _enum_entry(enum, weights, builder_name, setting), None, None
 
 
 def _read_state_dict(path: str, setting: str) -> dict:
@@ -78,54 +179,73 @@ def _read_state_dict(path: str, setting: str) -> dict:
 def _download_error(setting: str, weights, builder: str, error: Exception) -> OSError:
     return OSError(
         f"Could not load {setting}={weights!r} for {builder}: {error}\nOffline, download the weights elsewhere and "
-        f"pass the local file instead ({setting}='/path/to/weights.pth' or .safetensors), or {setting}=None for "
+        f"pass the local file instead ({setting}='/path/to/weights.pth' or .safetensors), or {setting}='random' for "
         "random weights."
     )
 
 
-def build_detector(name: str, weights, extra_kwargs: dict | None = None) -> torch.nn.Module:
-    """A torchvision detection model in eval mode (`weights` as the `detector_weights` setting)."""
+def _get_model(name: str, weights, setting: str, state: dict | None, **kwargs) -> torch.nn.Module:
+    """`torchvision.models.get_model` for a weights setting, or the bare architecture when `state` (the tensors
+    of a saved folder) will be assigned to it; random weights are drawn from their seed without touching the global
+    random state."""
     import torchvision
 
-    tv_weights, path = _resolve_weights(name, weights, "detector_weights")
-    kwargs = dict(extra_kwargs or {})
-    kwargs.setdefault("weights_backbone", None)  # never fetch ImageNet weights behind the user's back
+    if state is not None:
+        with torch.device("meta"):  # no memory, no random init: every tensor comes from `state`
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+    tv_weights, _, seed = _resolve_weights(name, weights, setting)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torchvision.models.get_model(name, weights=None, **kwargs)
     try:
-        model = torchvision.models.get_model(name, weights=tv_weights, **kwargs)
+        return torchvision.models.get_model(name, weights=tv_weights, **kwargs)
     except (OSError, RuntimeError) as error:
         if tv_weights is None:
             raise
-        raise _download_error("detector_weights", weights, name, error) from error
-    if path is not None:
-        state = _read_state_dict(path, "detector_weights")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"detector_weights={path!r} does not fit {name}: {error}") from error
+        raise _download_error(setting, weights, name, error) from error
+
+
+def _load_state(model: torch.nn.Module, state: dict, name: str, source: str, assign: bool) -> None:
+    try:
+        model.load_state_dict(state, assign=assign)
+    except RuntimeError as error:
+        raise ValueError(f"{source} does not fit {name}: {error}") from error
+    left = [key for key, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise ValueError(f"{source} does not fit {name}: no values for {left[:5]}")
+
+
+def build_detector(name: str, weights, extra_kwargs: dict | None = None, state: dict | None = None) -> torch.nn.Module:
+    """A torchvision detection model in eval mode (`weights` as the `detector_weights` setting; `state`: the
+    verified tensors of a saved folder, used instead)."""
+    kwargs = dict(extra_kwargs or {})
+    kwargs.setdefault("weights_backbone", None)  # never fetch ImageNet weights behind the user's back
+    model = _get_model(name, weights, "detector_weights", state, **kwargs)
+    if state is not None:
+        _load_state(model, state, name, "the saved detector weights", assign=True)
+    else:
+        _, path, _ = _resolve_weights(name, weights, "detector_weights")
+        if path is not None:
+            _load_state(model, _read_state_dict(path, "detector_weights"), name, f"detector_weights={path!r}", False)
     return model.eval()
 
 
-def build_backbone(name: str, weights) -> torch.nn.Module:
+def build_backbone(name: str, weights, state: dict | None = None) -> torch.nn.Module:
     """A torchvision classifier with its `fc` head replaced by identity: it maps crops (N, 3, S, S) to pooled
-    features (N, feature_dim)."""
-    import torchvision
-
-    tv_weights, path = _resolve_weights(name, weights, "backbone_weights")
-    try:
-        model = torchvision.models.get_model(name, weights=tv_weights)
-    except (OSError, RuntimeError) as error:
-        if tv_weights is None:
-            raise
-        raise _download_error("backbone_weights", weights, name, error) from error
+    features (N, feature_dim). `state`: the verified tensors of a saved folder, used instead of `weights`."""
+    model = _get_model(name, weights, "backbone_weights", state)
     if not isinstance(getattr(model, "fc", None), torch.nn.Linear):
         raise ValueError(f"backbone={name!r}: expected a torchvision classifier with an `fc` head (ResNet family)")
     model.fc = torch.nn.Identity()
-    if path is not None:
-        state = {key: value for key, value in _read_state_dict(path, "backbone_weights").items() if not key.startswith("fc.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"backbone_weights={path!r} does not fit {name}: {error}") from error
+    if state is not None:
+        _load_state(model, state, name, "the saved backbone weights", assign=True)
+    else:
+        _, path, _ = _resolve_weights(name, weights, "backbone_weights")
+        if path is not None:
+            file_state = _read_state_dict(path, "backbone_weights")
+            state = {key: value for key, value in file_state.items() if not key.startswith("fc.")}
+            _load_state(model, state, name, f"backbone_weights={path!r}", assign=False)
     return model.eval()
 
 
@@ -143,13 +263,15 @@ def backbone_feature_dim(name: str) -> int:
 
 def backbone_preprocessing(name: str, weights) -> dict:
     """Crop size, resize interpolation, mean and std from the weights' own `transforms()` (the builder's DEFAULT
-    weights when the weights are random or a local file)."""
+    weights when the weights are random, a local file or `None`)."""
     import torchvision
 
     enum = _weights_enum(name)
     entry = None
     if enum is not None:
-        entry = enum[weights] if isinstance(weights, str) and weights in enum.__members__ else enum.DEFAULT
+        entry = enum.DEFAULT
+        if isinstance(weights, str) and _random_seed(weights, "weights") is None and not _is_weights_file(weights):
+            entry = _enum_entry(enum, weights, name, "backbone_weights")
     if entry is None:
         return {
             "crop_size": 224,
@@ -165,6 +287,162 @@ def backbone_preprocessing(name: str, weights) -> dict:
         "interpolation": transform.interpolation,
     }
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FRR weights saved with the processor
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tensors_sha256(state: dict) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order (the checksum saved in `frr_weights`)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype).replace("torch.", ""), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def write_weights_file(state: dict, path: str, dtype: torch.dtype) -> str:
+    """Writes `state` as safetensors (floating tensors in `dtype`) through a temporary file; returns its sha256."""
+    if safetensors_save_file is None:
+        raise ImportError("saving FRR weights needs `safetensors`")
+    tensors = {
+        name: (tensor.detach().to("cpu", dtype) if tensor.is_floating_point() else tensor.detach().to("cpu")).contiguous()
+        for name, tensor in state.items()
+    }
+    checksum = tensors_sha256(tensors)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    safetensors_save_file(tensors, temporary, metadata={"format": "pt", "sha256": checksum})
+    os.replace(temporary, path)
+    return checksum
+
+
+def check_weights_file(path: str) -> None:
+    """Cheap check that a safetensors file is complete (its header and size agree); raises `OSError` naming it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise OSError(f"FRR weights file {path} is truncated ({size} bytes): save the processor again")
+        try:
+            header = json.loads(handle.read(header_size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise OSError(f"FRR weights file {path} is not a valid safetensors file: {error}") from error
+    if 8 + header_size + end != size:
+        raise OSError(
+            f"FRR weights file {path} is truncated or damaged: {size} bytes where its header describes "
+            f"{8 + header_size + end}; save the processor again"
+        )
+
+
+def read_weights_file(path: str, sha256: str) -> dict:
+    """The tensors of a saved FRR weights file as float32, after checking them against the recorded sha256."""
+    if safetensors_load_file is None:
+        raise ImportError(f"reading the FRR weights file {path} needs `safetensors`")
+    check_weights_file(path)
+    try:
+        state = safetensors_load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError; re-raised naming the file
+        raise OSError(f"FRR weights file {path} could not be read: {error}") from error
+    actual = tensors_sha256(state)
+    if actual != sha256:
+        raise ValueError(
+            f"FRR weights file {path} has sha256 {actual}, but the processor config records {sha256}: the file was "
+            "altered or belongs to another save; save the processor again"
+        )
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+
+
+def locate_frr_weights(path_or_repo, record: dict, **hub_kwargs) -> dict[str, str]:
+    """Local paths of the FRR weights files that `record` (a saved `frr_weights`) lists, from a folder or a Hub repo
+    (downloaded into the Hub cache; `hub_kwargs` as `from_pretrained`'s). A missing or truncated file raises
+    `OSError` naming it; nothing else is downloaded."""
+    from transformers.utils import cached_file
+
+    files = {}
+    for component in FRR_WEIGHTS_FILES:
+        entry = record.get(component)
+        if not entry:
+            continue
+        filename = entry.get("file")
+        if not isinstance(filename, str) or os.path.basename(filename) != filename or not entry.get("sha256"):
+            raise ValueError(f"frr_weights[{component!r}] = {entry!r}: expected a file name and a sha256")
+        try:
+            path = cached_file(os.fspath(path_or_repo), filename, **hub_kwargs)
+        except OSError as error:
+            raise OSError(
+                f"FRR weights file {filename} is missing from {os.fspath(path_or_repo)} (its processor config lists it "
+                f"with sha256 {entry['sha256']}): {error}"
+            ) from error
+        if path is None:
+            raise OSError(f"FRR weights file {filename} is missing from {os.fspath(path_or_repo)}")
+        check_weights_file(path)
+        files[component] = path
+    return files
+
+
+def write_frr_weights(processor, folder: str) -> dict | None:
+    """Writes the detector and backbone weights of `processor` into `folder` (building the models if needed) and
+    returns the record saved as its `frr_weights`; `None` when `save_frr_weights` is off."""
+    if not processor.save_frr_weights:
+        return None
+    if processor._injected:
+        raise ValueError(
+            "this image processor uses modules given to set_modules, which cannot be rebuilt from saved weights; "
+            "set save_frr_weights=False to save its settings only"
+        )
+    processor.load_models(processor._models_device)
+    dtype_name = processor.frr_weights_dtype
+    record = {"format": FRR_WEIGHTS_FORMAT, "dtype": dtype_name}
+    parts = [("backbone", processor._backbone_module, processor.backbone_weights)]
+    if processor.detector is not None:
+        parts.append(("detector", processor._detector_module, processor.detector_weights))
+    for component, module, weights in parts:
+        filename = FRR_WEIGHTS_FILES[component]
+        checksum = write_weights_file(module.state_dict(), os.path.join(folder, filename), FRR_WEIGHTS_DTYPES[dtype_name])
+        record[component] = {"file": filename, "origin": saved_origin(weights), "sha256": checksum}
+    return record
+
+
+def save_with_frr_weights(owner, image_processor, parent_save, save_directory, push_to_hub: bool = False, **kwargs):
+    """`save_pretrained` of `owner` (the image processor or a `PMNERProcessor` holding it) with the FRR weights:
+    writes the weights files, then `parent_save` (transformers' own `save_pretrained` of `owner`) writes the config
+    that records them; with `push_to_hub`, all of them are uploaded in one commit (as transformers does)."""
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_pretrained: {save_directory} is a file, not a folder")
+    os.makedirs(save_directory, exist_ok=True)
+    if push_to_hub:
+        from transformers.utils.hub import hf_api
+
+        commit_message = kwargs.pop("commit_message", None)
+        repo_id = kwargs.pop("repo_id", save_directory.split(os.path.sep)[-1])
+        repo_id = hf_api().create_repo(repo_id, exist_ok=True, **kwargs).repo_id
+        timestamps = owner._get_files_timestamps(save_directory)
+    record = write_frr_weights(image_processor, save_directory)
+    image_processor.frr_weights = record
+    image_processor._save_overrides = {
+        "detector_weights": saved_origin(image_processor.detector_weights),
+        "backbone_weights": saved_origin(image_processor.backbone_weights),
+    }
+    try:
+        files = parent_save(save_directory)
+    finally:
+        image_processor._save_overrides = {}
+    if push_to_hub:
+        owner._upload_modified_files(
+            save_directory, repo_id, timestamps, commit_message=commit_message, token=kwargs.get("token")
+        )
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward pass
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
@@ -236,4 +514,17 @@ def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 # -- datasets ------------------------------------------------------------------------------------------------
 
 
-__all__ = ["backbone_feature_dim", "backbone_preprocessing", "build_backbone", "build_detector", "frr_forward"]
+__all__ = [
+    "FRR_WEIGHTS_DTYPES",
+    "FRR_WEIGHTS_FILES",
+    "backbone_feature_dim",
+    "backbone_preprocessing",
+    "build_backbone",
+    "build_detector",
+    "frr_forward",
+    "locate_frr_weights",
+    "read_weights_file",
+    "save_with_frr_weights",
+    "tensors_sha256",
+    "weights_origin",
+]

@@ -27,12 +27,18 @@ from transformers.processing_utils import ImagesKwargs
 
 from .feature_cache import FRRFeatureCache, extract_dataset_features
 from .frr_models import (
-    _is_weights_file,
+    FRR_WEIGHTS_DTYPES,
+    HUB_KWARGS,
     backbone_feature_dim,
     backbone_preprocessing,
     build_backbone,
     build_detector,
     frr_forward,
+    locate_frr_weights,
+    read_weights_file,
+    save_with_frr_weights,
+    tensors_sha256,
+    weights_origin,
 )
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -53,8 +59,11 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
     detector (`str`, *optional*, defaults to `"fasterrcnn_resnet50_fpn_v2"`):
         Name of a `torchvision.models.detection` builder. `None`: no detection, the whole image is the only object.
     detector_weights (`str`, *optional*, defaults to `"DEFAULT"`):
-        `"DEFAULT"` or another weights name of the builder (COCO), `None` (random weights), or a local file
-        (`.safetensors`, or a state dict read with `torch.load(weights_only=True)`).
+        A torchvision weights name of the builder (`"DEFAULT"`, `"COCO_V1"` or the full
+        `"FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1"`; stored by its full name, so `DEFAULT` is resolved at
+        construction), `"random"` / `"random:SEED"` (weights initialised from the seed, 0 by default), or a local file
+        (`.safetensors`, or a state dict read with `torch.load(weights_only=True)`). `None` is an error when the
+        weights are needed (it no longer means random weights).
     detector_kwargs (`dict`, *optional*):
         Extra arguments of the detector builder (e.g. `{"min_size": 512}`, `{"box_score_thresh": 0.0}`).
     backbone (`str`, *optional*, defaults to `"resnet152"`):
@@ -79,6 +88,17 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
         Decompression-bomb guard: an image with more pixels is refused (a bad image). `None` disables the guard.
     batch_size (`int`, *optional*, defaults to 8):
         Images per detector/backbone forward.
+    save_frr_weights (`bool`, *optional*, defaults to `True`):
+        `save_pretrained` writes the detector and backbone weights into the folder (`frr_detector.safetensors`,
+        `frr_backbone.safetensors`), so that `from_pretrained` gives the same features with no other download.
+        `False` for a text-only model (nothing visual to save): the folder holds the settings only.
+    frr_weights_dtype (`str`, *optional*, defaults to `"float32"`):
+        dtype of the saved FRR weights: `"float32"`, `"bfloat16"` or `"float16"` (half the size); loaded back as
+        float32 for compute.
+    frr_weights (`dict`, *optional*):
+        Written by `save_pretrained`, not set by hand: per component (`detector`, `backbone`) the weights file, its
+        origin (`"ResNet152_Weights.IMAGENET1K_V2"`, `"random:SEED"` or `"file:<basename>"`) and the sha256 of its
+        tensors, checked when the models are built; plus the saved `dtype`.
     """
 
     detector: str | None
@@ -94,6 +114,8 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
     max_image_side: int | None
     max_image_pixels: int | None
     batch_size: int
+    save_frr_weights: bool
+    frr_weights_dtype: str
 
 
 SETTINGS = {
@@ -110,14 +132,14 @@ SETTINGS = {
     "max_image_side": 1333,
     "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
     "batch_size": 8,
+    "save_frr_weights": True,
+    "frr_weights_dtype": "float32",
 }
-# Settings that change the features (and hence the cache fingerprint).
+# Settings that change the features (and hence the cache fingerprint, with the weights' sha256).
 FEATURE_SETTINGS = (
     "detector",
-    "detector_weights",
     "detector_kwargs",
     "backbone",
-    "backbone_weights",
     "score_threshold",
     "max_objects",
     "crop_size",
@@ -165,16 +187,19 @@ class PMNERImageProcessor(BaseImageProcessor):
         max_image_side: int | None = SETTINGS["max_image_side"],
         max_image_pixels: int | None = SETTINGS["max_image_pixels"],
         batch_size: int = SETTINGS["batch_size"],
+        save_frr_weights: bool = SETTINGS["save_frr_weights"],
+        frr_weights_dtype: str = SETTINGS["frr_weights_dtype"],
+        frr_weights: dict | None = None,
         **kwargs,
     ):
         for unused in ("image_processor_type", "processor_class"):
             kwargs.pop(unused, None)
         super().__init__(**kwargs)
         self.detector = detector
-        self.detector_weights = os.fspath(detector_weights) if isinstance(detector_weights, os.PathLike) else detector_weights
+        self.detector_weights = weights_origin(detector, detector_weights, "detector_weights")
         self.detector_kwargs = dict(detector_kwargs) if detector_kwargs else None
         self.backbone = backbone
-        self.backbone_weights = os.fspath(backbone_weights) if isinstance(backbone_weights, os.PathLike) else backbone_weights
+        self.backbone_weights = weights_origin(backbone, backbone_weights, "backbone_weights")
         self.score_threshold = float(score_threshold)
         self.max_objects = int(max_objects)
         self.crop_size = None if crop_size is None else int(crop_size)
@@ -183,6 +208,9 @@ class PMNERImageProcessor(BaseImageProcessor):
         self.max_image_side = None if max_image_side is None else int(max_image_side)
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         self.batch_size = int(batch_size)
+        self.save_frr_weights = bool(save_frr_weights)
+        self.frr_weights_dtype = frr_weights_dtype
+        self.frr_weights = copy.deepcopy(frr_weights) if frr_weights else None
         self._reset_runtime()
         self.validate_settings()
 
@@ -197,6 +225,9 @@ class PMNERImageProcessor(BaseImageProcessor):
         self._feature_dim = None
         self._preprocessing = None
         self._bad_images = []
+        self._weights_files = {}  # component -> local FRR weights file of the folder this was loaded from
+        self._weights_sha256 = {}  # component -> sha256 of the weights in use, computed once
+        self._save_overrides = {}  # settings as a saved folder names them, during save_pretrained only
 
     def validate_settings(self):
         """Checks the settings; raises `ValueError` naming the one at fault."""
@@ -214,11 +245,53 @@ class PMNERImageProcessor(BaseImageProcessor):
             raise ValueError(f"max_image_side must be at least 32, got {self.max_image_side}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.frr_weights_dtype not in FRR_WEIGHTS_DTYPES:
+            raise ValueError(f"frr_weights_dtype must be one of {list(FRR_WEIGHTS_DTYPES)}, got {self.frr_weights_dtype!r}")
 
     def to_dict(self) -> dict:
         output = {key: copy.deepcopy(value) for key, value in self.__dict__.items() if not key.startswith("_")}
+        output.update(self._save_overrides)
         output["image_processor_type"] = self.__class__.__name__
         return output
+
+    # -- saving and loading (the FRR weights travel with the settings) ----------------------------------------------
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Saves the settings and, with `save_frr_weights`, the detector and backbone weights (see `frr_weights`)."""
+        return save_with_frr_weights(self, self, super().save_pretrained, save_directory, push_to_hub, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads the settings and locates the FRR weights files saved with them (nothing is built yet)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        processor.attach_frr_weights(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        return loaded
+
+    def attach_frr_weights(self, pretrained_model_name_or_path, **hub_kwargs) -> "PMNERImageProcessor":
+        """Uses the FRR weights files that `frr_weights` lists, from a folder or Hub repo (`hub_kwargs`: `cache_dir`,
+        `revision`, `token`, `local_files_only`, ...); a missing or truncated file raises `OSError` naming it."""
+        if self.frr_weights:
+            self._weights_files = locate_frr_weights(pretrained_model_name_or_path, self.frr_weights, **hub_kwargs)
+            self._detector_module = self._backbone_module = None
+            self._weights_sha256 = {}
+        return self
+
+    def weights_sha256(self, component: str) -> str:
+        """sha256 of the `"backbone"` or `"detector"` weights in use (builds the models once if they are not read
+        from a saved folder); kept, so the cache fingerprint never hashes ~400 MB twice."""
+        if component not in self._weights_sha256:
+            if component in self._weights_files:
+                self._weights_sha256[component] = self.frr_weights[component]["sha256"]
+            else:
+                self.load_models(self._models_device)
+                module = self._backbone_module if component == "backbone" else self._detector_module
+                self._weights_sha256[component] = tensors_sha256(module.state_dict())
+        return self._weights_sha256[component]
+
+    def _saved_state(self, component: str) -> dict | None:
+        path = self._weights_files.get(component)
+        return None if path is None else read_weights_file(path, self.frr_weights[component]["sha256"])
 
     def __deepcopy__(self, memo):
         # ProcessorMixin.to_dict deep-copies its attributes: copy the settings, share the (read-only) models.
@@ -297,9 +370,10 @@ class PMNERImageProcessor(BaseImageProcessor):
         """Builds the detector and backbone (if not done yet) and moves them to `device`."""
         device = torch.device(device) if device is not None else self.default_device()
         if self._backbone_module is None:
-            self._backbone_module = build_backbone(self.backbone, self.backbone_weights)
+            self._backbone_module = build_backbone(self.backbone, self.backbone_weights, self._saved_state("backbone"))
         if self.detector is not None and self._detector_module is None:
-            self._detector_module = build_detector(self.detector, self.detector_weights, self.detector_kwargs)
+            state = self._saved_state("detector")
+            self._detector_module = build_detector(self.detector, self.detector_weights, self.detector_kwargs, state)
         if self._models_device != device:
             self._backbone_module.to(device)
             if self._detector_module is not None:
@@ -414,16 +488,15 @@ class PMNERImageProcessor(BaseImageProcessor):
     # -- datasets ------------------------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change the features (weights files by path, size and mtime; injected modules
-        by their parameters)."""
+        """Hash of the settings that change the features, with the sha256 of the weights in use (not their name,
+        path or mtime); injected modules by their parameters."""
         settings = {key: getattr(self, key) for key in FEATURE_SETTINGS}
-        for key in ("detector_weights", "backbone_weights"):
-            value = settings[key]
-            if _is_weights_file(value) and os.path.isfile(value):
-                stat = os.stat(value)
-                settings[key] = [os.path.abspath(value), stat.st_size, stat.st_mtime_ns]
         settings["crop_size"] = self.preprocessing["crop_size"]
-        if self._injected:
+        if not self._injected:
+            components = ["backbone"] + (["detector"] if self.detector is not None else [])
+            settings["weights_sha256"] = {component: self.weights_sha256(component) for component in components}
+        else:
+            settings.update(detector_weights=self.detector_weights, backbone_weights=self.backbone_weights)
             digest = hashlib.sha1()
             for module in (self._backbone_module, self._detector_module):
                 if module is None:

@@ -26,6 +26,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from .frr_models import save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
 
 
@@ -448,6 +449,13 @@ class PMNERProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         names = [name for name in self.tokenizer.model_input_names if name in ("input_ids", "token_type_ids", "attention_mask")]
         return names + list(self.image_processor.model_input_names)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Saves the processor and, with the image processor's `save_frr_weights`, its detector and backbone weights
+        (`frr_detector.safetensors`, `frr_backbone.safetensors`), which `from_pretrained` reads back."""
+        return save_with_frr_weights(
+            self, self.image_processor, super().save_pretrained, save_directory, push_to_hub, **kwargs
+        )
 
     # -- tokenisation helpers -----------------------------------------------------------------------------------
 
