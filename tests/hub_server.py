@@ -324,6 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
                     getattr(self, "_" + name)(body=body, head=method == "HEAD", **params)
                     return
             raise HubError(404, f"no route for {method} {url.path}")
+        except (KeyError, TypeError, ValueError) as err:  # a malformed request body or header
+            self.close_connection = True
+            self._send_json({"error": f"malformed request: {type(err).__name__}: {err}"}, status=400, head=method == "HEAD")
         except HubError as err:
             self.close_connection = err.status == 413  # the body was not read
             self._send_json({"error": err.message}, status=err.status, error=err, head=method == "HEAD")
@@ -335,16 +338,17 @@ class _Handler(BaseHTTPRequestHandler):
             while True:  # bounded: each chunk adds to `total`, checked against MAX_BODY
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(chunks)
+                    for _ in range(100):  # trailers, up to the blank line
+                        if self.rfile.readline() in (b"\r\n", b"\n", b""):
+                            return b"".join(chunks)
+                    raise HubError(400, "too many trailer lines")
                 total += size
-                if total > MAX_BODY:
+                if size < 0 or total > MAX_BODY:
                     raise HubError(413, "request body too large")
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        if length < 0 or length > MAX_BODY:
             raise HubError(413, "request body too large")
         return self.rfile.read(length) if length else b""
 

@@ -17,10 +17,8 @@ import subprocess
 import sys
 import textwrap
 
-import datasets
 import pytest
 import torch
-from PIL import Image
 
 from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
 
@@ -127,6 +125,7 @@ result = {{}}
 result["snapshot"] = snapshot_download({repo_id!r})
 result["pinned"] = snapshot_download({repo_id!r}, revision={sha!r})
 result["weights"] = hf_hub_download({repo_id!r}, "weights.safetensors")
+result["config_main"] = open(hf_hub_download({repo_id!r}, "config.json")).read()
 result["info_sha"] = HfApi().model_info({repo_id!r}).sha
 try:
     HfApi(token=False).model_info({repo_id!r})
@@ -147,22 +146,90 @@ def test_upload_folder_then_download_in_a_fresh_process(hub_server, tmp_path):
     before = tree_digest(folder)
     commit = upload_model_folder(hub_server, folder, "user/files", private=True)
     assert tree_digest(folder) == before
+    # a second commit on main: the first one stays readable by its sha
+    hub_server.api().upload_file(path_or_fileobj=b'{"a": 2}\n', path_in_repo="config.json", repo_id="user/files")
 
     env = hub_server.env()
     result = last_json(run_without_project(DOWNLOAD_SCRIPT.format(repo_id="user/files", sha=commit.oid), tmp_path, env=env))
-    assert result["info_sha"] == commit.oid
-    for key in ("snapshot", "pinned"):
-        downloaded = tree_digest(result[key])
-        assert downloaded.pop(".gitattributes")
-        assert downloaded == before, key
-        assert result[key].startswith(env["HF_HUB_CACHE"])
-    assert hashlib.sha256(open(result["weights"], "rb").read()).hexdigest() == before["weights.safetensors"]
+    assert result["info_sha"] != commit.oid and result["config_main"] == '{"a": 2}\n'
+    pinned = tree_digest(result["pinned"])
+    assert pinned.pop(".gitattributes")
+    assert pinned == before
+    latest = tree_digest(result["snapshot"])
+    assert latest.pop(".gitattributes") and latest.pop("config.json") != before.pop("config.json")
+    assert latest == before
+    assert result["snapshot"].startswith(env["HF_HUB_CACHE"]) and result["pinned"].startswith(env["HF_HUB_CACHE"])
+    with open(result["weights"], "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == before["weights.safetensors"]
     assert result["anonymous"] == "RepositoryNotFoundError"  # private: not readable without the token
 
     requests = hub_server.server.requests
     assert sum(request.startswith("PUT /upload/") for request in requests) == 2  # the two LFS files
     assert any(request == "POST /user/files.git/info/lfs/objects/batch" for request in requests)
     assert any(request.startswith("GET /lfs/") for request in requests)  # downloads follow the redirect
+
+
+def request(hub, method, path, body=None, headers=None, token=None):
+    """One raw HTTP request to the test Hub: (status, headers, body)."""
+    import urllib.error
+    import urllib.request
+
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = path if path.startswith("http") else hub.url + path
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def test_hub_server_protocol_details(hub_server):
+    create = json.dumps({"name": "proto", "organization": "user"}).encode()
+    json_headers = {"Content-Type": "application/json"}
+    status, headers, _ = request(hub_server, "POST", "/api/repos/create", create, json_headers)
+    assert status == 401 and "needs a token" in headers["X-Error-Message"]
+    status, headers, _ = request(hub_server, "POST", "/api/repos/create", create, json_headers, token="hf_wrong")
+    assert status == 401 and headers["X-Error-Message"] == "Invalid credentials in Authorization header"
+    other = json.dumps({"name": "proto", "organization": "someone-else"}).encode()
+    assert request(hub_server, "POST", "/api/repos/create", other, json_headers, token=hub_server.token)[0] == 403
+    assert request(hub_server, "POST", "/api/repos/create", create, json_headers, token=hub_server.token)[0] == 200
+    assert request(hub_server, "POST", "/api/repos/create", create, json_headers, token=hub_server.token)[0] == 409
+
+    commit = hub_server.api().upload_file(path_or_fileobj=b"0123456789", path_in_repo="digits.txt", repo_id="user/proto")
+    resolve = "/user/proto/resolve/main/digits.txt"
+    status, headers, body = request(hub_server, "GET", resolve, headers={"Range": "bytes=2-5"})
+    assert (status, body, headers["Content-Range"]) == (206, b"2345", "bytes 2-5/10")
+    assert request(hub_server, "GET", resolve, headers={"Range": "bytes=7-"})[2] == b"789"
+    assert request(hub_server, "GET", resolve, headers={"Range": "bytes=10-"})[0] == 416
+    status, headers, body = request(hub_server, "HEAD", f"/user/proto/resolve/{commit.oid}/digits.txt")
+    assert status == 200 and headers["X-Repo-Commit"] == commit.oid and headers["Content-Length"] == "10" and body == b""
+    status, headers, _ = request(hub_server, "HEAD", "/user/proto/resolve/main/missing.txt")
+    assert status == 404 and headers["X-Error-Code"] == "EntryNotFound" and headers["X-Repo-Commit"] == commit.oid
+    assert request(hub_server, "GET", "/user/proto/resolve/0000000000000000000000000000000000000000/digits.txt")[1][
+        "X-Error-Code"] == "RevisionNotFound"
+    assert request(hub_server, "GET", "/api/models/user/nothing")[1]["X-Error-Code"] == "RepoNotFound"
+
+    # an LFS file that was never uploaded cannot be committed; a commit needs a token
+    ndjson = b"\n".join(json.dumps(line).encode() for line in [
+        {"key": "header", "value": {"summary": "x"}},
+        {"key": "lfsFile", "value": {"path": "w.safetensors", "algo": "sha256", "oid": "a" * 64, "size": 3}},
+    ])
+    commit_url = "/api/models/user/proto/commit/main"
+    assert request(hub_server, "POST", commit_url, ndjson, token=hub_server.token)[0] == 422
+    assert request(hub_server, "POST", commit_url, ndjson)[0] == 401
+    assert request(hub_server, "POST", commit_url, b"not json", token=hub_server.token)[0] == 400
+    # an LFS upload URL is signed for one object and size
+    status, _, body = request(hub_server, "POST", "/user/proto.git/info/lfs/objects/batch", json.dumps(
+        {"operation": "upload", "objects": [{"oid": hashlib.sha256(b"abc").hexdigest(), "size": 3}]}).encode(),
+        json_headers, token=hub_server.token)
+    href = json.loads(body)["objects"][0]["actions"]["upload"]["href"]
+    assert href.startswith(hub_server.server.storage_url)
+    assert request(hub_server, "PUT", href.replace("size=3", "size=4"), b"abcd")[0] == 403
+    assert request(hub_server, "PUT", href, b"abd")[0] == 400
+    assert request(hub_server, "PUT", href, b"abc")[0] == 200
 
 
 # ----------------------------------------------------------------------------------------------------------------------
