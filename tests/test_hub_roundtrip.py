@@ -19,6 +19,7 @@ import textwrap
 
 import pytest
 import torch
+from PIL import Image
 
 from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
 
@@ -245,6 +246,40 @@ def write_tiny_pmner_folder(root) -> str:
     text_model = write_tiny_masked_lm(root / "tiny-bert")
     model = build_model(text_model, use_visual=False)
     return save_folder(root / "tiny-pmner", model, build_processor(text_model, model))
+
+
+def write_tiny_visual_pmner_folder(root) -> str:
+    """A tiny visual P-MNER folder whose FRR backbone (resnet18, seeded random weights, no detector) is saved in the
+    processor folder, so that every load gives the same image features."""
+    from transformers import AutoTokenizer
+
+    from processing_pmner import PMNERImageProcessor, PMNERProcessor
+    from test_pipeline_pmner import build_model, save_folder
+
+    text_model = write_tiny_masked_lm(root / "tiny-bert")
+    model = build_model(text_model, use_visual=True)
+    image_processor = PMNERImageProcessor(
+        detector=None, backbone="resnet18", backbone_weights="random:0", crop_size=32, max_objects=3,
+        frr_weights_dtype="bfloat16",
+    )
+    labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
+    processor = PMNERProcessor(image_processor, AutoTokenizer.from_pretrained(text_model), label_names=labels, max_length=32)
+    return save_folder(root / "tiny-visual-pmner", model, processor)
+
+
+def test_visual_model_round_trip_with_an_image(hub_server, tmp_path):
+    folder = write_tiny_visual_pmner_folder(tmp_path)
+    assert "frr_backbone.safetensors" in os.listdir(folder)
+    before = tree_digest(folder)
+    upload_model_folder(hub_server, folder, "user/tiny-visual")
+    assert tree_digest(folder) == before
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    texts = ["trump visits london today", "rt @user : apple meets obama"]
+    result = compare_hub_and_local(hub_server, "user/tiny-visual", folder, tmp_path, texts, image=str(image))
+    features = torch.tensor(result["hub"]["encoding"]["visual_features"])
+    assert features.abs().sum() > 0 and result["hub"]["encoding"]["visual_mask"][0][0]  # the image was used
+    assert any(f"/user/tiny-visual/resolve/" in r and r.endswith("frr_backbone.safetensors") for r in hub_server.server.requests)
 
 
 def test_model_round_trip_through_the_hub(hub_server, tmp_path):
