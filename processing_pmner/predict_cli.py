@@ -534,9 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args):
-    for name, value in (("batch-size", args.batch_size), ("threads", args.threads), ("cache-flush-size", args.cache_flush_size)):
+    for name in ("batch_size", "threads", "cache_flush_size"):
+        value = getattr(args, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.image_dir and not os.path.isdir(args.image_dir):
         raise UsageError(f"--image-dir {args.image_dir} is not a folder")
     if args.feature_cache_dir and os.path.exists(args.feature_cache_dir) and not os.path.isdir(args.feature_cache_dir):
@@ -544,22 +545,24 @@ def check_arguments(args):
 
 
 def check_input(args, world: int) -> str:
-    """The input's format; `UsageError` for an input that cannot be read."""
-    if args.input == "-":
-        if args.input_format == "auto":
-            raise UsageError("reading stdin: pass --input-format jsonl or conll")
-        if world > 1:
-            raise UsageError(f"stdin cannot be split between {world} processes: pass an input file")
-        if args.resume:
-            raise UsageError("--resume needs an input file: stdin cannot be checked against the interrupted run")
-        return args.input_format
-    if os.path.isdir(args.input):
-        raise UsageError(f"input {args.input} is a folder; pass a JSONL or CoNLL file")
-    if not os.path.exists(args.input):
-        raise UsageError(f"input file {args.input} does not exist")
-    if not os.access(args.input, os.R_OK):
-        raise UsageError(f"input file {args.input} is not readable")
-    return guess_format(args.input) if args.input_format == "auto" else args.input_format
+    """The input's format; `UsageError` for an input that cannot be read (nothing is read from a pipe here)."""
+    if args.input != "-":
+        if os.path.isdir(args.input):
+            raise UsageError(f"input {args.input} is a folder; pass a JSONL or CoNLL file")
+        if not os.path.exists(args.input):
+            raise UsageError(f"input file {args.input} does not exist")
+        if not os.access(args.input, os.R_OK):
+            raise UsageError(f"input file {args.input} is not readable")
+        if os.path.isfile(args.input):
+            return guess_format(args.input) if args.input_format == "auto" else args.input_format
+    stream = "stdin" if args.input == "-" else f"{args.input} (not a regular file)"
+    if args.input_format == "auto":
+        raise UsageError(f"reading {stream}: pass --input-format jsonl or conll")
+    if world > 1:
+        raise UsageError(f"{stream} cannot be split between {world} processes: pass an input file")
+    if args.resume:
+        raise UsageError(f"--resume needs an input file: {stream} cannot be checked against the interrupted run")
+    return args.input_format
 
 
 def _stream_stat(stream):
@@ -579,8 +582,8 @@ def run_settings(args, input_format: str, output_format: str) -> dict:
     """The input file and the arguments that shape the output, as the progress file keeps them."""
     stat = os.stat(args.input)
     settings = {"input": os.path.abspath(args.input), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
-    for name in OUTPUT_SETTINGS:
-        settings[name] = {"input_format": input_format, "output_format": output_format}.get(name, getattr(args, name, None))
+    settings.update({name: getattr(args, name) for name in OUTPUT_SETTINGS})
+    settings.update(input_format=input_format, output_format=output_format)
     for name in ("model", "image_dir"):
         if settings[name] is not None and os.path.exists(settings[name]):
             settings[name] = os.path.abspath(settings[name])
@@ -599,14 +602,20 @@ def check_output(args, input_format: str, output_format: str) -> dict | None:
         return None
     target = output_target(args.output)
     if os.path.exists(target):
-        stdin = _stream_stat(sys.stdin) if args.input == "-" else None
-        if (os.path.samestat(stdin, os.stat(target)) if stdin else args.input != "-" and os.path.samefile(args.input, target)):
+        if args.input == "-":
+            stdin = _stream_stat(sys.stdin)
+            same = stdin is not None and os.path.samestat(stdin, os.stat(target))
+        else:
+            same = os.path.samefile(args.input, target)  # the same path, another spelling, a hard link
+        if same:
             raise UsageError(f"output {args.output} is the input file, which writing it would destroy; pass another -o")
         if os.path.isdir(target):
-            raise UsageError(f"output {args.output} is a folder; pass a file name (e.g. -o {os.path.join(args.output, 'predictions')})")
+            example = os.path.join(args.output, "predictions")
+            raise UsageError(f"output {args.output} is a folder; pass a file name (e.g. -o {example})")
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
-        raise UsageError(f"the folder of output {args.output} ({folder}) {'is not a folder' if os.path.exists(folder) else 'does not exist'}")
+        problem = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"the folder of output {args.output} ({folder}) {problem}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in the folder of output {args.output} ({folder})")
     partial, progress_file = target + PARTIAL_SUFFIX, target + PROGRESS_SUFFIX
@@ -624,10 +633,13 @@ def check_output(args, input_format: str, output_format: str) -> dict | None:
         with open(progress_file, encoding="utf-8") as handle:
             progress = json.load(handle)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--resume: cannot read {progress_file} ({error}); delete {partial} to start afresh") from error
-    keys = ("version", "settings", "bytes", *Summary.__dataclass_fields__)
-    if not isinstance(progress, dict) or progress.get("version") != PROGRESS_VERSION or not all(key in progress for key in keys):
-        raise UsageError(f"--resume: {progress_file} is not a progress file of this version; delete {partial} to start afresh")
+        message = f"--resume: cannot read {progress_file} ({error}); delete {partial} to start afresh"
+        raise UsageError(message) from error
+    keys = {"version", "settings", "bytes", *Summary.__dataclass_fields__}
+    if not (isinstance(progress, dict) and progress.get("version") == PROGRESS_VERSION and keys <= progress.keys()):
+        raise UsageError(
+            f"--resume: {progress_file} is not a progress file of this version; delete {partial} to start afresh"
+        )
     settings = run_settings(args, input_format, output_format)
     differences = [
         f"{name}: {progress['settings'].get(name)!r} then, {value!r} now" for name, value in settings.items()
@@ -791,7 +803,9 @@ def tag_batch(predictor: Predictor, batch: list, input_name: str, output_format:
     results = iter(predictor.run(records) if records else [])
     texts, failed, lines = [], [], []
     bad_images = predictor.take_bad_images()
-    messages = [(line, f"{input_name}:{line}: warning: {message}; tagged from the text alone") for line, message in bad_images]
+    messages = [
+        (line, f"{input_name}:{line}: warning: {message}; tagged from the text alone") for line, message in bad_images
+    ]
     for entry in batch:
         if isinstance(entry, InputError):
             line, _, message = str(entry).partition("\t")
@@ -802,18 +816,18 @@ def tag_batch(predictor: Predictor, batch: list, input_name: str, output_format:
         result = next(results)
         if not isinstance(result, Exception):
             try:
-                texts.append(format_jsonl(entry, result, word_tags) if output_format == "jsonl" else format_conll(entry, result))
+                jsonl = output_format == "jsonl"
+                texts.append(format_jsonl(entry, result, word_tags) if jsonl else format_conll(entry, result))
                 continue
             except Exception as error:  # a result that cannot be written: reported with its line below
                 result = error
-            failed.append((entry.line, f"{type(result).__name__}: {result}"))
-        else:
-            failed.append((entry.line, f"{type(result).__name__}: {result}"))
+        failed.append((entry.line, f"{type(result).__name__}: {result}"))
     messages += [(line, f"{input_name}:{line}: error: {message}") for line, message in failed]
     messages.sort(key=lambda message: message[0])  # stable: input order
     return {
-        "text": "".join(texts), "tagged": len(texts), "failed": [line for line, _ in failed], "bad_images": len(bad_images),
-        "messages": [message for _, message in messages], "entries": len(batch), "last_line": max(lines, default=0),
+        "text": "".join(texts), "tagged": len(texts), "failed": [line for line, _ in failed],
+        "bad_images": len(bad_images), "messages": [message for _, message in messages], "entries": len(batch),
+        "last_line": max(lines, default=0),
     }
 
 
@@ -880,10 +894,11 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
         where = f" (process {failures[0][0]})" if processes.world > 1 else ""
         return error(f"cannot load the model {args.model!r}{where}: {failures[0][1]}")
 
+    predictor = Predictor(pipe, args, report)
     writer, failure = None, None
     if rank == 0:
         try:
-            settings = None if args.input == "-" else run_settings(args, input_format, output_format)
+            settings = run_settings(args, input_format, output_format) if os.path.isfile(args.input) else None
             writer = OutputWriter(args.output, settings, progress)
         except OSError as open_error:  # e.g. another run created the partial output since the check
             failure = f"cannot write the output {args.output}: {open_error}"
@@ -891,15 +906,16 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
     if failure:
         return error(failure)
 
-    predictor = Predictor(pipe, args, report)
     summary = Summary(**{name: progress[name] for name in Summary.__dataclass_fields__}) if progress else Summary()
     summary.resumed_tagged = summary.tagged
     per_process = [0] * processes.world
     input_name = "<stdin>" if args.input == "-" else args.input
     reader = read_jsonl if input_format == "jsonl" else read_conll
     if progress:
-        report(f"pmner-predict: resuming after input line {summary.last_line} ({summary.tagged} tweets already written)")
-    total = count_records(args.input, input_format) if not args.no_progress and rank == 0 else None
+        report(f"pmner-predict: resuming after input line {summary.last_line} ({summary.tagged} tweets already "
+               "written)")
+    counted = not args.no_progress and rank == 0 and args.input != "-" and os.path.isfile(args.input)
+    total = count_records(args.input, input_format) if counted else None
     started = time.perf_counter()
     with _open_input(args.input) as source:
         entries = itertools.islice(reader(source, args.image_dir, args.image_extension), summary.entries, None)
@@ -955,7 +971,8 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
         if summary.resumed_tagged:
             parts[0] += f" ({summary.resumed_tagged} of them before the interrupted run was resumed)"
         if summary.failed:
-            lines = ", ".join(map(str, summary.failed_lines)) + (" ..." if summary.failed > len(summary.failed_lines) else "")
+            more = " ..." if summary.failed > len(summary.failed_lines) else ""
+            lines = ", ".join(map(str, summary.failed_lines)) + more
             parts.append(f"{summary.failed} skipped (errors above; lines {lines})")
         if summary.bad_images:
             parts.append(f"{summary.bad_images} unreadable image(s) (tweets tagged from their text alone)")

@@ -56,7 +56,7 @@ def test_environment_and_devices(monkeypatch, tmp_path, capsys):
     assert processes.device("cpu", cuda_available=True) == "cpu"
     assert processes.device("cuda:0", cuda_available=True) == "cuda:0"
     assert processes.device(None, cuda_available=False) is None
-    assert Processes.from_environment({}).device(None, cuda_available=True) is None  # one process: the pipeline's choice
+    assert Processes.from_environment({}).device(None, cuda_available=True) is None  # one process: the pipeline's
     for environ in ({"WORLD_SIZE": "two"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):
         try:
             Processes.from_environment(environ)

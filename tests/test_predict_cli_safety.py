@@ -35,7 +35,8 @@ def refused(arguments, capsys, missing_model) -> str:
 def test_output_that_is_the_input_is_refused_and_the_input_kept(spelling, tmp_path, capsys):
     source = write(tmp_path / "tweets.jsonl", TWEETS)
     before = open(source, "rb").read()
-    output = {"same path": source, "other spelling": tmp_path / "." / ".." / tmp_path.name / "tweets.jsonl"}.get(spelling)
+    other_spelling = tmp_path / "." / ".." / tmp_path.name / "tweets.jsonl"
+    output = {"same path": source, "other spelling": other_spelling}.get(spelling)
     if spelling == "symlink":
         output = tmp_path / "link.jsonl"
         os.symlink(source, output)
@@ -70,8 +71,11 @@ def test_unusable_arguments_exit_2_in_one_line_before_the_model_loads(tmp_path, 
     source = write(tmp_path / "tweets.jsonl", TWEETS)
     (tmp_path / "folder").mkdir()
     (tmp_path / "left.jsonl.partial").write_text("{}\n")
+    os.mkfifo(tmp_path / "pipe")  # read by nothing: a check that opened it would block
     model = tmp_path / "no-model"
     cases = [
+        ([tmp_path / "pipe"], "pipe (not a regular file): pass --input-format jsonl or conll"),
+        ([tmp_path / "pipe", "--input-format", "jsonl", "-o", tmp_path / "o.jsonl", "--resume"], "cannot be checked"),
         ([source, "-o", tmp_path / "missing" / "out.jsonl"], "missing) does not exist"),
         ([source, "-o", tmp_path / "folder"], "is a folder; pass a file name"),
         ([source, "-o", tmp_path / "tweets.jsonl" / "out.jsonl"], "tweets.jsonl) is not a folder"),
@@ -98,7 +102,7 @@ def test_unusable_arguments_exit_2_in_one_line_before_the_model_loads(tmp_path, 
     # the model is loaded only once the output is known good; a model that fails leaves no partial output behind
     code = main([str(model), source, "-o", str(tmp_path / "out.jsonl"), "--no-progress"])
     assert code == 2 and "cannot load the model" in capsys.readouterr().err
-    assert not [name for name in os.listdir(tmp_path) if name.startswith("out.jsonl")]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(("out.jsonl", "o.jsonl"))]
 
 
 def interrupt_after(monkeypatch, batches: int):
@@ -114,7 +118,8 @@ def interrupt_after(monkeypatch, batches: int):
     monkeypatch.setattr(predict_cli.Predictor, "run", interrupted)
 
 
-def test_an_interrupted_run_keeps_the_old_output_and_resumes_to_the_same_bytes(workspace, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_run_keeps_the_old_output_and_resumes_to_the_same_bytes(workspace, tmp_path, capsys,
+                                                                                monkeypatch):
     lines = TWEETS[:3] + ["not json"] + TWEETS[3:]
     source = write(tmp_path / "tweets.jsonl", lines)
     arguments = [workspace["model"], source, "--batch-size", "2", "--word-tags"]
