@@ -111,7 +111,6 @@ class PMNERPreTrainedModel(PreTrainedModel):
     config_class = PMNERConfig
     base_model_prefix = "pmner"
     main_input_name = "input_ids"
-    input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["PMNERTextCorrectionFusion"]
     # `forward` divides the loss by `num_items_in_batch` when the Trainer passes it (gradient accumulation).

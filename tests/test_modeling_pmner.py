@@ -259,6 +259,16 @@ REMOTE_SCRIPT = textwrap.dedent(
             (embeddings.weight[head.label_word_index] * head.label_word_weight.unsqueeze(-1)).sum(1),
         )
         results[name + "_module"] = type(model).__module__
+    model = AutoModelForTokenClassification.from_pretrained(
+        {folder!r}, trust_remote_code=True, attn_implementation="sdpa"
+    ).eval()
+    results["sdpa"] = model.pmner.text_model.config._attn_implementation
+    with torch.no_grad():
+        outputs = model(**inputs, output_attentions=True, return_dict=False)
+    results["tuple_length"] = len(outputs)
+    with torch.no_grad():
+        grounding = model(**inputs, output_attentions=True).text_to_object_attentions
+    results["grounding_shape"] = list(grounding.shape)
     print(json.dumps(results))
     """
 )
@@ -269,7 +279,8 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path):
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
     files = sorted(os.listdir(saved))
-    assert {"config.json", "model.safetensors", "modeling_pmner.py", "configuration_pmner.py"} <= set(files)
+    code = {"modeling_pmner.py", "configuration_pmner.py", "fusion_pmner.py", "verbalizer_pmner.py", "inputs_pmner.py"}
+    assert {"config.json", "model.safetensors"} | code <= set(files)
     auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_pmner.PMNERConfig",
@@ -289,6 +300,9 @@ def test_remote_code_round_trip_in_a_fresh_process(tmp_path):
         assert results[name + "_module"].startswith("transformers_modules")
         torch.testing.assert_close(torch.tensor(results[name]), expected, atol=1e-5, rtol=0)
         assert results[name + "_tied"]
+    assert results["sdpa"] == "sdpa"
+    assert results["tuple_length"] == 7  # no labels: logits, encoder attentions, the 5 fusion attention weights
+    assert results["grounding_shape"] == [tester.batch_size, 4, tester.seq_length, tester.num_objects]
 
 
 def make_visual_task(num_examples, prototypes, generator):
