@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
 
 from processing_pmner.predict_cli import Processes, UsageError, main
@@ -72,3 +74,17 @@ def test_environment_and_devices(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RANK", "x")
     code = main([str(tmp_path / "no-model"), "-", "--input-format", "jsonl", "--no-progress"])
     assert code == 2 and "must be integers" in capsys.readouterr().err
+
+
+def test_a_process_group_of_the_caller_is_used_and_must_match_world_size():
+    import torch.distributed as distributed
+
+    store = distributed.HashStore()
+    distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        processes = Processes(rank=0, world=2)
+        with pytest.raises(RuntimeError, match="WORLD_SIZE is 2 but the process group has 1"):
+            processes.start()
+        assert not processes.started_group  # the caller's group is left to the caller
+    finally:
+        distributed.destroy_process_group()

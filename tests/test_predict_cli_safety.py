@@ -67,7 +67,7 @@ def test_standard_streams_that_are_the_input_or_output_are_refused(tmp_path, cap
     assert "is the input file" in err and open(source, "rb").read() == before
 
 
-def test_unusable_arguments_exit_2_in_one_line_before_the_model_loads(tmp_path, capsys):
+def test_unusable_arguments_exit_2_in_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
     source = write(tmp_path / "tweets.jsonl", TWEETS)
     (tmp_path / "folder").mkdir()
     (tmp_path / "left.jsonl.partial").write_text("{}\n")
@@ -90,14 +90,20 @@ def test_unusable_arguments_exit_2_in_one_line_before_the_model_loads(tmp_path, 
         ([source, "--image-dir", tmp_path / "nowhere"], "is not a folder"),
         ([source, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         ([source, "--threads", "0"], "--threads must be at least 1, got 0"),
+        ([source, "--cache-flush-size", "-1"], "--cache-flush-size must be at least 1, got -1"),
+        ([tmp_path / "left.jsonl.partial", "-o", tmp_path / "left.jsonl"], "would be the input file"),
     ]
     for arguments, message in cases:
         err = refused(arguments, capsys, model)
         assert message in err, (arguments, err)
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        assert "cannot write in the folder" in refused([source, "-o", locked / "out.jsonl"], capsys, model)
+    # permissions (denied through os.access, which the checks use: root would be allowed anything)
+    locked, access = tmp_path / "locked", os.access
+    locked.mkdir()
+    (locked / "secret.jsonl").write_text(TWEETS[0] + "\n")
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(locked)) and access(path, mode))
+    assert "cannot write in the folder" in refused([source, "-o", locked / "out.jsonl"], capsys, model)
+    assert "secret.jsonl is not readable" in refused([locked / "secret.jsonl"], capsys, model)
+    monkeypatch.undo()
     assert not os.path.exists(tmp_path / "out.jsonl.partial")
     # the model is loaded only once the output is known good; a model that fails leaves no partial output behind
     code = main([str(model), source, "-o", str(tmp_path / "out.jsonl"), "--no-progress"])
@@ -188,3 +194,28 @@ def test_resume_refuses_a_changed_input_or_a_damaged_progress_file(workspace, tm
     code, _, err = run_cli(arguments + ["--resume"], capsys)
     assert code == 0 and "7 tweets tagged" in err, err
     assert len(output.read_text().splitlines()) == 7 and not partial.exists() and not progress_file.exists()
+
+
+def test_output_problems_after_the_checks_are_reported_with_their_line_or_file(workspace, tmp_path, capsys,
+                                                                                monkeypatch):
+    source = write(tmp_path / "tweets.jsonl", TWEETS[:3])
+    output = tmp_path / "out.jsonl"
+    # a result that cannot be written is that line's error; the others are written
+    format_jsonl = predict_cli.format_jsonl
+
+    def failing(record, result, word_tags):
+        if record.line == 2:
+            raise RuntimeError("cannot format this one")
+        return format_jsonl(record, result, word_tags)
+
+    monkeypatch.setattr(predict_cli, "format_jsonl", failing)
+    code, _, err = run_cli([workspace["model"], source, "-o", output], capsys)
+    assert code == 0 and f"{source}:2: error: RuntimeError: cannot format this one" in err and "2 tweets tagged" in err
+    assert [json.loads(line)["line"] for line in output.read_text().splitlines()] == [1, 3]
+    monkeypatch.undo()
+    # another run took the partial output between the checks and the model load: this one stops, the other's file kept
+    monkeypatch.setattr(predict_cli, "check_output", lambda *arguments: None)
+    (tmp_path / "out.jsonl.partial").write_text("another run's\n")
+    code, _, err = run_cli([workspace["model"], source, "-o", output], capsys)
+    assert code == 2 and "cannot write the output" in err and "File exists" in err
+    assert (tmp_path / "out.jsonl.partial").read_text() == "another run's\n"
