@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import textwrap
 import warnings
 
@@ -372,6 +373,31 @@ def test_input_errors_name_the_problem(random_pipe):
         random_pipe("a", aggregation_strategy="longest")
     with pytest.raises(TypeError, match="unknown arguments \\['stride'\\]"):
         random_pipe("a", stride=3)
+    width = random_pipe.model.config.visual_feature_dim
+    features = np.zeros((2, width), dtype=np.float64)
+    features[1, 0] = np.nan
+    with pytest.raises(ValueError, match="tweet 3: visual_features hold NaN or infinite values"):
+        random_pipe(["a", "b", "c", {"text": "d", "visual_features": features}], batch_size=2)
+
+
+def test_a_processor_with_other_labels_than_the_model_fails_at_construction(tiny, tmp_path):
+    from transformers import pipeline
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny["folder"], folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    model_labels = list(settings["label_names"])
+    settings["label_names"] = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError) as caught:
+        pipeline(TASK, model=str(folder), pipeline_class=PMNERPipeline, device="cpu")
+    message = str(caught.value)
+    assert "processor's label_names (5 tags) ['O', 'B-PER', 'I-PER', 'B-LOC', 'I-LOC']" in message
+    assert f"model's config.id2label (9 tags) {model_labels}" in message
+    # the BIOES processor of a BIOES model beside this BIO model: both label lists and both schemes named
+    bioes = forced_pipe(tiny, "S-PER", tag_scheme="BIOES").processor
+    with pytest.raises(ValueError, match="tag scheme BIOES differs from the model's BIO"):
+        PMNERPipeline(model=tiny["model"], processor=bioes, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

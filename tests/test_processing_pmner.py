@@ -713,3 +713,80 @@ def test_mapping_survives_datasets_map_and_decodes_from_columns(tokenizer):
         "num_words": encoded["num_words"],
     }
     assert processor.post_process_token_classification(labels.clamp(min=0), mapping) == raw["tags"][:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processor and model: the same tags; visual features checked; words encoded as in running text
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_and_model_with_other_labels_or_scheme_raise_naming_both(tokenizer):
+    from types import SimpleNamespace
+
+    from processing_pmner.processing_pmner import check_processor_matches_model
+
+    processor = make_processor(tokenizer, label_names=BIO)
+    check_processor_matches_model(processor, tiny_model(BIO).config)  # the same: no error
+    with pytest.raises(ValueError) as caught:
+        check_processor_matches_model(processor, tiny_model(BIOES).config)
+    message = str(caught.value)
+    assert str(BIO) in message and str(BIOES) in message and "9 tags" in message and "17 tags" in message
+    assert "tag scheme BIO differs from the model's BIOES" in message
+    reordered = ["O"] + BIO[3:] + BIO[1:3]  # same tags, other ids
+    with pytest.raises(ValueError, match="differ from the model's config.id2label"):
+        check_processor_matches_model(make_processor(tokenizer, label_names=reordered), tiny_model(BIO).config)
+    # a config whose scheme says BIOES over BIO tags (edited by hand): the scheme alone is named
+    edited = SimpleNamespace(num_labels=len(BIO), id2label=dict(enumerate(BIO)), tag_scheme="BIOES")
+    with pytest.raises(ValueError, match="tag scheme BIO differs from the model's BIOES") as caught:
+        check_processor_matches_model(processor, edited)
+    assert "differ from the model's config.id2label" not in str(caught.value)
+
+
+def test_visual_features_from_numpy_and_lists_and_non_finite_rows_refused(tokenizer):
+    processor = make_processor(tokenizer)
+    features = np.random.default_rng(0).normal(size=(3, 2, 4))  # float64 (batch, objects, D)
+    expected = torch.from_numpy(features).float()
+    sentences = [["trump"], ["paris", "vote"], ["obama"]]
+    for given in (features, list(features), [row.tolist() for row in features], expected.double()):
+        batch = processor(sentences, visual_features=given, visual_mask=np.ones((3, 2), dtype=bool))
+        assert batch["visual_features"].dtype == torch.float32
+        assert torch.allclose(batch["visual_features"], expected)
+    single = processor(["trump", "vote"], visual_features=features[0])
+    assert torch.allclose(single["visual_features"][0], expected[0])
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = features.copy()
+        broken[1, 1, 2] = bad
+        with pytest.raises(ValueError, match=r"visual_features of sentence\(s\) \[1\].*NaN or infinite"):
+            processor(sentences, visual_features=broken)
+    with pytest.raises(ValueError, match="visual_features must be numbers of one shape"):
+        processor(sentences[:2], visual_features=[[[1.0, 2.0]], [[1.0]]])
+
+
+def test_sentencepiece_without_prefix_space_is_set_right_and_unfixable_tokenizers_warn(caplog, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from processing_pmner.processing_pmner import split_words_match_running_text
+    from tokenizer_fixtures import train_unigram
+
+    # Metaspace with prepend_scheme="never": words given one by one lose their "▁" (running text keeps it, from the
+    # space before the word); the processor restores it
+    backend = Tokenizer(models.Unigram(train_unigram(), unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", mask_token="<mask>", pad_token="<pad>"
+    )
+    assert not split_words_match_running_text(tokenizer)
+    processor = PMNERProcessor(colour_processor(), tokenizer)
+    assert split_words_match_running_text(processor.tokenizer)
+    assert processor.tokenizer.backend_tokenizer.pre_tokenizer.prepend_scheme == "always"
+    assert tokenizer.backend_tokenizer.pre_tokenizer.prepend_scheme == "never"  # the caller's is not changed
+    processor.tokenizer.save_pretrained(tmp_path)
+    assert split_words_match_running_text(AutoTokenizer.from_pretrained(tmp_path))
+    # a tokenizer that joins words in running text (no pre-tokenizer) cannot be set right: said, not hidden
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "[MASK]": 1, "[PAD]": 2}, unk_token="[UNK]"))
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", mask_token="[MASK]", pad_token="[PAD]")
+    with caplog.at_level("WARNING"):
+        processor = PMNERProcessor(colour_processor(), plain)
+    assert "encodes words given one by one differently from running text" in caplog.text
+    assert processor.tokenizer is plain
