@@ -388,7 +388,8 @@ class Predictor:
                 continue
             result[index] = (features[row], masks[row])
             self.computed_features += 1
-            if self.cache is not None and key is not None and not self.args.no_cache_write and key not in self.written_keys:
+            writable = self.cache is not None and key is not None and not self.args.no_cache_write
+            if writable and key not in self.written_keys:
                 self.pending[0].append(key)
                 self.pending[1].append(features[row])
                 self.pending[2].append(masks[row])
@@ -494,13 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-format", choices=("auto", "jsonl", "conll"), default="auto",
         help="'auto': the input's format.",
     )
-    parser.add_argument("--image-dir", default=None, help="Folder of the images (<IMGID><ext>, relative 'image' paths).")
+    parser.add_argument(
+        "--image-dir", default=None, help="Folder of the images (<IMGID><ext>, relative 'image' paths)."
+    )
     parser.add_argument("--image-extension", default=".jpg", help="Extension of <IMGID> image files.")
     parser.add_argument(
         "--feature-cache-dir", default=None,
         help="FRR feature cache (e.g. the frr_cache folder of train_pmner.py): cached features are reused.",
     )
-    parser.add_argument("--no-cache-write", action="store_true", help="Do not add newly computed features to the cache.")
+    parser.add_argument(
+        "--no-cache-write", action="store_true", help="Do not add newly computed features to the cache."
+    )
     parser.add_argument("--cache-flush-size", type=int, default=1024, help="New features per cache shard.")
     parser.add_argument("--batch-size", type=int, default=32, help="Tweets per forward pass.")
     parser.add_argument(
@@ -831,6 +836,26 @@ def tag_batch(predictor: Predictor, batch: list, input_name: str, output_format:
     }
 
 
+def summary_line(summary: Summary, per_process: list[int], elapsed: float, features: tuple[int, int, int]) -> str:
+    parts = [f"{summary.tagged} tweets tagged in {elapsed:.1f} s"]
+    if len(per_process) > 1:
+        counts = ", ".join(f"process {process}: {count}" for process, count in enumerate(per_process))
+        parts[0] += f" by {len(per_process)} processes ({counts})"
+    if summary.resumed_tagged:
+        parts[0] += f" ({summary.resumed_tagged} of them before the interrupted run was resumed)"
+    if summary.failed:
+        more = " ..." if summary.failed > len(summary.failed_lines) else ""
+        lines = ", ".join(map(str, summary.failed_lines)) + more
+        parts.append(f"{summary.failed} skipped (errors above; lines {lines})")
+    if summary.bad_images:
+        parts.append(f"{summary.bad_images} unreadable image(s) (tweets tagged from their text alone)")
+    cached, computed, written = features
+    if cached or computed:
+        added = f", {written} added to the cache" if written else ""
+        parts.append(f"visual features: {cached} from cache, {computed} computed{added}")
+    return "pmner-predict: " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     processes = None
@@ -962,26 +987,8 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
         ))
     )
     if rank == 0:
-        elapsed = time.perf_counter() - started
-        parts = [f"{summary.tagged} tweets tagged in {elapsed:.1f} s"]
-        if processes.world > 1:
-            parts[0] += f" by {processes.world} processes (" + ", ".join(
-                f"process {process}: {count}" for process, count in enumerate(per_process)
-            ) + ")"
-        if summary.resumed_tagged:
-            parts[0] += f" ({summary.resumed_tagged} of them before the interrupted run was resumed)"
-        if summary.failed:
-            more = " ..." if summary.failed > len(summary.failed_lines) else ""
-            lines = ", ".join(map(str, summary.failed_lines)) + more
-            parts.append(f"{summary.failed} skipped (errors above; lines {lines})")
-        if summary.bad_images:
-            parts.append(f"{summary.bad_images} unreadable image(s) (tweets tagged from their text alone)")
-        if predictor.use_visual and (cached or computed):
-            parts.append(
-                f"visual features: {cached} from cache, {computed} computed"
-                + (f", {written} added to the cache" if written else "")
-            )
-        print("pmner-predict: " + "; ".join(parts), file=sys.stderr)
+        features = (cached, computed, written) if predictor.use_visual else (0, 0, 0)
+        print(summary_line(summary, per_process, time.perf_counter() - started, features), file=sys.stderr)
     if summary.failed and (summary.tagged == 0 or args.strict):
         return 1
     return 0
