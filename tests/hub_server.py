@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 MAX_BODY = 512 * 1024 * 1024  # largest request body accepted (bytes)
 LFS_THRESHOLD = 10 * 1024 * 1024  # files this large go to LFS, like the Hub
+# the `.gitattributes` of a new repository (the first commit), as the Hub writes it (shortened)
 GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.msgpack",
@@ -115,9 +116,10 @@ class HubStore:
         sha256 = hashlib.sha256(data).hexdigest()
         path = self.blob_path(sha256)
         if not os.path.isfile(path):
-            with open(path + ".tmp", "wb") as handle:
+            partial = f"{path}.{threading.get_ident()}.tmp"  # one per thread: the same blob may arrive twice at once
+            with open(partial, "wb") as handle:
                 handle.write(data)
-            os.replace(path + ".tmp", path)
+            os.replace(partial, path)
         self.blob_ids[sha256] = git_blob_sha1(data)
         return sha256
 
@@ -224,10 +226,21 @@ class HubStore:
                     raise HubError(400, f"unknown commit operation {key!r}")
             return self._add_commit(repo, parent, header.get("summary") or "commit", files, branch=revision)
 
-    def is_lfs_path(self, path: str, size: int) -> bool:
-        name = path.rsplit("/", 1)[-1]
-        patterns = [line.split()[0] for line in GITATTRIBUTES.splitlines()]
-        return size >= LFS_THRESHOLD or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+    def is_lfs_path(self, commit: Commit, path: str, size: int) -> bool:
+        """LFS when the file is 10 MB or more, or when a `filter=lfs` pattern of the commit's `.gitattributes`
+        matches it (a pattern without `/` matches the file name, as in git)."""
+        if size >= LFS_THRESHOLD:
+            return True
+        entry = commit.files.get(".gitattributes")
+        if entry is None:
+            return False
+        for line in self.read_blob(entry.sha256).decode("utf-8", "replace").splitlines():
+            pattern, *attributes = line.split() or [""]
+            if "filter=lfs" in attributes:
+                target = path if "/" in pattern.strip("/") else path.rsplit("/", 1)[-1]
+                if fnmatch.fnmatch(target, pattern.strip("/")):
+                    return True
+        return False
 
     # --- listings ---
     def entry_json(self, path: str, entry: FileEntry) -> dict:
@@ -370,14 +383,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), headers, head=head)
 
     @property
-    def hub(self) -> HubStore:
+    def store(self) -> HubStore:
         return self.server.hub.store
 
     def _user(self) -> Optional[str]:
-        return self.hub.user(self.headers.get("Authorization"))
+        return self.store.user(self.headers.get("Authorization"))
 
     def _repo(self, kind: Optional[str], repo: str) -> Repo:
-        return self.hub.get(_TYPES.get(kind or "models", "model"), repo, self._user())
+        return self.store.get(_TYPES.get(kind or "models", "model"), repo, self._user())
 
     def _json_body(self, body: bytes):
         try:
@@ -395,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         url = f"{self.server.hub.url}/{_URL_PREFIX[repo_type]}{repo_id}"
         try:
-            self.hub.create(repo_type, repo_id, private, self._user())
+            self.store.create(repo_type, repo_id, private, self._user())
         except HubError as err:
             if err.status != 409:
                 raise
@@ -415,12 +428,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo_info(self, kind, repo, body, head, rev="main"):
         repo = self._repo(kind, repo)
-        self._send_json(self.hub.info(repo, self.hub.resolve(repo, rev)), head=head)
+        self._send_json(self.store.info(repo, self.store.resolve(repo, rev)), head=head)
 
     def _tree(self, kind, repo, rev, body, head, path=""):
         repo = self._repo(kind, repo)
         recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
-        self._send_json(self.hub.tree(self.hub.resolve(repo, rev), path, recursive), head=head)
+        self._send_json(self.store.tree(self.store.resolve(repo, rev), path, recursive), head=head)
 
     def _paths_info(self, kind, repo, rev, body, head):
         repo = self._repo(kind, repo)
@@ -428,19 +441,19 @@ class _Handler(BaseHTTPRequestHandler):
             paths = self._json_body(body).get("paths", [])
         else:
             paths = parse_qs(body.decode()).get("paths", [])
-        self._send_json(self.hub.paths_info(self.hub.resolve(repo, rev), paths))
+        self._send_json(self.store.paths_info(self.store.resolve(repo, rev), paths))
 
     def _preupload(self, kind, repo, rev, body, head):
         repo = self._repo(kind, repo)
-        self.hub.check_write(self._user(), repo.repo_id)
-        commit = self.hub.resolve(repo, rev)
+        self.store.check_write(self._user(), repo.repo_id)
+        commit = self.store.resolve(repo, rev)
         files = []
         for item in self._json_body(body).get("files", []):
-            lfs = self.hub.is_lfs_path(item["path"], int(item["size"]))
+            lfs = self.store.is_lfs_path(commit, item["path"], int(item["size"]))
             existing = commit.files.get(item["path"])
             oid = None
             if existing is not None:
-                oid = existing.sha256 if lfs else self.hub.oid(existing)
+                oid = existing.sha256 if lfs else self.store.oid(existing)
             files.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         self._send_json({"files": files, "commitOid": commit.sha})
 
@@ -450,7 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         except ValueError as err:
             raise HubError(400, f"commit payload is not NDJSON: {err}") from err
-        commit = self.hub.commit(repo, rev, self._user(), lines)
+        commit = self.store.commit(repo, rev, self._user(), lines)
         url = f"{self.server.hub.url}/{_URL_PREFIX[repo.repo_type]}{repo.repo_id}/commit/{commit.sha}"
         self._send_json({"success": True, "commitOid": commit.sha, "commitUrl": url})
 
@@ -459,13 +472,13 @@ class _Handler(BaseHTTPRequestHandler):
         payload = self._json_body(body)
         if payload.get("operation") != "upload":
             raise HubError(400, "only the upload operation is supported")
-        self.hub.check_write(self._user(), repo.repo_id)
+        self.store.check_write(self._user(), repo.repo_id)
         objects = []
         for item in payload.get("objects", []):
             oid, size = item["oid"], int(item["size"])
             entry = {"oid": oid, "size": size}
-            if not self.hub.has_blob(oid):
-                href = f"{self.server.hub.storage_url}/upload/{oid}?size={size}&sig={self.hub.sign(oid, size)}"
+            if not self.store.has_blob(oid):
+                href = f"{self.server.hub.storage_url}/upload/{oid}?size={size}&sig={self.store.sign(oid, size)}"
                 entry["actions"] = {"upload": {"href": href}}
             objects.append(entry)
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
@@ -473,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo, rev, path, body, head, kind=None):
         repo = self._repo(kind, repo)
-        commit = self.hub.resolve(repo, rev)
+        commit = self.store.resolve(repo, rev)
         headers = {"X-Repo-Commit": commit.sha}
         entry = commit.files.get(path)
         if entry is None:
@@ -484,11 +497,11 @@ class _Handler(BaseHTTPRequestHandler):
         if entry.lfs:  # like the Hub: a redirect to the storage (CDN) origin, metadata on the redirect itself
             headers.update({"Location": f"{self.server.hub.storage_url}/lfs/{entry.sha256}",
                             "X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size),
-                            "ETag": f'"{self.hub.oid(entry)}"'})
+                            "ETag": f'"{self.store.oid(entry)}"'})
             self._send(302, b"", headers, head=head)
             return
-        headers["ETag"] = f'"{self.hub.oid(entry)}"'
-        self._send_content(self.hub.read_blob(entry.sha256), headers, head)
+        headers["ETag"] = f'"{self.store.oid(entry)}"'
+        self._send_content(self.store.read_blob(entry.sha256), headers, head)
 
     def _send_content(self, data: bytes, headers: dict, head: bool) -> None:
         headers = dict(headers, **{"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
@@ -507,17 +520,17 @@ class _Handler(BaseHTTPRequestHandler):
     # --- storage origin ---
     def _lfs_put(self, sha, body, head):
         size = int(self.query.get("size", ["-1"])[0])
-        if not hmac.compare_digest(self.query.get("sig", [""])[0], self.hub.sign(sha, size)):
+        if not hmac.compare_digest(self.query.get("sig", [""])[0], self.store.sign(sha, size)):
             raise HubError(403, "invalid upload signature")
         if len(body) != size or hashlib.sha256(body).hexdigest() != sha:
             raise HubError(400, f"uploaded content does not match oid {sha} and size {size}")
-        self.hub.put_blob(body)
+        self.store.put_blob(body)
         self._send(200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
 
     def _lfs_get(self, sha, body, head):
-        if not self.hub.has_blob(sha):
+        if not self.store.has_blob(sha):
             raise HubError(404, f"no LFS object {sha}")
-        self._send_content(self.hub.read_blob(sha), {"ETag": f'"{sha}"'}, head)
+        self._send_content(self.store.read_blob(sha), {"ETag": f'"{sha}"'}, head)
 
 
 class _Listener(ThreadingHTTPServer):

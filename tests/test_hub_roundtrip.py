@@ -9,6 +9,7 @@ Reusable helpers (for other tests, e.g. an end-to-end `train_pmner.py --push_to_
   encodings, logits and pipeline outputs are the same. Returns the results of both.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,12 +105,13 @@ def compare_hub_and_local(hub, repo_id: str, folder, workdir, texts, image=None)
     return result
 
 
-def closed_port_url() -> str:
-    """An http URL on 127.0.0.1 where nothing listens (a port just released by the OS)."""
+@contextlib.contextmanager
+def closed_port_url():
+    """An http URL on 127.0.0.1 where nothing listens: the port is bound (so no other process can take it) but not
+    listening, so connections are refused, for as long as the context lasts."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -390,16 +392,16 @@ def test_twitter_mner_push_failures_are_clear_and_touch_nothing(hub_server, tmp_
     data_dir, image_dir = tmp_path / "twitter2017", tmp_path / "images"
     write_twitter_fixture(data_dir, image_dir, sizes=(4, 2, 2))
     env = hub_server.process_env(token=case == "endpoint")
-    if case == "credentials":
-        tokens = [("no_token", None), ("bad_token", "hf_not_a_token")]
-    else:
-        env["HF_ENDPOINT"] = closed_port_url()
-        tokens = [("closed_port", None)]
+    tokens = [("no_token", None), ("bad_token", "hf_not_a_token")] if case == "credentials" else [("closed_port", None)]
     before = tree_digest(tmp_path)
     script = FAIL_SCRIPT.format(data=str(data_dir), images=str(image_dir), cache=str(tmp_path / "cache"), tokens=tokens)
-    completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    with closed_port_url() as closed:
+        if case == "endpoint":
+            env["HF_ENDPOINT"] = closed
+        completed = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)], cwd=PROJECT, env=env, capture_output=True, text=True,
+            timeout=300,
+        )
     result = last_json(completed)
     assert {path: digest for path, digest in tree_digest(tmp_path).items() if not path.startswith("cache")} == before
     if case == "credentials":
