@@ -10,6 +10,7 @@ import pytest
 
 from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
 
+from processing_pmner import predict_cli
 from processing_pmner.predict_cli import Processes, UsageError, main
 
 
@@ -88,3 +89,33 @@ def test_a_process_group_of_the_caller_is_used_and_must_match_world_size():
         assert not processes.started_group  # the caller's group is left to the caller
     finally:
         distributed.destroy_process_group()
+
+
+def test_two_processes_resume_a_single_process_run_of_conll(workspace, tmp_path, capsys, monkeypatch):
+    lines = []
+    for index in range(7):
+        lines += [f"IMGID:t{index}", *(f"word{index}_{word}\tO" for word in range(1 + index % 3)), ""]
+    source = write(tmp_path / "test.txt", lines)
+    arguments = ["--batch-size", "2", workspace["model"], source]
+    reference = tmp_path / "reference.conll"
+    assert run_cli(arguments + ["-o", reference], capsys)[0] == 0
+    output = tmp_path / "out.conll"
+    run, calls = predict_cli.Predictor.run, []
+
+    def interrupted(self, records):
+        calls.append(records)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return run(self, records)
+
+    monkeypatch.setattr(predict_cli.Predictor, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(arguments + ["-o", output], capsys)
+    monkeypatch.undo()
+    assert (tmp_path / "out.conll.partial").read_text().count("IMGID:") == 2
+    # the rest, [t2 t3] [t4 t5] [t6], is split between two processes: 0 tags [t2 t3] and [t6], 1 tags [t4 t5]
+    completed = torchrun(arguments + ["-o", output, "--resume"], tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert output.read_bytes() == reference.read_bytes()
+    assert "7 tweets tagged" in completed.stderr and "by 2 processes (process 0: 3, process 1: 2)" in completed.stderr
+    assert "(2 of them before the interrupted run was resumed)" in completed.stderr
