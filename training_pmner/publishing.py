@@ -1,0 +1,273 @@
+"""What a finished `train_pmner.py` run publishes: the model card, and the upload to the Hub (repository created
+before training, checkpoints pushed as `hub_strategy` says, the finished folder uploaded at the end).
+
+A model repository holds the model, the processor with its FRR weights, the remote code, the card, the results
+files and the per-type report; `test_predictions.conll` (the gold test tweets) and `training_args.bin` (a pickle)
+only when asked for.
+"""
+
+import logging
+import os
+import sys
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import get_token
+from transformers import TrainerCallback
+
+from .data import hub_id_of_text_model
+
+
+logger = logging.getLogger(__name__)
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CARD_TEMPLATE = os.path.join(PROJECT, "model_card.md")
+TEST_PREDICTIONS = "test_predictions.conll"
+TRAINING_ARGS = "training_args.bin"
+DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
+
+
+class PushError(RuntimeError):
+    """The Hub refused or could not be reached; the message says what to do. Local files are never touched."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hub repository
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def frr_weights_are_random(image_processor) -> list[str]:
+    """The FRR settings whose weights are random (`random` or `random:SEED`), e.g. `['backbone_weights']`."""
+    settings = image_processor.to_dict()
+    names = ["backbone_weights"] + (["detector_weights"] if settings.get("detector") else [])
+    return [name for name in names if str(settings.get(name)).lower().startswith("random")]
+
+
+def prepare_hub_repo(training_args, output_dir: str) -> str:
+    """Checks the credentials and creates the model repository (private as `hub_private_repo` says) before any
+    training, so a push that cannot work fails first. Returns the repository id."""
+    token = training_args.hub_token or get_token()
+    if not token:
+        raise PushError(
+            "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or pass "
+            "--hub_token"
+        )
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    api = HfApi(token=token)
+    try:
+        return api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
+    except HfHubHTTPError as error:
+        raise PushError(f"--push_to_hub: the Hub refused to create {repo_id!r}: {error}") from error
+    except OSError as error:  # requests' connection errors are OSErrors
+        raise PushError(
+            f"--push_to_hub: could not reach the Hub at {api.endpoint} to create {repo_id!r}: {error}"
+        ) from error
+
+
+def publishable_files(output_dir: str, training_args) -> list[str]:
+    """The top-level files of the output folder that a model repository holds (never checkpoints, caches or logs;
+    the test predictions and the pickled training arguments only when asked for)."""
+    excluded = set()
+    if not training_args.hub_include_test_predictions:
+        excluded.add(TEST_PREDICTIONS)
+    if not training_args.hub_include_training_args:
+        excluded.add(TRAINING_ARGS)
+    return sorted(
+        name
+        for name in os.listdir(output_dir)
+        if os.path.isfile(os.path.join(output_dir, name)) and name not in excluded and not name.startswith((".", "_"))
+    )
+
+
+def upload(training_args, repo_id: str, folder: str, files: list[str], message: str, path_in_repo: str | None = None):
+    """Uploads `files` of `folder` in one commit; a refusal or a network failure becomes a `PushError`."""
+    api = HfApi(token=training_args.hub_token or get_token())
+    try:
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            path_in_repo=path_in_repo,
+            allow_patterns=files,
+            commit_message=message,
+            revision=training_args.hub_revision,
+        )
+    except HfHubHTTPError as error:
+        raise PushError(f"Pushing {folder} to {repo_id!r} failed: {error}") from error
+    except OSError as error:
+        raise PushError(f"Pushing {folder} to {repo_id!r}: could not reach the Hub at {api.endpoint}: {error}") from error
+
+
+def push_output_folder(training_args, repo_id: str) -> list[str]:
+    """Uploads the finished output folder (see `publishable_files`); returns the files uploaded."""
+    output_dir = training_args.output_dir
+    files = publishable_files(output_dir, training_args)
+    if training_args.hub_include_test_predictions:
+        logger.warning(
+            f"Uploading {TEST_PREDICTIONS}: it holds the gold test tweets; make sure the Twitter data's terms allow "
+            "redistributing them."
+        )
+    upload(training_args, repo_id, output_dir, files, "P-MNER trained with train_pmner.py")
+    logger.info(f"Pushed {len(files)} files of {output_dir} to {repo_id}: {', '.join(files)}")
+    return files
+
+
+class HubStrategyCallback(TrainerCallback):
+    """Pushes during training as `hub_strategy` documents it: `every_save` the model of each checkpoint to the
+    repository root, `checkpoint` that and the latest checkpoint to `last-checkpoint/` (to resume from), and
+    `all_checkpoints` each checkpoint to a folder of its own name. `end` (default) pushes nothing here; the finished
+    folder is uploaded once at the end either way. Uploads run in the main process and block training while they
+    run."""
+
+    MODEL_FILES_EXCLUDED = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", TRAINING_ARGS)
+
+    def __init__(self, training_args, repo_id: str):
+        self.training_args = training_args
+        self.repo_id = repo_id
+
+    def on_save(self, args, state, control, **kwargs):
+        strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+        if strategy == "end" or not state.is_world_process_zero:
+            return
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint):
+            return
+        files = [
+            name
+            for name in os.listdir(checkpoint)
+            if os.path.isfile(os.path.join(checkpoint, name))
+            and not name.startswith("rng_state")
+            and name not in self.MODEL_FILES_EXCLUDED
+        ]
+        message = f"Training in progress, step {state.global_step}"
+        upload(self.training_args, self.repo_id, checkpoint, files, message)
+        if strategy in ("checkpoint", "all_checkpoints"):
+            every = sorted(name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name)))
+            target = "last-checkpoint" if strategy == "checkpoint" else os.path.basename(checkpoint)
+            upload(self.training_args, self.repo_id, checkpoint, every, message + ", checkpoint", path_in_repo=target)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def frr_weights_summary(image_processor, use_visual: bool) -> str:
+    """The FRR networks and their weights' origin and checksum, as the processor records them."""
+    if not use_visual:
+        return "none (text-only model)"
+    settings = image_processor.to_dict()
+    parts = []
+    for role, name_key, weights_key in (("detector", "detector", "detector_weights"), ("backbone", "backbone", "backbone_weights")):
+        name = settings.get(name_key)
+        if name is None:
+            parts.append(f"{role}: none (the whole image is the only object)")
+            continue
+        checksum = next(
+            (str(value) for key, value in settings.items() if key.startswith(role) and "sha256" in key and value), None
+        )
+        parts.append(
+            f"{role}: `{name}`, weights `{settings.get(weights_key)}`" + (f", sha256 `{checksum}`" if checksum else "")
+        )
+    return "; ".join(parts)
+
+
+def write_model_card(
+    output_dir: str,
+    results: dict,
+    report: str | None,
+    model_args,
+    data_args,
+    training_args,
+    num_examples: dict,
+    image_processor,
+    use_visual: bool,
+    hub_dataset: str | None,
+    trained_here: bool,
+    argument_file: str | None,
+):
+    """Fills the repository's `model_card.md` template with this run's numbers and a `model-index` (test scores when
+    the run predicted test, else validation scores)."""
+    dataset_title = DATASET_TITLES.get(data_args.dataset_config_name or data_args.dataset_name, data_args.dataset_name)
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    split, prefix = ("test", "predict") if "predict_f1" in results else ("validation", "eval")
+    eval_results = [
+        EvalResult(
+            task_type="token-classification",
+            dataset_type=hub_dataset or data_args.dataset_name,
+            dataset_name=dataset_title,
+            dataset_config=data_args.dataset_config_name,
+            dataset_split=split,
+            metric_type=name,
+            metric_value=round(results[f"{prefix}_{name}"], 4),
+        )
+        for name in ("precision", "recall", "f1")
+        if f"{prefix}_{name}" in results
+    ]
+    card_data = ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="token-classification",
+        tags=["multimodal-ner", "named-entity-recognition", "pmner", "custom_code"],
+        datasets=[hub_dataset] if hub_dataset else None,
+        base_model=hub_id_of_text_model(model_args.text_model_name_or_path) if trained_here else None,
+        model_name=repo_id,
+        eval_results=eval_results or None,
+    )
+
+    def number(key):
+        return f"{results[key] * 100:.2f}" if key in results else "n/a"
+
+    if trained_here:
+        provenance = "This model was trained with `train_pmner.py` of the P-MNER package, by the command below."
+    else:
+        provenance = (
+            f"This card reports an evaluation of the trained P-MNER model `{model_args.text_model_name_or_path}` by "
+            "`train_pmner.py`: the model was **not trained in this run** (see that model's own card for how it was "
+            "trained); the training rows below describe this evaluation's settings."
+        )
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    file_text = ""
+    if argument_file and os.path.isfile(argument_file):
+        with open(argument_file) as handle:
+            file_text = f"\nwith `{argument_file}`:\n\n```yaml\n{handle.read().strip()}\n```\n"
+    card = ModelCard.from_template(
+        card_data,
+        template_path=CARD_TEMPLATE,
+        model_name=repo_id,
+        repo_id=repo_id,
+        provenance=provenance,
+        dataset_name=dataset_title + (f" (`{hub_dataset}`)" if hub_dataset else ""),
+        num_train=num_examples.get("train"),
+        num_eval=num_examples.get("validation"),
+        num_test=num_examples.get("test"),
+        text_model=model_args.text_model_name_or_path,
+        visual_input="FRR object features" if use_visual else "none (text only)",
+        frr_weights=frr_weights_summary(image_processor, use_visual),
+        fusion=model_args.fusion,
+        head=model_args.head,
+        tag_scheme=model_args.tag_scheme,
+        prompt_mode=model_args.prompt_mode,
+        epochs=training_args.num_train_epochs if trained_here else "n/a (not trained in this run)",
+        batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
+        learning_rate=training_args.learning_rate,
+        seed=training_args.seed,
+        best_epoch=results.get("best_epoch", "n/a"),
+        train_runtime=round(results.get("train_runtime", 0.0), 1),
+        device=str(training_args.device),
+        eval_precision=number("eval_precision"),
+        eval_recall=number("eval_recall"),
+        eval_f1=number("eval_f1"),
+        test_precision=number("predict_precision"),
+        test_recall=number("predict_recall"),
+        test_f1=number("predict_f1"),
+        test_report=(report or "test not evaluated in this run (--do_predict)").strip(),
+        command=command,
+        argument_file=file_text,
+        other_note=(
+            "Twitter-2015's `OTHER` type is reported as `MISC`."
+            if data_args.other_as_misc
+            else "Twitter-2015's `OTHER` type is kept as `OTHER`."
+        ),
+    )
+    card.save(os.path.join(output_dir, "README.md"))
