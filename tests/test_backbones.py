@@ -135,7 +135,8 @@ def test_words_and_template_are_encoded_as_in_running_text(checkpoints, family, 
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded) is PMNERProcessor and type(reloaded.tokenizer) is type(tokenizer)
     mask = tokenizer.mask_token
-    specials = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
+    # the tokens the tokenizer adds around a row ([CLS] ... [SEP], <s> ... </s>); not <unk> or <mask>
+    specials = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
     for loaded in (processor, reloaded):
         for words in SENTENCES:
             batch = loaded(words)
@@ -194,9 +195,11 @@ def test_one_epoch_of_train_pmner_and_the_folder_reloads(one_epoch_runs, checkpo
     check_processor_matches_model(processor, model.config)
     assert type(processor.tokenizer) is type(AutoTokenizer.from_pretrained(checkpoints[family]))
     assert split_words_match_running_text(processor.tokenizer)
-    assert model.config.text_config.model_type == AutoModelForTokenClassification.from_pretrained(
-        folder
-    ).config.text_config.model_type
+    # the saved tokenizer files themselves carry the setting (add_prefix_space for byte-level BPE)
+    assert split_words_match_running_text(AutoTokenizer.from_pretrained(folder))
+    assert model.config.text_config.model_type == json.loads(
+        open(os.path.join(checkpoints[family], "config.json")).read()
+    )["model_type"]
     # the reloaded folder predicts what the run wrote for the test split
     sentences, written = read_predictions(folder / "test_predictions.conll")
     batch = processor(sentences)
