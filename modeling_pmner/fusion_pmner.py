@@ -11,6 +11,11 @@ from torch import nn
 from .configuration_pmner import PMNERConfig
 
 
+def layer_norm_eps(config: PMNERConfig) -> float:
+    """The text encoder's LayerNorm epsilon (DistilBERT's config has none: it uses 1e-12, as BERT)."""
+    return getattr(config.text_config, "layer_norm_eps", 1e-12)
+
+
 class PMNERAttention(nn.Module):
     """Multi-head attention of queries over keys/values with a key mask.
 
@@ -59,7 +64,7 @@ class PMNERSelfAttentionLayer(nn.Module):
         super().__init__()
         self.attention = PMNERAttention(config)
         self.dropout = nn.Dropout(config.fusion_dropout)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.text_config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the new states (B, L, hidden) and the attention weights (B, heads, L, L)."""
@@ -79,7 +84,7 @@ class PMNERTextCorrectionFusion(nn.Module):
     def __init__(self, config: PMNERConfig):
         super().__init__()
         hidden_size = config.hidden_size
-        eps = config.text_config.layer_norm_eps
+        eps = layer_norm_eps(config)
         self.visual_to_text = PMNERAttention(config)
         self.visual_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.feed_forward = nn.Sequential(
@@ -116,7 +121,7 @@ class PMNERConcatFusion(nn.Module):
     def __init__(self, config: PMNERConfig):
         super().__init__()
         self.projection = nn.Linear(2 * config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.text_config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
         self.dropout = nn.Dropout(config.fusion_dropout)
 
     def forward(

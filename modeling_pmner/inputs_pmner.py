@@ -38,8 +38,10 @@ def check_labels(labels: torch.Tensor, text_shape: torch.Size) -> torch.Tensor:
     return labels
 
 
-def check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_ids, visual_features, visual_mask):
-    """Validates shapes and values; returns the visual features (padding objects zeroed) and the visual mask (all
+def check_inputs(
+    config, embedding_dim, input_ids, inputs_embeds, attention_mask, token_type_ids, visual_features, visual_mask
+):
+    """Validates shapes and values (`embedding_dim`: the width of the text encoder's input embeddings); returns the visual features (padding objects zeroed) and the visual mask (all
     objects present when none is given). Raises `ValueError` naming the argument at fault."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
@@ -48,10 +50,10 @@ def check_inputs(config, input_ids, inputs_embeds, attention_mask, token_type_id
             raise ValueError(f"`input_ids` has shape {tuple(input_ids.shape)}; expected (batch, sequence_length)")
         text_shape, text_name = input_ids.shape, "input_ids"
     else:
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != embedding_dim:
             raise ValueError(
                 f"`inputs_embeds` has shape {tuple(inputs_embeds.shape)}; expected (batch, sequence_length, "
-                f"hidden_size={config.hidden_size})"
+                f"embedding size={embedding_dim})"
             )
         text_shape, text_name = inputs_embeds.shape[:2], "inputs_embeds"
     batch_size = text_shape[0]

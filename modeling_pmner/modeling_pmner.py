@@ -228,7 +228,8 @@ class PMNERModel(PMNERPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        device = self.get_input_embeddings().weight.device
+        embeddings = self.get_input_embeddings()
+        device = embeddings.weight.device
         input_ids, attention_mask, token_type_ids, visual_features, visual_mask, inputs_embeds = (
             to_tensor(name, value, device)
             for name, value in (
@@ -241,7 +242,14 @@ class PMNERModel(PMNERPreTrainedModel):
             )
         )
         visual_features, visual_mask = check_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, token_type_ids, visual_features, visual_mask
+            self.config,
+            embeddings.embedding_dim,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            token_type_ids,
+            visual_features,
+            visual_mask,
         )
         text_inputs = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:

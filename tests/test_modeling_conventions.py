@@ -289,8 +289,53 @@ def test_inputs_embeds_give_the_logits_of_input_ids():
         model(**embedded, input_ids=tester.get_inputs()["input_ids"])
     with pytest.raises(ValueError, match="exactly one of"):
         model(attention_mask=embedded["attention_mask"])
-    with pytest.raises(ValueError, match=r"`inputs_embeds` has shape \(3, 9, 8\)"):
+    expected = r"`inputs_embeds` has shape \(3, 9, 8\); expected \(batch, sequence_length, embedding size=32\)"
+    with pytest.raises(ValueError, match=expected):
         model(inputs_embeds=torch.zeros(3, 9, 8))
+
+
+TEXT_ENCODERS = {
+    "distilbert": dict(model_type="distilbert", dim=32, n_layers=1, n_heads=4, hidden_dim=37),
+    "electra": dict(
+        model_type="electra", embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=37,
+    ),
+    "roberta": dict(
+        model_type="roberta", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        pad_token_id=1,
+    ),
+    "xlm-roberta": dict(
+        model_type="xlm-roberta", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        pad_token_id=1,
+    ),
+    "deberta-v2": dict(
+        model_type="deberta-v2", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    ),
+}
+
+
+@pytest.mark.parametrize("family", TEXT_ENCODERS)
+def test_conventions_hold_for_other_text_encoders(family):
+    """DistilBERT (no layer_norm_eps, no token types), ELECTRA (embeddings narrower than the hidden size), RoBERTa,
+    XLM-R and DeBERTa-v2 (no sdpa in transformers): attention flags, attentions, inputs_embeds, the loss."""
+    torch.manual_seed(0)
+    config = PMNERConfig(
+        text_config=dict(TEXT_ENCODERS[family], vocab_size=99, max_position_embeddings=64),
+        fusion_num_heads=4, visual_feature_dim=8, fusion_dropout=0.0,
+    )
+    model = PMNERForTokenClassification(config).eval()
+    encoder = model.pmner.text_model
+    assert model._supports_sdpa == type(encoder)._supports_sdpa
+    assert model.config._attn_implementation == encoder.config._attn_implementation
+    ids, features = torch.randint(3, 99, (2, 6)), torch.randn(2, 3, 8)
+    labels = torch.randint(0, 9, (2, 6))
+    outputs = model(input_ids=ids, visual_features=features, labels=labels, output_attentions=True)
+    assert len(outputs.attentions) == 1 and outputs.attentions[0].shape[-2:] == (6, 6)
+    assert outputs.text_to_object_attentions.shape == (2, 4, 6, 3)
+    summed = model(input_ids=ids, visual_features=features, labels=labels, num_items_in_batch=1).loss
+    torch.testing.assert_close(summed, outputs.loss * 12)
+    embedded = model(inputs_embeds=model.get_input_embeddings()(ids), visual_features=features).logits
+    torch.testing.assert_close(embedded, outputs.logits)
 
 
 # ---- the label-word lookup's device ------------------------------------------------------------------------------
