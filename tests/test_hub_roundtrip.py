@@ -2,11 +2,12 @@
 process that cannot import this project, and the Twitter MNER dataset read back with `load_dataset`.
 
 Reusable helpers (for other tests, e.g. an end-to-end `train_pmner.py --push_to_hub` case):
+- `write_tiny_visual_pmner_folder(root)`: a tiny visual P-MNER folder (seeded random FRR backbone saved in it).
 - `upload_model_folder(hub, folder, repo_id)`: uploads a saved folder with `HfApi.upload_folder`.
 - `compare_hub_and_local(hub, repo_id, folder, workdir, texts, image=None)`: in a fresh process without the project,
   an empty HF_HOME and HF_ENDPOINT at the test Hub, loads the local folder and the Hub repo with `AutoProcessor`,
   `AutoModel`, `AutoModelForTokenClassification` and `pipeline(model=..., trust_remote_code=True)`, and asserts the
-  encodings, logits and pipeline outputs are the same. Returns the results of both.
+  encodings, logits and pipeline outputs (with `image=` and text only) are the same. Returns the results of both.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -75,6 +77,7 @@ def run(source):
     ner = pipeline(model=source, trust_remote_code=True, device="cpu")
     result["pipeline_module"] = type(ner).__module__
     result["pipeline"] = [ner(text, image=image) if image else ner(text) for text in texts]
+    result["pipeline_text_only"] = [ner(text) for text in texts]
     return result
 
 local, hub = run({folder!r}), run({repo_id!r})
@@ -87,10 +90,13 @@ def compare_hub_and_local(hub, repo_id: str, folder, workdir, texts, image=None)
     """Loads `folder` and the Hub repo `repo_id` in a fresh process that cannot import the project (empty HF_HOME,
     HF_ENDPOINT at `hub`) with the Auto classes and `pipeline(..., trust_remote_code=True)`; asserts they give the
     same encodings, logits and pipeline outputs, and that the repo was really fetched from the Hub."""
-    workdir = os.path.join(str(workdir), "fresh-process")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="fresh-process-", dir=str(workdir))
+    home = os.path.join(workdir, "hf-home")  # empty, whatever other processes of the test have cached
+    env = dict(hub.env(), HF_HOME=home, HF_HUB_CACHE=os.path.join(home, "hub"), HF_DATASETS_CACHE=os.path.join(home, "datasets"))
     script = COMPARE_SCRIPT.format(texts=list(texts), image=image, folder=str(folder), repo_id=repo_id)
-    result = last_json(run_without_project(script, workdir, env=hub.env()))
+    seen = len(hub.server.requests)
+    result = last_json(run_without_project(script, workdir, env=env))
+    requests = hub.server.requests[seen:]  # those of the fresh process
     local, remote = result["local"], result["hub"]
     assert result["cached"], "the repo was not downloaded into the empty HF_HOME"
     for key in ("model_module", "token_classification_module", "pipeline_module"):
@@ -99,7 +105,7 @@ def compare_hub_and_local(hub, repo_id: str, folder, workdir, texts, image=None)
     for key in ("model", "token_classification"):
         torch.testing.assert_close(torch.tensor(remote[key]), torch.tensor(local[key]), atol=0, rtol=0)
     assert remote["pipeline"] == local["pipeline"]
-    requests = hub.server.requests
+    assert remote["pipeline_text_only"] == local["pipeline_text_only"]
     assert any(request.startswith("GET /lfs/") for request in requests), "model.safetensors not fetched over LFS"
     assert any(f"/{repo_id}/resolve/" in request and request.endswith("config.json") for request in requests)
     return result
@@ -240,16 +246,6 @@ def test_hub_server_protocol_details(hub_server):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_tiny_pmner_folder(root) -> str:
-    """A tiny text-only P-MNER folder (model, processor, pipeline, remote code), as tests/test_pipeline_pmner.py
-    builds it."""
-    from test_pipeline_pmner import build_model, build_processor, save_folder
-
-    text_model = write_tiny_masked_lm(root / "tiny-bert")
-    model = build_model(text_model, use_visual=False)
-    return save_folder(root / "tiny-pmner", model, build_processor(text_model, model))
-
-
 def write_tiny_visual_pmner_folder(root) -> str:
     """A tiny visual P-MNER folder whose FRR backbone (resnet18, seeded random weights, no detector) is saved in the
     processor folder, so that every load gives the same image features."""
@@ -282,15 +278,6 @@ def test_visual_model_round_trip_with_an_image(hub_server, tmp_path):
     features = torch.tensor(result["hub"]["encoding"]["visual_features"])
     assert features.abs().sum() > 0 and result["hub"]["encoding"]["visual_mask"][0][0]  # the image was used
     assert any(f"/user/tiny-visual/resolve/" in r and r.endswith("frr_backbone.safetensors") for r in hub_server.server.requests)
-
-
-def test_model_round_trip_through_the_hub(hub_server, tmp_path):
-    folder = write_tiny_pmner_folder(tmp_path)
-    before = tree_digest(folder)
-    upload_model_folder(hub_server, folder, "user/tiny")
-    assert tree_digest(folder) == before
-    texts = ["trump visits london today", "rt @user : apple meets obama"]
-    result = compare_hub_and_local(hub_server, "user/tiny", folder, tmp_path, texts)
     assert any(result["local"]["pipeline"]), "the tiny model predicts no entity at all: nothing compared"
 
 
