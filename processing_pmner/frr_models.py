@@ -1,6 +1,6 @@
 """FRR networks of P-MNER (paper section 3.2): building the torchvision detector and backbone from their settings,
-their weights (origin, safetensors files saved with the processor, checksums), and the forward pass that detects,
-crops and encodes the objects of a batch of images.
+and their weights (origin, safetensors files saved with the processor, checksums). `FRRModelsMixin` gives
+`PMNERImageProcessor` its model handling: lazy building, `set_modules`, saving and loading with the weights.
 
 Weights settings (`detector_weights`, `backbone_weights`) take one of these forms, normalised at construction
 (`weights_origin`) and recorded as the weights' origin when the processor is saved:
@@ -16,8 +16,8 @@ Weights settings (`detector_weights`, `backbone_weights`) take one of these form
 `from_pretrained` reads them back from the folder or Hub repo (`locate_frr_weights`), checking the checksum when the
 models are built.
 
-Copied flat into saved processor folders (remote code): imports only torch, torchvision, numpy, PIL and transformers
-at module level (torchvision lazily); safetensors sits in `try:`.
+Copied flat into saved processor folders (remote code): imports only torch and transformers at module level
+(torchvision lazily); safetensors sits in `try:`.
 """
 
 import hashlib
@@ -25,9 +25,7 @@ import json
 import os
 import struct
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 try:
@@ -440,88 +438,117 @@ def save_with_frr_weights(owner, image_processor, parent_save, save_directory, p
     return files
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Forward pass
+# The processor's models
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def frr_forward(processor, rgb_images: list[Image.Image]) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
-    """Detects, crops and encodes a chunk of RGB images; returns the crop features (N, D), objects per image and
-    the boxes (objects, 4) of each image (pixels of the downscaled image). `processor` gives the settings and the
-    built modules (`PMNERImageProcessor.load_models` has run)."""
-    device = processor._models_device
-    preprocessing = processor.preprocessing
-    tensors = [
-        torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)  # (3, H, W) uint8
-        for image in rgb_images
-    ]
-    detections = _detect(processor, tensors)  # per image (k, 4), k <= max_objects
-    mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    size = preprocessing["crop_size"]
-    crops, counts, all_boxes = [], [], []
-    for tensor, image_boxes in zip(tensors, detections):
-        height, width = tensor.shape[-2:]
-        if processor.add_whole_image and image_boxes.shape[0] < processor.max_objects:
-            whole = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device)  # (1, 4)
-            image_boxes = torch.cat([image_boxes, whole])  # (k + 1, 4)
-        for x1, y1, x2, y2 in image_boxes.tolist():
-            left = min(max(int(np.floor(x1)), 0), width - 1)
-            top = min(max(int(np.floor(y1)), 0), height - 1)
-            right = max(min(int(np.ceil(x2)), width), left + 1)
-            bottom = max(min(int(np.ceil(y2)), height), top + 1)
-            crops.append(_resize(tensor[:, top:bottom, left:right], size, preprocessing["interpolation"]))  # (3, S, S) float in [0, 1]
-        counts.append(image_boxes.shape[0])
-        all_boxes.append(image_boxes)
-    if not crops:
-        return torch.zeros(0, processor.feature_dim), counts, all_boxes
-    batch = (torch.stack(crops) - mean) / std  # (N, 3, S, S)
-    features = processor._backbone_module(batch)  # (N, D)
-    if features.dim() != 2 or features.shape != (batch.shape[0], processor.feature_dim):
-        raise ValueError(
-            f"backbone {processor.backbone!r} returned shape {tuple(features.shape)}; expected "
-            f"({batch.shape[0]}, feature_dim={processor.feature_dim})"
-        )
-    return features, counts, all_boxes
+class FRRModelsMixin:
+    """The FRR networks of `PMNERImageProcessor`: built lazily from the settings (or read from the weights files
+    saved with them), injected with `set_modules`, saved with the processor and hashed for the feature cache."""
 
-def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as tvF
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Saves the settings and, with `save_frr_weights`, the detector and backbone weights (see `frr_weights`)."""
+        return save_with_frr_weights(self, self, super().save_pretrained, save_directory, push_to_hub, **kwargs)
 
-    crop = crop.float().unsqueeze(0) / 255.0  # (1, 3, h, w)
-    resized = tvF.resize(crop, [size, size], interpolation=interpolation, antialias=True)
-    return resized[0].clamp_(0.0, 1.0)  # (3, S, S)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads the settings and locates the FRR weights files saved with them (nothing is built yet)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        processor.attach_frr_weights(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        return loaded
 
-def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per image, the boxes (k, 4) of the first `max_objects` detections (by score) above `score_threshold`."""
-    device = processor._models_device
-    if processor._detector_module is None:
-        return [torch.zeros(0, 4, device=device) for _ in tensors]
-    inputs = [tensor.float() / 255.0 for tensor in tensors]  # each (3, H, W) in [0, 1] (ObjectDetection())
-    outputs = processor._detector_module(inputs)
-    if len(outputs) != len(inputs):
-        raise ValueError(f"detector {processor.detector!r} returned {len(outputs)} results for {len(inputs)} images")
-    kept = []
-    for output in outputs:
-        scores = output["scores"].to(device)  # (K,)
-        boxes = output["boxes"].to(device, torch.float32)  # (K, 4)
-        order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
-        scores, boxes = scores[order], boxes[order]
-        boxes = boxes[scores > processor.score_threshold][: processor.max_objects]  # (k, 4)
-        kept.append(boxes)
-    return kept
+    def attach_frr_weights(self, pretrained_model_name_or_path, **hub_kwargs) -> "FRRModelsMixin":
+        """Uses the FRR weights files that `frr_weights` lists, from a folder or Hub repo (`hub_kwargs`: `cache_dir`,
+        `revision`, `token`, `local_files_only`, ...); a missing or truncated file raises `OSError` naming it."""
+        if self.frr_weights:
+            self._weights_files = locate_frr_weights(pretrained_model_name_or_path, self.frr_weights, **hub_kwargs)
+            self._detector_module = self._backbone_module = None
+            self._weights_sha256 = {}
+        return self
 
-# -- datasets ------------------------------------------------------------------------------------------------
+    def weights_sha256(self, component: str) -> str:
+        """sha256 of the `"backbone"` or `"detector"` weights in use (builds the models once if they are not read
+        from a saved folder); kept, so the cache fingerprint never hashes ~400 MB twice."""
+        if component not in self._weights_sha256:
+            if component in self._weights_files:
+                self._weights_sha256[component] = self.frr_weights[component]["sha256"]
+            else:
+                self.load_models(self._models_device)
+                module = self._backbone_module if component == "backbone" else self._detector_module
+                self._weights_sha256[component] = tensors_sha256(module.state_dict())
+        return self._weights_sha256[component]
+
+    def _saved_state(self, component: str) -> dict | None:
+        path = self._weights_files.get(component)
+        return None if path is None else read_weights_file(path, self.frr_weights[component]["sha256"])
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of one object feature (2048 for ResNet-152), known without building the models."""
+        if self._feature_dim is None:
+            self._feature_dim = backbone_feature_dim(self.backbone)
+        return self._feature_dim
+
+    @property
+    def preprocessing(self) -> dict:
+        """Crop size, interpolation, mean and std of the backbone input (from the weights' `transforms()`)."""
+        if self._preprocessing is None:
+            self._preprocessing = backbone_preprocessing(self.backbone, self.backbone_weights)
+            if self.crop_size is not None:
+                self._preprocessing["crop_size"] = self.crop_size
+        return self._preprocessing
+
+    @property
+    def models_built(self) -> bool:
+        return self._backbone_module is not None
+
+    def set_modules(self, backbone: torch.nn.Module, feature_dim: int, detector: torch.nn.Module | None = None):
+        """Uses ready modules instead of the torchvision builders named in the settings.
+
+        `backbone` maps normalised crops (N, 3, crop_size, crop_size) to (N, feature_dim). `detector` follows the
+        torchvision detection API in eval mode: a list of (3, H, W) float images in [0, 1] to a list of dicts with
+        `boxes` (K, 4) and `scores` (K,). With `detector=None` and the `detector` setting not None, a detector is
+        still built from the settings.
+        """
+        self._backbone_module = backbone.eval()
+        self._feature_dim = int(feature_dim)
+        if detector is not None:
+            self._detector_module = detector.eval()
+        self._injected = True
+        self._models_device = None
+
+    def load_models(self, device=None) -> "FRRModelsMixin":
+        """Builds the detector and backbone (if not done yet) and moves them to `device`."""
+        device = torch.device(device) if device is not None else self.default_device()
+        if self._backbone_module is None:
+            self._backbone_module = build_backbone(self.backbone, self.backbone_weights, self._saved_state("backbone"))
+        if self.detector is not None and self._detector_module is None:
+            state = self._saved_state("detector")
+            self._detector_module = build_detector(self.detector, self.detector_weights, self.detector_kwargs, state)
+        if self._models_device != device:
+            self._backbone_module.to(device)
+            if self._detector_module is not None:
+                self._detector_module.to(device)
+            self._models_device = device
+        return self
+
+    @staticmethod
+    def default_device() -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 __all__ = [
+    "FRRModelsMixin",
     "FRR_WEIGHTS_DTYPES",
     "FRR_WEIGHTS_FILES",
     "backbone_feature_dim",
     "backbone_preprocessing",
     "build_backbone",
     "build_detector",
-    "frr_forward",
     "locate_frr_weights",
     "read_weights_file",
     "save_with_frr_weights",

@@ -6,9 +6,10 @@ A Faster R-CNN finds the objects of an image; the first `max_objects` detections
 into `visual_features` (batch, max_objects, feature_dim) and `visual_mask` (batch, max_objects), and extracts and
 caches them for a whole `datasets.Dataset` (`extract_dataset_features`).
 
-The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and runs
-them, `feature_cache.py` holds the feature cache and the dataset extraction; this file holds the processor and
-re-exports the public names of its siblings.
+The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and
+handles their weights (saved with the processor), `feature_cache.py` holds the feature cache and the dataset
+extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
+names of its siblings.
 
 This file and its siblings are copied flat into saved processor folders (remote code): they import only torch,
 torchvision, transformers, PIL and numpy at module level, and each other relatively.
@@ -22,24 +23,12 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from .feature_cache import FRRFeatureCache, extract_dataset_features
-from .frr_models import (
-    FRR_WEIGHTS_DTYPES,
-    HUB_KWARGS,
-    backbone_feature_dim,
-    backbone_preprocessing,
-    build_backbone,
-    build_detector,
-    frr_forward,
-    locate_frr_weights,
-    read_weights_file,
-    save_with_frr_weights,
-    tensors_sha256,
-    weights_origin,
-)
+from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, weights_origin
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -135,6 +124,8 @@ SETTINGS = {
     "save_frr_weights": True,
     "frr_weights_dtype": "float32",
 }
+
+
 # Settings that change the features (and hence the cache fingerprint, with the weights' sha256).
 FEATURE_SETTINGS = (
     "detector",
@@ -148,7 +139,109 @@ FEATURE_SETTINGS = (
 )
 
 
-class PMNERImageProcessor(BaseImageProcessor):
+def features_fingerprint(processor) -> str:
+    """Cache fingerprint of an image processor: hash of the settings that change the features, with the sha256 of
+    the weights in use (not their name, path or mtime; computed once per weights); injected modules by their
+    parameters."""
+    settings = {key: getattr(processor, key) for key in FEATURE_SETTINGS}
+    settings["crop_size"] = processor.preprocessing["crop_size"]
+    if not processor._injected:
+        components = ["backbone"] + (["detector"] if processor.detector is not None else [])
+        settings["weights_sha256"] = {component: processor.weights_sha256(component) for component in components}
+    else:
+        settings.update(detector_weights=processor.detector_weights, backbone_weights=processor.backbone_weights)
+        digest = hashlib.sha1()
+        for module in (processor._backbone_module, processor._detector_module):
+            if module is None:
+                continue
+            digest.update(type(module).__qualname__.encode())
+            for name, tensor in module.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        settings["injected_modules"] = digest.hexdigest()
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward pass
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def frr_forward(
+    processor, rgb_images: list[Image.Image]
+) -> tuple[torch.Tensor, list[int], list[torch.Tensor], list[int]]:
+    """Detects, crops and encodes a chunk of RGB images; returns the crop features (N, D), objects per image, the
+    boxes (objects, 4) of each image (pixels of the downscaled image) and the detections per image above the
+    threshold (objects without the whole-image filler). `processor` gives the settings and the
+    built modules (`PMNERImageProcessor.load_models` has run)."""
+    device = processor._models_device
+    preprocessing = processor.preprocessing
+    tensors = [
+        torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)  # (3, H, W) uint8
+        for image in rgb_images
+    ]
+    detections = _detect(processor, tensors)  # per image (k, 4), k <= max_objects
+    mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+    size = preprocessing["crop_size"]
+    crops, counts, all_boxes, detected = [], [], [], []
+    for tensor, image_boxes in zip(tensors, detections):
+        height, width = tensor.shape[-2:]
+        detected.append(image_boxes.shape[0])  # before the whole-image filler
+        if processor.add_whole_image and image_boxes.shape[0] < processor.max_objects:
+            whole = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device)  # (1, 4)
+            image_boxes = torch.cat([image_boxes, whole])  # (k + 1, 4)
+        for x1, y1, x2, y2 in image_boxes.tolist():
+            left = min(max(int(np.floor(x1)), 0), width - 1)
+            top = min(max(int(np.floor(y1)), 0), height - 1)
+            right = max(min(int(np.ceil(x2)), width), left + 1)
+            bottom = max(min(int(np.ceil(y2)), height), top + 1)
+            crops.append(_resize(tensor[:, top:bottom, left:right], size, preprocessing["interpolation"]))  # (3, S, S) float in [0, 1]
+        counts.append(image_boxes.shape[0])
+        all_boxes.append(image_boxes)
+    if not crops:
+        return torch.zeros(0, processor.feature_dim), counts, all_boxes, detected
+    batch = (torch.stack(crops) - mean) / std  # (N, 3, S, S)
+    features = processor._backbone_module(batch)  # (N, D)
+    if features.dim() != 2 or features.shape != (batch.shape[0], processor.feature_dim):
+        raise ValueError(
+            f"backbone {processor.backbone!r} returned shape {tuple(features.shape)}; expected "
+            f"({batch.shape[0]}, feature_dim={processor.feature_dim})"
+        )
+    return features, counts, all_boxes, detected
+
+def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as tvF
+
+    crop = crop.float().unsqueeze(0) / 255.0  # (1, 3, h, w)
+    resized = tvF.resize(crop, [size, size], interpolation=interpolation, antialias=True)
+    return resized[0].clamp_(0.0, 1.0)  # (3, S, S)
+
+def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per image, the boxes (k, 4) of the first `max_objects` detections (by score) above `score_threshold`."""
+    device = processor._models_device
+    if processor._detector_module is None:
+        return [torch.zeros(0, 4, device=device) for _ in tensors]
+    inputs = [tensor.float() / 255.0 for tensor in tensors]  # each (3, H, W) in [0, 1] (ObjectDetection())
+    outputs = processor._detector_module(inputs)
+    if len(outputs) != len(inputs):
+        raise ValueError(f"detector {processor.detector!r} returned {len(outputs)} results for {len(inputs)} images")
+    kept = []
+    for output in outputs:
+        scores = output["scores"].to(device)  # (K,)
+        boxes = output["boxes"].to(device, torch.float32)  # (K, 4)
+        order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
+        scores, boxes = scores[order], boxes[order]
+        boxes = boxes[scores > processor.score_threshold][: processor.max_objects]  # (k, 4)
+        kept.append(boxes)
+    return kept
+
+# -- datasets ------------------------------------------------------------------------------------------------
+
+
+class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
     r"""
     FRR visual feature extractor of P-MNER (section 3.2): Faster R-CNN objects, cropped and encoded by a ResNet.
 
@@ -254,45 +347,6 @@ class PMNERImageProcessor(BaseImageProcessor):
         output["image_processor_type"] = self.__class__.__name__
         return output
 
-    # -- saving and loading (the FRR weights travel with the settings) ----------------------------------------------
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Saves the settings and, with `save_frr_weights`, the detector and backbone weights (see `frr_weights`)."""
-        return save_with_frr_weights(self, self, super().save_pretrained, save_directory, push_to_hub, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Loads the settings and locates the FRR weights files saved with them (nothing is built yet)."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        processor = loaded[0] if isinstance(loaded, tuple) else loaded
-        processor.attach_frr_weights(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
-        return loaded
-
-    def attach_frr_weights(self, pretrained_model_name_or_path, **hub_kwargs) -> "PMNERImageProcessor":
-        """Uses the FRR weights files that `frr_weights` lists, from a folder or Hub repo (`hub_kwargs`: `cache_dir`,
-        `revision`, `token`, `local_files_only`, ...); a missing or truncated file raises `OSError` naming it."""
-        if self.frr_weights:
-            self._weights_files = locate_frr_weights(pretrained_model_name_or_path, self.frr_weights, **hub_kwargs)
-            self._detector_module = self._backbone_module = None
-            self._weights_sha256 = {}
-        return self
-
-    def weights_sha256(self, component: str) -> str:
-        """sha256 of the `"backbone"` or `"detector"` weights in use (builds the models once if they are not read
-        from a saved folder); kept, so the cache fingerprint never hashes ~400 MB twice."""
-        if component not in self._weights_sha256:
-            if component in self._weights_files:
-                self._weights_sha256[component] = self.frr_weights[component]["sha256"]
-            else:
-                self.load_models(self._models_device)
-                module = self._backbone_module if component == "backbone" else self._detector_module
-                self._weights_sha256[component] = tensors_sha256(module.state_dict())
-        return self._weights_sha256[component]
-
-    def _saved_state(self, component: str) -> dict | None:
-        path = self._weights_files.get(component)
-        return None if path is None else read_weights_file(path, self.frr_weights[component]["sha256"])
-
     def __deepcopy__(self, memo):
         # ProcessorMixin.to_dict deep-copies its attributes: copy the settings, share the (read-only) models.
         clone = self.__class__(**{key: value for key, value in self.to_dict().items() if key != "image_processor_type"})
@@ -328,62 +382,6 @@ class PMNERImageProcessor(BaseImageProcessor):
             BadImageWarning,
             stacklevel=3,
         )
-
-    # -- models --------------------------------------------------------------------------------------------------
-
-    @property
-    def feature_dim(self) -> int:
-        """Width of one object feature (2048 for ResNet-152), known without building the models."""
-        if self._feature_dim is None:
-            self._feature_dim = backbone_feature_dim(self.backbone)
-        return self._feature_dim
-
-    @property
-    def preprocessing(self) -> dict:
-        """Crop size, interpolation, mean and std of the backbone input (from the weights' `transforms()`)."""
-        if self._preprocessing is None:
-            self._preprocessing = backbone_preprocessing(self.backbone, self.backbone_weights)
-            if self.crop_size is not None:
-                self._preprocessing["crop_size"] = self.crop_size
-        return self._preprocessing
-
-    @property
-    def models_built(self) -> bool:
-        return self._backbone_module is not None
-
-    def set_modules(self, backbone: torch.nn.Module, feature_dim: int, detector: torch.nn.Module | None = None):
-        """Uses ready modules instead of the torchvision builders named in the settings.
-
-        `backbone` maps normalised crops (N, 3, crop_size, crop_size) to (N, feature_dim). `detector` follows the
-        torchvision detection API in eval mode: a list of (3, H, W) float images in [0, 1] to a list of dicts with
-        `boxes` (K, 4) and `scores` (K,). With `detector=None` and the `detector` setting not None, a detector is
-        still built from the settings.
-        """
-        self._backbone_module = backbone.eval()
-        self._feature_dim = int(feature_dim)
-        if detector is not None:
-            self._detector_module = detector.eval()
-        self._injected = True
-        self._models_device = None
-
-    def load_models(self, device=None) -> "PMNERImageProcessor":
-        """Builds the detector and backbone (if not done yet) and moves them to `device`."""
-        device = torch.device(device) if device is not None else self.default_device()
-        if self._backbone_module is None:
-            self._backbone_module = build_backbone(self.backbone, self.backbone_weights, self._saved_state("backbone"))
-        if self.detector is not None and self._detector_module is None:
-            state = self._saved_state("detector")
-            self._detector_module = build_detector(self.detector, self.detector_weights, self.detector_kwargs, state)
-        if self._models_device != device:
-            self._backbone_module.to(device)
-            if self._detector_module is not None:
-                self._detector_module.to(device)
-            self._models_device = device
-        return self
-
-    @staticmethod
-    def default_device() -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # -- extraction ----------------------------------------------------------------------------------------------
 
@@ -442,10 +440,12 @@ class PMNERImageProcessor(BaseImageProcessor):
         return [images]
 
     def extract(
-        self, images: list, names: list[str] | None = None, device=None, batch_size: int | None = None
+        self, images: list, names: list[str] | None = None, device=None, batch_size: int | None = None,
+        return_num_detections: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """`(features (B, M, D), masks (B, M), boxes (B, M, 4), bad_indices)` on the CPU for a list of images; bad
-        images follow `on_bad_image` (their rows are zeros, their indices listed)."""
+        images follow `on_bad_image` (their rows are zeros, their indices listed). With `return_num_detections`, a
+        fifth value: detections above the threshold per image (B,) int32, before the whole-image filler."""
         names = names or [describe_image(image, index) for index, image in enumerate(images)]
         batch_size = batch_size or self.batch_size
         count = len(images)
@@ -455,7 +455,7 @@ class PMNERImageProcessor(BaseImageProcessor):
                 torch.zeros(0, self.max_objects, dtype=torch.bool),  # (0, M)
                 torch.zeros(0, self.max_objects, 4),  # (0, M, 4)
                 [],
-            )
+            ) + ((torch.zeros(0, dtype=torch.int32),) if return_num_detections else ())
         loaded = []  # (index, rgb image, original size)
         for index, (image, name) in enumerate(zip(images, names)):
             if image is None:
@@ -473,9 +473,11 @@ class PMNERImageProcessor(BaseImageProcessor):
         features = torch.zeros(count, self.max_objects, feature_dim)  # (B, M, D)
         masks = torch.zeros(count, self.max_objects, dtype=torch.bool)  # (B, M)
         boxes = torch.zeros(count, self.max_objects, 4)  # (B, M, 4)
+        num_detections = torch.zeros(count, dtype=torch.int32)  # (B,)
         for start in range(0, len(loaded), batch_size):
             chunk = loaded[start : start + batch_size]
-            chunk_features, chunk_counts, chunk_boxes = frr_forward(self, [rgb for _, rgb, _ in chunk])
+            chunk_features, chunk_counts, chunk_boxes, chunk_detected = frr_forward(self, [rgb for _, rgb, _ in chunk])
+            num_detections[[index for index, _, _ in chunk]] = torch.tensor(chunk_detected, dtype=torch.int32)
             offset = 0
             for (index, rgb, (width, height)), objects, image_boxes in zip(chunk, chunk_counts, chunk_boxes):
                 features[index, :objects] = chunk_features[offset : offset + objects].float().cpu()  # (objects, D)
@@ -483,31 +485,13 @@ class PMNERImageProcessor(BaseImageProcessor):
                 scale = torch.tensor([width / rgb.width, height / rgb.height] * 2)  # (4,)
                 boxes[index, :objects] = image_boxes.cpu() * scale  # (objects, 4)
                 offset += objects
-        return features, masks, boxes, bad
+        return (features, masks, boxes, bad) + ((num_detections,) if return_num_detections else ())
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change the features, with the sha256 of the weights in use (not their name,
-        path or mtime); injected modules by their parameters."""
-        settings = {key: getattr(self, key) for key in FEATURE_SETTINGS}
-        settings["crop_size"] = self.preprocessing["crop_size"]
-        if not self._injected:
-            components = ["backbone"] + (["detector"] if self.detector is not None else [])
-            settings["weights_sha256"] = {component: self.weights_sha256(component) for component in components}
-        else:
-            settings.update(detector_weights=self.detector_weights, backbone_weights=self.backbone_weights)
-            digest = hashlib.sha1()
-            for module in (self._backbone_module, self._detector_module):
-                if module is None:
-                    continue
-                digest.update(type(module).__qualname__.encode())
-                for name, tensor in module.state_dict().items():
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            settings["injected_modules"] = digest.hexdigest()
-        text = json.dumps(settings, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Hash of the settings that change the features and of the weights in use (see `features_fingerprint`)."""
+        return features_fingerprint(self)
 
     def feature_cache(self, cache_dir: str | os.PathLike) -> FRRFeatureCache:
         """The keyed feature store of these settings under `cache_dir` (not yet loaded)."""
@@ -522,13 +506,17 @@ class PMNERImageProcessor(BaseImageProcessor):
         batch_size: int | None = None,
         device=None,
         progress: bool = True,
+        cache_dtype: str = "float32",
+        add_num_detections: bool = False,
     ):
-        """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it; see
-        `feature_cache.extract_dataset_features` for the arguments. Returns the dataset with `visual_features`
-        (`Array2D` (max_objects, feature_dim) float32) and `visual_mask` (max_objects bools) columns."""
+        """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it (in
+        `cache_dtype`: "float32" or "float16"); see `feature_cache.extract_dataset_features` for the arguments.
+        Returns the dataset with `visual_features` (`Array2D` (max_objects, feature_dim) float32) and `visual_mask`
+        (max_objects bools) columns, and with `add_num_detections` `visual_num_detections` (int32)."""
         return extract_dataset_features(
             self, dataset, image_column=image_column, key_column=key_column, cache_dir=cache_dir,
-            batch_size=batch_size, device=device, progress=progress,
+            batch_size=batch_size, device=device, progress=progress, cache_dtype=cache_dtype,
+            add_num_detections=add_num_detections,
         )
 
 
