@@ -26,6 +26,11 @@ from processing_pmner.twitter_mner import load_twitter_mner
 dataset = load_twitter_mner("twitter2017", data_dir="path/to/twitter2017", image_dir="path/to/images")
 # or: builder = TwitterMNER(config_name="twitter2017", data_dir=..., image_dir=...)
 #     builder.download_and_prepare(); dataset = builder.as_dataset()
+
+# Parquet with embedded images and a dataset card, in a folder or in a Hub dataset repository (same files):
+export_to_parquet(dataset, "twitter-mner-parquet", "twitter2017")
+push_twitter_mner_to_hub(dataset, "user/twitter-mner", "twitter2017", private=True)  # needs a write token
+# then, with no code: datasets.load_dataset("user/twitter-mner", "twitter2017", streaming=...)
 ```
 
 Data choices (deliberate; see `TwitterMNERConfig` for the switches):
