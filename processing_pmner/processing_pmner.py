@@ -147,10 +147,10 @@ def check_processor_matches_model(processor, config) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 # a probe whose words after the first must get the same sub-words alone as in running text
-PROBE_WORDS = ["RT", "Kawhi", "Leonard", "wins", "the", "#NBAAwards", "vote", "in", "2017", "!"]
+PROBE_WORDS = ("RT", "Kawhi", "Leonard", "wins", "the", "#NBAAwards", "vote", "in", "2017", "!")
 
 
-def split_words_match_running_text(tokenizer, words: list[str] = PROBE_WORDS) -> bool:
+def split_words_match_running_text(tokenizer, words=PROBE_WORDS) -> bool:
     """Whether `tokenizer(words, is_split_into_words=True)` gives the words after the first the ids they get in
     `tokenizer(" ".join(words))`. Byte-level BPE tokenizers (RoBERTa, GPT-2) without `add_prefix_space=True` do not:
     each word is then encoded as if it began the text ("Leonard" as `Le onar d` instead of `ĠLeonard`)."""
@@ -216,7 +216,7 @@ def with_word_start_spaces(tokenizer):
     if not split_words_match_running_text(tokenizer):
         logger.warning(
             f"the tokenizer {type(tokenizer).__name__} encodes words given one by one differently from running text "
-            f"(probe {PROBE_WORDS}), and P-MNER could not set it right (no ByteLevel or Metaspace pre-tokenizer to "
+            f"(probe {list(PROBE_WORDS)}), and P-MNER could not set it right (no ByteLevel or Metaspace pre-tokenizer to "
             "give a word-start space): the encoder sees other sub-words than in pretraining"
         )
     return tokenizer
