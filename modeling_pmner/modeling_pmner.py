@@ -212,8 +212,8 @@ class PMNERModel(PMNERPreTrainedModel):
             FRR object features (at most `config.max_objects` per image). Must be finite where `visual_mask` is 1.
         visual_mask (`torch.Tensor` of shape `(batch_size, num_objects)`, *optional*):
             1 for real objects, 0 for padding. Defaults to all objects present.
-        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
-            Word embeddings to use instead of `input_ids`.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, embedding_size)`, *optional*):
+            Word embeddings to use instead of `input_ids` (the width of `get_input_embeddings()`).
         output_attentions, output_hidden_states (`bool`, *optional*):
             Return the attention weights (text encoder and fusion layers) / the text encoder's hidden states.
             Default to the config's values.
