@@ -54,10 +54,12 @@ class RunningHub:
 @pytest.fixture
 def hub_server(tmp_path_factory, monkeypatch):
     """A Hub on 127.0.0.1 (free ports) storing its files in a temp folder; stopped after the test. In this process,
-    uploads through `RunningHub.api()` use the LFS protocol (`HF_HUB_DISABLE_XET`, read by huggingface_hub at import,
-    is patched); subprocesses get the variables from `RunningHub.env()` / `process_env()`."""
+    for the test's duration, `RunningHub.api()` can reach it although CI runs with `HF_HUB_OFFLINE=1`, and uploads
+    use the LFS protocol (`HF_HUB_OFFLINE` and `HF_HUB_DISABLE_XET`, read by huggingface_hub at import, are patched);
+    subprocesses get the variables from `RunningHub.env()` / `process_env()`."""
     from huggingface_hub import constants
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     root = tmp_path_factory.mktemp("hub")
     user, token = "user", "hf_test_" + secrets.token_hex(8)
