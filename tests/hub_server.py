@@ -459,6 +459,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, kind, repo, rev, body, head):
         repo = self._repo(kind, repo)
+        if self.query.get("create_pr", ["0"])[0] not in ("0", ""):
+            raise HubError(400, "pull requests (create_pr) are not supported by the test Hub")
         try:
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         except ValueError as err:
