@@ -212,12 +212,14 @@ def frr_forward(
         )
     return features, counts, all_boxes, detected
 
+
 def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as tvF
 
     crop = crop.float().unsqueeze(0) / 255.0  # (1, 3, h, w)
     resized = tvF.resize(crop, [size, size], interpolation=interpolation, antialias=True)
     return resized[0].clamp_(0.0, 1.0)  # (3, S, S)
+
 
 def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per image, the boxes (k, 4) of the first `max_objects` detections (by score) above `score_threshold`."""
@@ -238,7 +240,53 @@ def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         kept.append(boxes)
     return kept
 
-# -- datasets ------------------------------------------------------------------------------------------------
+
+def extract_images(
+    processor, images: list, names: list[str] | None = None, device=None, batch_size: int | None = None,
+    return_num_detections: bool = False,
+) -> tuple:
+    """`PMNERImageProcessor.extract`: loads the images (bad ones follow `on_bad_image`), runs the FRR forward pass
+    in chunks of `batch_size` and scatters the objects into fixed-size tensors."""
+    names = names or [describe_image(image, index) for index, image in enumerate(images)]
+    batch_size = batch_size or processor.batch_size
+    count = len(images)
+    if count == 0:
+        return (
+            torch.zeros(0, processor.max_objects, processor.feature_dim),  # (0, M, D)
+            torch.zeros(0, processor.max_objects, dtype=torch.bool),  # (0, M)
+            torch.zeros(0, processor.max_objects, 4),  # (0, M, 4)
+            [],
+        ) + ((torch.zeros(0, dtype=torch.int32),) if return_num_detections else ())
+    loaded = []  # (index, rgb image, original size)
+    for index, (image, name) in enumerate(zip(images, names)):
+        if image is None:
+            continue  # no image on purpose (a text-only tweet): blank, no warning
+        try:
+            rgb, original_size = load_image(image, processor.max_image_side, processor.max_image_pixels, name=name)
+        except BadImageError as error:
+            processor._bad_image(name, error)
+            continue
+        loaded.append((index, rgb, original_size))
+    if loaded:
+        processor.load_models(device)
+    bad = [index for index in range(count) if index not in {entry[0] for entry in loaded}]
+    feature_dim = processor.feature_dim
+    features = torch.zeros(count, processor.max_objects, feature_dim)  # (B, M, D)
+    masks = torch.zeros(count, processor.max_objects, dtype=torch.bool)  # (B, M)
+    boxes = torch.zeros(count, processor.max_objects, 4)  # (B, M, 4)
+    num_detections = torch.zeros(count, dtype=torch.int32)  # (B,)
+    for start in range(0, len(loaded), batch_size):
+        chunk = loaded[start : start + batch_size]
+        chunk_features, chunk_counts, chunk_boxes, chunk_detected = frr_forward(processor, [rgb for _, rgb, _ in chunk])
+        num_detections[[index for index, _, _ in chunk]] = torch.tensor(chunk_detected, dtype=torch.int32)
+        offset = 0
+        for (index, rgb, (width, height)), objects, image_boxes in zip(chunk, chunk_counts, chunk_boxes):
+            features[index, :objects] = chunk_features[offset : offset + objects].float().cpu()  # (objects, D)
+            masks[index, :objects] = True
+            scale = torch.tensor([width / rgb.width, height / rgb.height] * 2)  # (4,)
+            boxes[index, :objects] = image_boxes.cpu() * scale  # (objects, 4)
+            offset += objects
+    return (features, masks, boxes, bad) + ((num_detections,) if return_num_detections else ())
 
 
 class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
@@ -352,6 +400,7 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         clone = self.__class__(**{key: value for key, value in self.to_dict().items() if key != "image_processor_type"})
         clone.__dict__.update({key: value for key, value in self.__dict__.items() if key.startswith("_")})
         clone._bad_images = list(self._bad_images)
+        clone._weights_files, clone._weights_sha256 = dict(self._weights_files), dict(self._weights_sha256)
         return clone
 
     @property
@@ -446,46 +495,7 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         """`(features (B, M, D), masks (B, M), boxes (B, M, 4), bad_indices)` on the CPU for a list of images; bad
         images follow `on_bad_image` (their rows are zeros, their indices listed). With `return_num_detections`, a
         fifth value: detections above the threshold per image (B,) int32, before the whole-image filler."""
-        names = names or [describe_image(image, index) for index, image in enumerate(images)]
-        batch_size = batch_size or self.batch_size
-        count = len(images)
-        if count == 0:
-            return (
-                torch.zeros(0, self.max_objects, self.feature_dim),  # (0, M, D)
-                torch.zeros(0, self.max_objects, dtype=torch.bool),  # (0, M)
-                torch.zeros(0, self.max_objects, 4),  # (0, M, 4)
-                [],
-            ) + ((torch.zeros(0, dtype=torch.int32),) if return_num_detections else ())
-        loaded = []  # (index, rgb image, original size)
-        for index, (image, name) in enumerate(zip(images, names)):
-            if image is None:
-                continue  # no image on purpose (a text-only tweet): blank, no warning
-            try:
-                rgb, original_size = load_image(image, self.max_image_side, self.max_image_pixels, name=name)
-            except BadImageError as error:
-                self._bad_image(name, error)
-                continue
-            loaded.append((index, rgb, original_size))
-        if loaded:
-            self.load_models(device)
-        bad = [index for index in range(count) if index not in {entry[0] for entry in loaded}]
-        feature_dim = self.feature_dim
-        features = torch.zeros(count, self.max_objects, feature_dim)  # (B, M, D)
-        masks = torch.zeros(count, self.max_objects, dtype=torch.bool)  # (B, M)
-        boxes = torch.zeros(count, self.max_objects, 4)  # (B, M, 4)
-        num_detections = torch.zeros(count, dtype=torch.int32)  # (B,)
-        for start in range(0, len(loaded), batch_size):
-            chunk = loaded[start : start + batch_size]
-            chunk_features, chunk_counts, chunk_boxes, chunk_detected = frr_forward(self, [rgb for _, rgb, _ in chunk])
-            num_detections[[index for index, _, _ in chunk]] = torch.tensor(chunk_detected, dtype=torch.int32)
-            offset = 0
-            for (index, rgb, (width, height)), objects, image_boxes in zip(chunk, chunk_counts, chunk_boxes):
-                features[index, :objects] = chunk_features[offset : offset + objects].float().cpu()  # (objects, D)
-                masks[index, :objects] = True
-                scale = torch.tensor([width / rgb.width, height / rgb.height] * 2)  # (4,)
-                boxes[index, :objects] = image_boxes.cpu() * scale  # (objects, 4)
-                offset += objects
-        return (features, masks, boxes, bad) + ((num_detections,) if return_num_detections else ())
+        return extract_images(self, images, names, device, batch_size, return_num_detections)
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
