@@ -29,18 +29,6 @@ SENTENCES = [
     ["New", "Post", ":", "Blackburn", "Festival", "of", "Voice", "2017", "in", "Zürich", "😂", "https://t.co/AbC"],
 ]
 BYTE_LEVEL = {"roberta"}
-# families whose one-epoch run fails because of code outside the processor: (reason, text of the error)
-KNOWN_FAILURES = {
-    "distilbert": (
-        "modeling_pmner/fusion_pmner.py reads text_config.layer_norm_eps, which DistilBertConfig does not have "
-        "(AttributeError while building PMNERModel)",
-        "'DistilBertConfig' object has no attribute 'layer_norm_eps'",
-    ),
-}
-
-
-class KnownFailure(Exception):
-    """The failure named in KNOWN_FAILURES (any other failure of that family fails the test)."""
 ENV = dict(
     HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
     TQDM_DISABLE="1",
@@ -66,17 +54,6 @@ DRIVER = textwrap.dedent(
         json.dump(results, handle)
     """
 )
-
-
-def family_params():
-    return [
-        pytest.param(
-            family, marks=pytest.mark.xfail(strict=True, raises=KnownFailure, reason=KNOWN_FAILURES[family][0])
-        )
-        if family in KNOWN_FAILURES
-        else family
-        for family in FAMILIES
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +158,9 @@ def read_predictions(path) -> tuple[list[list[str]], list[list[str]]]:
     return sentences, tags
 
 
-@pytest.mark.parametrize("family", family_params())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_one_epoch_of_train_pmner_and_the_folder_reloads(one_epoch_runs, checkpoints, family):
     run = one_epoch_runs[family]
-    if not run["ok"] and family in KNOWN_FAILURES and KNOWN_FAILURES[family][1] in run["error"]:
-        raise KnownFailure(run["error"])
     assert run["ok"], run.get("error")
     folder = run["output_dir"]
     results = json.loads((folder / "all_results.json").read_text())
