@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from test_pipeline_pmner import build_model, build_processor, save_folder
 from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
 
 from processing_pmner import predict_cli
@@ -24,14 +25,22 @@ def torchrun(arguments, tmp_path, processes: int = 2) -> subprocess.CompletedPro
     )
 
 
-def test_two_processes_write_the_single_process_output(workspace, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def random_model(workspace):
+    """A model with random weights: varied tags and scores (written in full), so a tweet out of place shows."""
+    text_model = str(workspace["root"] / "tiny-bert")
+    model = build_model(text_model, seed=3)
+    return save_folder(workspace["root"] / "random-model", model, build_processor(text_model, model))
+
+
+def test_two_processes_write_the_single_process_output(workspace, random_model, tmp_path, capsys):
     lines = [json.dumps({"id": index, "text": f"tweet number {index} about london and @nba " * (1 + index % 4)})
              for index in range(9)]
     lines[3] = '{"id": 3, "text": "no closing brace"'
     lines[6] = json.dumps({"id": 6, "text": "a picture", "image": "broken.jpg"})
     lines[7] = json.dumps({"id": 7, "words": ["kawhi", "wins"]})
     source = write(tmp_path / "tweets.jsonl", lines)
-    arguments = ["--batch-size", "2", "--image-dir", workspace["images"], "--word-tags", workspace["model"], source]
+    arguments = ["--batch-size", "2", "--image-dir", workspace["images"], "--word-tags", random_model, source]
     single = tmp_path / "single.jsonl"
     code, _, err = run_cli(arguments + ["-o", single], capsys)
     assert code == 0, err
@@ -39,7 +48,8 @@ def test_two_processes_write_the_single_process_output(workspace, tmp_path, caps
     completed = torchrun(arguments + ["-o", together], tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert together.read_bytes() == single.read_bytes()
-    assert len(single.read_text().splitlines()) == 8
+    records = [json.loads(line) for line in single.read_text().splitlines()]
+    assert len(records) == 8 and len({entity["score"] for record in records for entity in record["entities"]}) > 8
     # batches of 2 records: [0,1] [2,(3),4] [5,6] [7,8] -> process 0 tags batches 0 and 2, process 1 batches 1 and 3
     summaries = [line for line in completed.stderr.splitlines() if "tweets tagged" in line]
     assert len(summaries) == 1, completed.stderr[-3000:]
