@@ -130,10 +130,15 @@ class _Shard:
         """Row `row` of tensor `name`: shape[1:]."""
         dtype, shape, start, _ = self.tensors[name]
         row_bytes = self.row_bytes[name]
-        data = _pread(fd, row_bytes, start + row * row_bytes)
-        if len(data) != row_bytes:
+        buffer = bytearray(row_bytes)  # read into directly: the array owns writable memory, no copy
+        if hasattr(os, "preadv"):
+            size = os.preadv(fd, [buffer], start + row * row_bytes)
+        else:
+            data = _pread(fd, row_bytes, start + row * row_bytes)
+            size, buffer[: len(data)] = len(data), data
+        if size != row_bytes:
             raise ValueError(f"FRR cache shard {self.path} is truncated (reading {name}); delete it")
-        return np.frombuffer(data, dtype=dtype).reshape(shape[1:]).copy()
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape[1:])
 
     def read(self, fd: int, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows `rows` (sorted ascending) of tensor `name`: (len(rows), *shape[1:]); runs of consecutive rows are
@@ -174,14 +179,18 @@ class _Index:
         found = (positions < len(self.hashes)) & (self.hashes[clipped] == hashes) if len(self.hashes) else positions < 0
         return np.where(found, positions, -1)
 
-    def add(self, name: str, hashes: np.ndarray, key_of) -> None:
-        """Adds shard `name` whose row i has hash `hashes[i]`; a key already indexed keeps its first copy.
-        `key_of(shard, row)` names a key, to tell a repeated key from a hash collision."""
-        shard = len(self.names)
-        self.names.append(name)
-        all_hashes = np.concatenate([self.hashes, hashes])
-        all_shards = np.concatenate([self.shards, np.full(len(hashes), shard, dtype=np.int32)])
-        all_rows = np.concatenate([self.rows, np.arange(len(hashes), dtype=np.int32)])
+    def add(self, names: list[str], hashes: list[np.ndarray], key_of) -> None:
+        """Adds shards `names`, row i of shard `names[j]` having hash `hashes[j][i]`, in one merge; a key already
+        indexed keeps its first copy. `key_of(shard, row)` names a key, to tell a repeated key from a collision."""
+        if not names:
+            return
+        first_new = len(self.names)
+        self.names.extend(names)
+        all_hashes = np.concatenate([self.hashes, *hashes])
+        all_shards = np.concatenate(
+            [self.shards] + [np.full(len(part), first_new + j, dtype=np.int32) for j, part in enumerate(hashes)]
+        )
+        all_rows = np.concatenate([self.rows] + [np.arange(len(part), dtype=np.int32) for part in hashes])
         order = np.argsort(all_hashes, kind="stable")  # earlier entries first among equal hashes
         all_hashes, all_shards, all_rows = all_hashes[order], all_shards[order], all_rows[order]
         repeated = np.flatnonzero(all_hashes[1:] == all_hashes[:-1]) + 1  # positions of later copies
@@ -435,11 +444,15 @@ class FRRFeatureCache:
             self._reset(_Index())
         known = set(self._index.names)
         new = [name for name in names if name not in known]
+        hashes, opened = [], []
         for name in new:
             shard = self._open_shard(name)
-            self._index.add(name, key_hashes(shard.keys()), self._key_of)
-            shard.metadata.pop("keys", None)
-            self._shards[len(self._index.names) - 1] = shard
+            hashes.append(key_hashes(shard.keys()))
+            shard.metadata.pop("keys", None)  # the index has them; a header is kept per shard, its keys are not
+            opened.append(shard)
+        first_new = len(self._index.names)
+        self._index.add(new, hashes, self._key_of)
+        self._shards.update({first_new + offset: shard for offset, shard in enumerate(opened)})
         if new and save:
             try:
                 self._index.save(self.index_file)
@@ -571,8 +584,8 @@ class FRRFeatureCache:
         raises `KeyError`."""
         number, row = self._locate(key)
         shard, fd = self._shard(number), self._fd(number)
-        features = shard.read_row(fd, "visual_features", row).astype(np.float32)  # (M, D)
-        return torch.from_numpy(features), torch.from_numpy(shard.read_row(fd, "visual_mask", row))  # (M,)
+        features = torch.from_numpy(shard.read_row(fd, "visual_features", row)).float()  # (M, D)
+        return features, torch.from_numpy(shard.read_row(fd, "visual_mask", row))  # (M,)
 
     def num_detections(self, key) -> int:
         """Detections above the threshold before the whole-image filler (-1: written without the count)."""

@@ -76,6 +76,22 @@ def test_fp16_and_fp32_caches_never_mix(tmp_path):
         fp16.write_shard(["big"], torch.full((1, 3, 8), 1e6), torch.ones(1, 3, dtype=torch.bool))
 
 
+def test_a_key_in_two_shards_keeps_its_first_copy_and_a_hash_collision_is_an_error(tmp_path, monkeypatch):
+    from processing_pmner import feature_cache
+
+    keys, features, masks, detections = random_entries(3)
+    cache = FRRFeatureCache(tmp_path, "fp")
+    cache.write_shard(keys, features, masks, num_detections=detections)
+    cache.load()
+    cache.write_shard(keys[:1], features[:1] + 1, masks[:1], num_detections=detections[:1])  # e.g. two old runs
+    assert len(cache.refresh()) == 3 and torch.equal(cache.get(keys[0])[0], features[0])
+    assert list(cache.keys()) == keys
+    monkeypatch.setattr(feature_cache, "key_hashes", lambda keys: np.zeros(len(list(keys)), dtype=np.uint64))
+    os.remove(cache.index_file)  # every shard indexed again
+    with pytest.raises(ValueError, match="have the same 64-bit hash"):
+        FRRFeatureCache(tmp_path, "fp").load()
+
+
 def test_truncated_shard_is_named(tmp_path):
     keys, features, masks, detections = random_entries(4)
     cache = FRRFeatureCache(tmp_path, "fp")
