@@ -44,7 +44,8 @@ Errors: a line (or CoNLL tweet) that cannot be read or processed is reported on 
 and skipped; the run goes on. An unreadable image is reported as `FILE:LINE: warning: ...` and the tweet is tagged
 from its text alone. A summary follows at the end. Exit status: 0 when at least one tweet was tagged (or the input
 held none and nothing failed), 1 when every tweet failed (or, with `--strict`, when any failed), 2 for bad arguments,
-an unusable input or output, or an unusable model.
+an unusable input or output, or an unusable model, 130 when interrupted (Ctrl-C, or SIGTERM in a single process; the
+partial output is kept for `--resume`; a killed process keeps it too, up to the last batch saved).
 """
 
 import argparse
@@ -53,7 +54,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -869,10 +872,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output_format = input_format if args.output_format == "auto" else args.output_format
     processes.start()
+    # one process: SIGTERM as Ctrl-C (processes of a launcher keep the default: one blocked in a collective would
+    # not see the exception, and the launcher's SIGTERM must stop it)
+    catch_term = processes.world == 1 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if catch_term else None
     try:
         return predict(args, processes, input_format, output_format)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the partial output is kept (and said so) by `predict`
+        return 130
     finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, previous)
         processes.stop()
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (`kill`) ends a single-process run as Ctrl-C does: new features are written to the cache and the
+    partial output is closed after the last batch written."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def predict(args, processes: Processes, input_format: str, output_format: str) -> int:
