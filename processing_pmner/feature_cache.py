@@ -687,70 +687,7 @@ class FRRFeatureCache:
         Results are written every `shard_size` keys: a killed process loses at most that many, and its claims are
         taken over by the next process that meets them. `progress(n)` is called as keys are settled.
         """
-        os.makedirs(self.folder, exist_ok=True)
-        self.remove_dead_temporaries()
-        claims = self.claims
-        self.refresh()
-        keys = list(dict.fromkeys(str(key) for key in keys))
-        todo = [key for key, position in zip(keys, self.positions(keys)) if position < 0]
-        if progress and len(keys) > len(todo):
-            progress(len(keys) - len(todo))
-        computed, last_report = 0, time.monotonic()
-        buffer = ([], [], [], [])  # keys, features, masks, num_detections computed and not yet written
-        while todo:
-            waiting = []
-            try:
-                for start in range(0, len(todo), batch_size):
-                    chunk = todo[start : start + batch_size]
-                    mine = [key for key in chunk if claims.claim(key)]
-                    self.refresh()  # a key finished elsewhere since we looked: its shard is listed before its claim goes
-                    finished = {key for key in mine if key in self}
-                    claims.release(finished)
-                    mine = [key for key in mine if key not in finished]
-                    waiting += [key for key in chunk if key not in mine and key not in finished]
-                    if mine:
-                        try:
-                            done, features, masks, detections = compute(mine)
-                        except BaseException:
-                            claims.release(mine)
-                            raise
-                        computed += len(mine)
-                        claims.release(set(mine) - set(done))  # not computable (bad image): not cached
-                        for part, values in zip(buffer, (done, features, masks, detections)):
-                            part.extend(values)
-                        if len(buffer[0]) >= shard_size:
-                            self._flush(buffer, claims)
-                    if progress:
-                        progress(len(mine) + len(finished))
-            finally:
-                self._flush(buffer, claims)  # what was computed is kept even when a later key raised
-            todo = []
-            while waiting and not todo:
-                busy = {key for key in waiting if claims.held_by_other(key)}  # before refresh: see the shard first
-                self.refresh()
-                present = {key for key, position in zip(waiting, self.positions(waiting)) if position >= 0}
-                todo = [key for key in waiting if key not in busy and key not in present]  # owner gone or gave up
-                if progress and present:
-                    progress(len(present))
-                waiting = [key for key in waiting if key in busy and key not in present]
-                if waiting and not todo:
-                    if time.monotonic() - last_report > 30:
-                        logger.warning(
-                            f"waiting for {len(waiting)} FRR features that other processes are computing (claims in "
-                            f"{claims.folder})"
-                        )
-                        last_report = time.monotonic()
-                    time.sleep(poll_interval)
-        self.refresh(save=True)
-        return computed
-
-    def _flush(self, buffer, claims):
-        keys, features, masks, detections = buffer
-        if keys:
-            self.write_shard(list(keys), torch.stack(features), torch.stack(masks), num_detections=list(detections))
-            claims.release(keys)  # after the rename: a waiting process sees the shard before the claim disappears
-        for part in buffer:
-            part.clear()
+        return _fill(self, keys, compute, batch_size, shard_size, poll_interval, progress)
 
 
 class _KeyView:
@@ -799,6 +736,80 @@ class _RowView:
         features, masks, _ = self.cache.read_positions(positions.reshape(-1))
         values = features if self.name == "visual_features" else masks
         return values[0] if single else values
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Filling a cache from several processes at once
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fill(cache: "FRRFeatureCache", keys, compute, batch_size, shard_size, poll_interval, progress) -> int:
+    """`FRRFeatureCache.fill`."""
+    os.makedirs(cache.folder, exist_ok=True)
+    cache.remove_dead_temporaries()
+    claims = cache.claims
+    cache.refresh()
+    keys = list(dict.fromkeys(str(key) for key in keys))
+    todo = [key for key, position in zip(keys, cache.positions(keys)) if position < 0]
+    if progress and len(keys) > len(todo):
+        progress(len(keys) - len(todo))
+    computed, last_report = 0, time.monotonic()
+    buffer = ([], [], [], [])  # keys, features, masks, num_detections computed and not yet written
+    while todo:
+        waiting = []
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                mine = [key for key in chunk if claims.claim(key)]
+                cache.refresh()  # a key finished elsewhere since we looked: its shard is listed before its claim goes
+                finished = {key for key in mine if key in cache}
+                claims.release(finished)
+                mine = [key for key in mine if key not in finished]
+                waiting += [key for key in chunk if key not in mine and key not in finished]
+                if mine:
+                    try:
+                        done, features, masks, detections = compute(mine)
+                    except BaseException:
+                        claims.release(mine)
+                        raise
+                    computed += len(mine)
+                    claims.release(set(mine) - set(done))  # not computable (bad image): not cached
+                    for part, values in zip(buffer, (done, features, masks, detections)):
+                        part.extend(values)
+                    if len(buffer[0]) >= shard_size:
+                        _flush(cache, buffer, claims)
+                if progress:
+                    progress(len(mine) + len(finished))
+        finally:
+            _flush(cache, buffer, claims)  # what was computed is kept even when a later key raised
+        todo = []
+        while waiting and not todo:
+            busy = {key for key in waiting if claims.held_by_other(key)}  # before refresh: see the shard first
+            cache.refresh()
+            present = {key for key, position in zip(waiting, cache.positions(waiting)) if position >= 0}
+            todo = [key for key in waiting if key not in busy and key not in present]  # owner gone or gave up
+            if progress and present:
+                progress(len(present))
+            waiting = [key for key in waiting if key in busy and key not in present]
+            if waiting and not todo:
+                if time.monotonic() - last_report > 30:
+                    logger.warning(
+                        f"waiting for {len(waiting)} FRR features that other processes are computing (claims in "
+                        f"{claims.folder})"
+                    )
+                    last_report = time.monotonic()
+                time.sleep(poll_interval)
+    cache.refresh(save=True)
+    return computed
+
+
+def _flush(cache: "FRRFeatureCache", buffer, claims):
+    keys, features, masks, detections = buffer
+    if keys:
+        cache.write_shard(list(keys), torch.stack(features), torch.stack(masks), num_detections=list(detections))
+        claims.release(keys)  # after the rename: a waiting process sees the shard before the claim disappears
+    for part in buffer:
+        part.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
