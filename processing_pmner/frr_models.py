@@ -135,7 +135,7 @@ def saved_origin(weights) -> str | None:
 def _resolve_weights(builder_name: str, weights, setting: str):
     """`(torchvision_weights_or_None, local_file_or_None, seed_or_None)` for a weights setting."""
     if weights is None:
-        return None, None, None  # TRANSITION: random weights from the global random state
+        raise missing_weights_error(setting)
     seed = _random_seed(weights, setting) if isinstance(weights, str) else None
     if seed is not None:
         return None, None, seed

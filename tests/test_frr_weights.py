@@ -31,11 +31,11 @@ def small_processor(**settings) -> PMNERImageProcessor:
 
 
 def with_detector(**settings) -> PMNERImageProcessor:
-    return small_processor(
+    defaults = dict(
         detector="fasterrcnn_mobilenet_v3_large_320_fpn", detector_weights="random:2",
-        detector_kwargs={"min_size": 64, "max_size": 64, "box_score_thresh": 0.0}, score_threshold=0.0,
-        max_objects=3, **settings,
+        detector_kwargs={"min_size": 64, "max_size": 64, "box_score_thresh": 0.0}, score_threshold=0.0, max_objects=3,
     )
+    return small_processor(**{**defaults, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,16 @@ def test_text_only_processor_saves_no_weights_and_injected_modules_are_refused(t
     injected.set_modules(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), feature_dim=3)
     with pytest.raises(ValueError, match="set_modules.*save_frr_weights=False"):
         injected.save_pretrained(tmp_path / "injected")
+
+
+def test_none_weights_are_a_clear_error_pointing_at_random(images, tmp_path):
+    processor = small_processor(backbone_weights=None)  # constructing is fine (e.g. a text-only model's settings)
+    with pytest.raises(ValueError, match=r"backbone_weights=None: .*backbone_weights='random' \(or 'random:SEED'\)"):
+        processor(images[0])
+    with pytest.raises(ValueError, match="backbone_weights=None"):
+        processor.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="detector_weights=None"):
+        with_detector(detector_weights=None).load_models("cpu")
+    assert not os.path.exists(tmp_path / "saved" / BACKBONE_FILE)
+    # detector=None still means no detector: the whole image is the only object
+    assert small_processor(detector=None)(images[0])["visual_mask"].tolist() == [[True, False]]
