@@ -122,7 +122,7 @@ def interrupt_after(monkeypatch, batches: int, how: str = "ctrl-c"):
         if len(calls) > batches:
             if how == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)  # the handler raises before this ends
+                time.sleep(120)  # the handler raises long before this ends
             raise KeyboardInterrupt
         return run(self, records)
 
@@ -171,10 +171,10 @@ def test_resume_refuses_a_changed_input_or_a_damaged_progress_file(workspace, tm
     output = tmp_path / "out.jsonl"
     arguments = [workspace["model"], source, "--batch-size", "2", "-o", output]
     interrupt_after(monkeypatch, 1, how="sigterm")
-    started = time.perf_counter()
+    handler, started = signal.getsignal(signal.SIGTERM), time.perf_counter()
     code, _, err = run_cli(arguments, capsys)
-    assert code == 130 and time.perf_counter() - started < 5 and "interrupted: the 2 tweets done are kept" in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
+    assert code == 130 and time.perf_counter() - started < 60 and "interrupted: the 2 tweets done are kept" in err
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
     monkeypatch.undo()
     partial, progress_file = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.json"
     saved = progress_file.read_text()
