@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 import uuid
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -432,7 +433,7 @@ class FRRFeatureCache:
         if not self._index.names and os.path.isfile(self.index_file):
             try:
                 saved = _Index.read(self.index_file)
-            except (OSError, ValueError, KeyError) as error:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # derived data: rebuilt
                 logger.warning(f"FRR cache index {self.index_file} is unreadable ({error}); rebuilding it from the shards")
             else:
                 if set(saved.names) <= present:

@@ -92,6 +92,20 @@ def test_a_key_in_two_shards_keeps_its_first_copy_and_a_hash_collision_is_an_err
         FRRFeatureCache(tmp_path, "fp").load()
 
 
+def test_a_damaged_or_outdated_index_is_rebuilt_from_the_shards(tmp_path):
+    keys, features, masks, detections = random_entries(6)
+    cache = FRRFeatureCache(tmp_path, "fp")
+    first = cache.write_shard(keys[:3], features[:3], masks[:3], num_detections=detections[:3])
+    cache.write_shard(keys[3:], features[3:], masks[3:], num_detections=detections[3:])
+    cache.load()
+    with open(cache.index_file, "r+b") as handle:
+        handle.truncate(100)
+    assert torch.equal(FRRFeatureCache(tmp_path, "fp").load().get_many(keys)[0], features)
+    os.remove(first)  # the saved index names a deleted shard
+    reopened = FRRFeatureCache(tmp_path, "fp").load()
+    assert len(reopened) == 3 and keys[0] not in reopened and torch.equal(reopened.get(keys[4])[0], features[4])
+
+
 def test_truncated_shard_is_named(tmp_path):
     keys, features, masks, detections = random_entries(4)
     cache = FRRFeatureCache(tmp_path, "fp")
