@@ -249,3 +249,39 @@ def test_none_weights_are_a_clear_error_pointing_at_random(images, tmp_path):
     assert not os.path.exists(tmp_path / "saved" / BACKBONE_FILE)
     # detector=None still means no detector: the whole image is the only object
     assert small_processor(detector=None)(images[0])["visual_mask"].tolist() == [[True, False]]
+
+
+HUB_SCRIPT = """
+import json, os
+from transformers import AutoImageProcessor
+result = {{}}
+for name, revision in (("main", None), ("first", {first!r})):
+    kwargs = {{"revision": revision}} if revision else {{}}
+    processor = AutoImageProcessor.from_pretrained("user/frr", trust_remote_code=True, cache_dir={cache!r}, **kwargs)
+    result[name] = {{"features": processor({images!r})["visual_features"].tolist(),
+                    "files": {{k: os.path.relpath(v, {cache!r}) for k, v in processor._weights_files.items()}}}}
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_weights_come_from_the_hub_repo_at_the_requested_revision(hub_server, images, tmp_path):
+    expected = {}
+    commits = {}
+    for seed in (1, 2):
+        processor = small_processor(backbone_weights=f"random:{seed}")
+        expected[seed] = processor(images)["visual_features"]
+        processor.save_pretrained(tmp_path / f"seed{seed}")
+        api = hub_server.api()
+        api.create_repo("user/frr", exist_ok=True)
+        commits[seed] = api.upload_folder(folder_path=str(tmp_path / f"seed{seed}"), repo_id="user/frr").oid
+    cache = str(tmp_path / "cache")
+    script = HUB_SCRIPT.format(first=commits[1], cache=cache, images=images)
+    result = run_without_project(script, tmp_path, env=hub_server.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads([line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    np.testing.assert_array_equal(np.asarray(remote["main"]["features"], dtype=np.float32), expected[2].numpy())
+    np.testing.assert_array_equal(np.asarray(remote["first"]["features"], dtype=np.float32), expected[1].numpy())
+    assert remote["main"]["files"]["backbone"].endswith(BACKBONE_FILE)
+    assert commits[1] in remote["first"]["files"]["backbone"]  # the snapshot of that revision, in cache_dir
+    resolved = [request for request in hub_server.server.requests if BACKBONE_FILE in request]
+    assert any(f"/resolve/{commits[1]}/" in request for request in resolved)
