@@ -5,13 +5,12 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
 
 import pytest
 
-from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
+from test_predict_cli import run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
 
 from processing_pmner import predict_cli
 from processing_pmner.predict_cli import main
@@ -53,13 +52,12 @@ def test_output_that_is_the_input_is_refused_and_the_input_kept(spelling, tmp_pa
 def test_standard_streams_that_are_the_input_or_output_are_refused(tmp_path, capsys, monkeypatch):
     source = write(tmp_path / "tweets.jsonl", TWEETS)
     before = open(source, "rb").read()
-    # `pmner-predict MODEL tweets.jsonl >> tweets.jsonl`
-    with open(source, "ab") as stdout:
-        completed = subprocess.run(
-            [sys.executable, "-m", "processing_pmner.predict_cli", str(tmp_path / "no-model"), source, "--no-progress"],
-            stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=PROJECT, env=dict(os.environ, **ENV), timeout=120,
-        )
-    assert completed.returncode == 2 and "the standard output goes into the input file" in completed.stderr
+    # `pmner-predict MODEL tweets.jsonl >> tweets.jsonl`: the standard output is the input, opened for appending
+    with open(source, "a", encoding="utf-8") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        err = refused([source], capsys, tmp_path / "no-model")
+    monkeypatch.undo()
+    assert "the standard output goes into the input file" in err
     assert open(source, "rb").read() == before
     # `pmner-predict MODEL - --input-format jsonl -o tweets.jsonl < tweets.jsonl`
     with open(source, "rb") as stdin:
