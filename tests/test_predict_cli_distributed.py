@@ -16,10 +16,11 @@ from processing_pmner.predict_cli import Processes, UsageError, main
 
 
 def torchrun(arguments, tmp_path, processes: int = 2) -> subprocess.CompletedProcess:
-    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = os.path.join(os.path.dirname(sys.executable), "torchrun")  # the venv's torchrun
+    launcher = [script] if os.path.isfile(script) else [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1", **ENV)
     return subprocess.run(
-        [launcher, "--standalone", "--nproc_per_node", str(processes), "-m", "processing_pmner.predict_cli",
+        [*launcher, "--standalone", "--nproc_per_node", str(processes), "-m", "processing_pmner.predict_cli",
          *map(str, arguments), "--device", "cpu", "--no-progress"],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
     )
