@@ -96,6 +96,14 @@ def test_saved_config_records_origin_file_and_sha256(tmp_path):
     )
     assert small_processor(backbone_weights="random:9").weights_sha256("backbone") != record["backbone"]["sha256"]
 
+    # torchvision weights are recorded by their full name (offline here: the module the download would give is
+    # put in place by hand, as load_models would)
+    pretrained = small_processor(backbone_weights="DEFAULT")
+    pretrained._backbone_module = small_processor().load_models("cpu")._backbone_module
+    pretrained.save_pretrained(tmp_path / "torchvision")
+    assert config_of(tmp_path / "torchvision")["backbone_weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert config_of(tmp_path / "torchvision")["frr_weights"]["backbone"]["origin"] == "ResNet18_Weights.IMAGENET1K_V1"
+
 
 def test_save_then_load_gives_identical_features_with_a_detector(images, tmp_path):
     processor = with_detector()
