@@ -239,12 +239,6 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         f"{training_args.world_size} process(es) ({training_args.parallel_mode.value}), device {training_args.device}"
     )
 
-    # 0. A push that cannot work fails before any training: credentials checked, repository created.
-    repo_id = None
-    if training_args.push_to_hub and training_args.process_index == 0:
-        repo_id = prepare_hub_repo(training_args, training_args.output_dir)
-        logger.info(f"Will push to the Hub repository {repo_id} ({training_args.hub_strategy} strategy)")
-
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.resume_from_checkpoint:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
@@ -277,6 +271,12 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
             f"--push_to_hub would publish a visual model with random FRR weights ({', '.join(random_frr)}): pass "
             "pretrained weights, or --hub_allow_random_frr_weights to publish it anyway"
         )
+    # A push that cannot work fails before any feature extraction or training: credentials checked, repository
+    # created (private as --hub_private_repo says).
+    repo_id = None
+    if training_args.push_to_hub and training_args.process_index == 0:
+        repo_id = prepare_hub_repo(training_args, training_args.output_dir)
+        logger.info(f"Will push to the Hub repository {repo_id} ({training_args.hub_strategy} strategy)")
     missing_types = sorted({name.split("-", 1)[1] for name in bio_names if name != "O"} - set(model.config.entity_types))
     if missing_types:
         raise ArgumentsError(
@@ -431,7 +431,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         data_args=data_args,
         training_args=training_args,
         num_examples={split: len(raw[split]) for split in raw},
-        image_processor=image_processor,
+        frr_settings=saved_image_processor_settings(training_args.output_dir, image_processor),
         use_visual=use_visual,
         hub_dataset=hub_dataset,
         trained_here=training_args.do_train,
@@ -442,6 +442,18 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     logger.info(" | ".join(summary) + f" | wrote {os.path.abspath(training_args.output_dir)}")
     if repo_id is not None:
         push_output_folder(training_args, repo_id)
+
+
+def saved_image_processor_settings(output_dir: str, image_processor) -> dict:
+    """The image processor's settings as saved in `output_dir` (with its FRR weights record), or as in memory when
+    this run saved no processor (an evaluation of a trained folder, whose processor was loaded with its record)."""
+    path = os.path.join(output_dir, "processor_config.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            saved = json.load(handle).get("image_processor")
+        if isinstance(saved, dict):
+            return saved
+    return image_processor.to_dict()
 
 
 def argv_file(argv: list[str]) -> str | None:

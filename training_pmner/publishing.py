@@ -58,9 +58,10 @@ def prepare_hub_repo(training_args, output_dir: str) -> str:
         return api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
     except HfHubHTTPError as error:
         raise PushError(f"--push_to_hub: the Hub refused to create {repo_id!r}: {error}") from error
-    except OSError as error:  # requests' connection errors are OSErrors
+    except Exception as error:  # the HTTP stack's connection errors (httpx/httpcore) share no base class with OSError
         raise PushError(
-            f"--push_to_hub: could not reach the Hub at {api.endpoint} to create {repo_id!r}: {error}"
+            f"--push_to_hub: could not reach the Hub at {api.endpoint} to create {repo_id!r}: "
+            f"{type(error).__name__}: {error}"
         ) from error
 
 
@@ -93,8 +94,10 @@ def upload(training_args, repo_id: str, folder: str, files: list[str], message: 
         )
     except HfHubHTTPError as error:
         raise PushError(f"Pushing {folder} to {repo_id!r} failed: {error}") from error
-    except OSError as error:
-        raise PushError(f"Pushing {folder} to {repo_id!r}: could not reach the Hub at {api.endpoint}: {error}") from error
+    except Exception as error:  # connection errors of the HTTP stack; the local files were only read
+        raise PushError(
+            f"Pushing {folder} to {repo_id!r}: could not reach the Hub at {api.endpoint}: {type(error).__name__}: {error}"
+        ) from error
 
 
 def push_output_folder(training_args, repo_id: str) -> list[str]:
@@ -151,23 +154,26 @@ class HubStrategyCallback(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def frr_weights_summary(image_processor, use_visual: bool) -> str:
-    """The FRR networks and their weights' origin and checksum, as the processor records them."""
+def frr_weights_summary(settings: dict, use_visual: bool) -> str:
+    """The FRR networks and their weights' origin and checksum, from the image processor's saved settings (its
+    `frr_weights` record: file, origin, sha256 of each network's tensors)."""
     if not use_visual:
         return "none (text-only model)"
-    settings = image_processor.to_dict()
+    record = settings.get("frr_weights") or {}
     parts = []
-    for role, name_key, weights_key in (("detector", "detector", "detector_weights"), ("backbone", "backbone", "backbone_weights")):
-        name = settings.get(name_key)
+    for role in ("detector", "backbone"):
+        name = settings.get(role)
         if name is None:
             parts.append(f"{role}: none (the whole image is the only object)")
             continue
-        checksum = next(
-            (str(value) for key, value in settings.items() if key.startswith(role) and "sha256" in key and value), None
-        )
-        parts.append(
-            f"{role}: `{name}`, weights `{settings.get(weights_key)}`" + (f", sha256 `{checksum}`" if checksum else "")
-        )
+        saved = record.get(role) or {}
+        origin = saved.get("origin") or settings.get(f"{role}_weights")
+        text = f"{role}: `{name}`, weights `{origin}`"
+        if saved.get("file"):
+            text += f" in `{saved['file']}` ({record.get('dtype', 'float32')})"
+        if saved.get("sha256"):
+            text += f", sha256 `{saved['sha256']}`"
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -179,7 +185,7 @@ def write_model_card(
     data_args,
     training_args,
     num_examples: dict,
-    image_processor,
+    frr_settings: dict,
     use_visual: bool,
     hub_dataset: str | None,
     trained_here: bool,
@@ -243,7 +249,7 @@ def write_model_card(
         num_test=num_examples.get("test"),
         text_model=model_args.text_model_name_or_path,
         visual_input="FRR object features" if use_visual else "none (text only)",
-        frr_weights=frr_weights_summary(image_processor, use_visual),
+        frr_weights=frr_weights_summary(frr_settings, use_visual),
         fusion=model_args.fusion,
         head=model_args.head,
         tag_scheme=model_args.tag_scheme,

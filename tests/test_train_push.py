@@ -1,0 +1,94 @@
+"""`train_pmner.py --push_to_hub` end to end against a real HTTP Hub (tests/hub_server.py on 127.0.0.1): what the
+repository holds, a fresh process loading it back to the same predictions, and the refusals that keep a user's
+files and the Hub clean."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from test_hub_roundtrip import closed_port_url, compare_hub_and_local, tree_digest
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("push")
+    write_tiny_masked_lm(tmp_path / "tiny-bert")
+    write_twitter_fixture(tmp_path / "data", tmp_path / "images", sizes=(32, 8, 8))
+    return tmp_path
+
+
+def push_command(workspace, output_dir, *extra):
+    return [
+        sys.executable, os.path.join(PROJECT, "train_pmner.py"),
+        "--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"),
+        "--image_dir", str(workspace / "images"), "--detector", "none", "--backbone", "resnet18",
+        "--backbone_weights", "random:5", "--crop_size", "32", "--max_objects", "3",
+        "--text_model_name_or_path", str(workspace / "tiny-bert"), "--fusion_num_heads", "4",
+        "--do_train", "--do_eval", "--do_predict", "--num_train_epochs", "2", "--learning_rate", "3e-3",
+        "--use_cpu", "--seed", "7", "--output_dir", str(output_dir), "--report_to", "none",
+        "--push_to_hub", "--hub_model_id", "user/tiny", *extra,
+    ]
+
+
+def run(command, env, cwd):
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_trained_model_is_pushed_whole_and_loads_back_the_same(hub_server, workspace, tmp_path):
+    env = hub_server.process_env()
+    # random FRR weights are not published unless asked for; refused before the repository is created
+    refused = run(push_command(workspace, tmp_path / "refused"), env, tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "random FRR weights (backbone_weights)" in refused.stderr and "--hub_allow_random_frr_weights" in refused.stderr
+    assert ("model", "user/tiny") not in hub_server.server.store.repos
+
+    output_dir = tmp_path / "run"
+    result = run(push_command(workspace, output_dir, "--hub_allow_random_frr_weights", "--hub_private_repo", "true",
+                              "--hub_strategy", "every_save"), env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    api = hub_server.api()
+    files = set(api.list_repo_files("user/tiny"))
+    for name in ("model.safetensors", "config.json", "modeling_pmner.py", "processor_config.json",
+                 "processing_pmner.py", "image_processing_pmner.py", "frr_backbone.safetensors", "README.md",
+                 "all_results.json", "predict_results.json", "predict_report.txt", "tokenizer.json"):
+        assert name in files, (name, sorted(files))
+    assert "test_predictions.conll" not in files and "training_args.bin" not in files
+    assert not any(name.startswith(("checkpoint-", "frr_cache", "last-checkpoint")) for name in files), files
+    assert api.model_info("user/tiny").private is True
+    commits = [commit.message for commit in hub_server.server.store.repos[("model", "user/tiny")].commits.values()]
+    assert any("Training in progress" in title for title in commits), commits  # every_save pushed during training
+    card = open(api.hf_hub_download("user/tiny", "README.md")).read()
+    assert "pipeline(model=\"user/tiny\", trust_remote_code=True)" in card and "image=" in card
+    assert "frr_backbone" in card or "sha256" in card
+    assert "random:5" in card and "train_pmner.py" in card and "Twitter's (X's) terms" in card
+
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (80, 60), (20, 160, 90)).save(image)
+    texts = ["trump visits london today", "rt @user : google meets kawhi leonard"]
+    outcome = compare_hub_and_local(hub_server, "user/tiny", output_dir, tmp_path, texts, image=str(image))
+    assert outcome["hub"]["encoding"]["visual_mask"][0][0], "the image was not used"
+
+
+def test_push_without_credentials_or_hub_fails_clearly_before_training(hub_server, workspace, tmp_path):
+    output_dir = tmp_path / "no-token"
+    result = run(push_command(workspace, output_dir, "--hub_allow_random_frr_weights"),
+                 hub_server.process_env(token=False), tmp_path)
+    assert result.returncode != 0 and "needs a Hugging Face token with write access" in result.stderr, result.stderr[-3000:]
+    assert not (output_dir / "model.safetensors").exists()
+
+    # an existing output folder (a finished run) is left exactly as it was
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "all_results.json").write_text(json.dumps({"predict_f1": 0.5}))
+    before = tree_digest(kept)
+    with closed_port_url() as url:
+        env = dict(hub_server.process_env(), HF_ENDPOINT=url)
+        result = run(push_command(workspace, kept, "--hub_allow_random_frr_weights"), env, tmp_path)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "could not reach the Hub" in result.stderr and url in result.stderr, result.stderr[-3000:]
+    assert tree_digest(kept) == before
