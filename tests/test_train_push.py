@@ -92,3 +92,36 @@ def test_push_without_credentials_or_hub_fails_clearly_before_training(hub_serve
     assert result.returncode != 0, result.stdout[-2000:]
     assert "could not reach the Hub" in result.stderr and url in result.stderr, result.stderr[-3000:]
     assert tree_digest(kept) == before
+
+
+PUSH_DATASET = """
+from processing_pmner.twitter_mner import load_twitter_mner, push_twitter_mner_to_hub
+data = load_twitter_mner("twitter2017", data_dir={data!r}, cache_dir={cache!r})
+push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017")
+"""
+
+
+def test_training_from_a_hub_dataset_names_it_and_the_base_model_in_the_card(hub_server, workspace, tmp_path):
+    env = hub_server.process_env()
+    script = PUSH_DATASET.format(data=str(workspace / "data"), cache=str(tmp_path / "cache"))
+    pushed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    # a local copy of a Hub model: its config names the Hub id it came from
+    text_model = tmp_path / "bert-copy"
+    write_tiny_masked_lm(text_model)
+    config = json.loads((text_model / "config.json").read_text())
+    (text_model / "config.json").write_text(json.dumps(dict(config, _name_or_path="prajjwal1/bert-tiny")))
+    output_dir = tmp_path / "from-hub-data"
+    command = [
+        sys.executable, os.path.join(PROJECT, "train_pmner.py"),
+        "--dataset_name", "user/twitter-mner", "--dataset_config_name", "twitter2017", "--text_only",
+        "--text_model_name_or_path", str(text_model), "--fusion_num_heads", "4", "--do_train", "--do_eval",
+        "--do_predict", "--num_train_epochs", "1", "--use_cpu", "--output_dir", str(output_dir), "--report_to", "none",
+    ]
+    result = run(command, env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    card = (output_dir / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "datasets:\n- user/twitter-mner" in header and "base_model: prajjwal1/bert-tiny" in header, header
+    assert json.loads((output_dir / "predict_results.json").read_text())["predict_samples"] == 8
