@@ -45,7 +45,7 @@ def build_model(text_model: str, tag_scheme: str = "BIO", use_visual: bool = Tru
 
 def build_processor(text_model: str, model, max_length: int = 32, stride: int = 4) -> PMNERProcessor:
     image_processor = PMNERImageProcessor(
-        detector=None, backbone="resnet18", backbone_weights=None, crop_size=32, max_objects=3
+        detector=None, backbone="resnet18", backbone_weights="random:0", crop_size=32, max_objects=3
     )
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     return PMNERProcessor(

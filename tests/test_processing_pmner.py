@@ -310,11 +310,11 @@ def test_whole_image_added_when_fewer_objects_pass_and_boxes_in_original_pixels(
 def test_real_torchvision_builders_are_lazy_and_give_the_right_shapes(image_files, tmp_path):
     processor = PMNERImageProcessor(
         detector="fasterrcnn_mobilenet_v3_large_320_fpn",
-        detector_weights=None,
+        detector_weights="random:0",
         detector_kwargs={"min_size": 96, "max_size": 128, "box_score_thresh": 0.0},
         score_threshold=0.0,
         backbone="resnet18",
-        backbone_weights=None,
+        backbone_weights="random:0",
         crop_size=32,
         max_objects=4,
         max_image_side=128,
