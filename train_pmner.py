@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
-from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE
+from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
 from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
 from training_pmner.arguments import (
     ARGUMENT_FILE_SUFFIXES,
@@ -162,6 +162,10 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
             )
         model = PMNERForTokenClassification.from_pretrained(text_model)
         processor = PMNERProcessor.from_pretrained(text_model)
+        try:
+            check_processor_matches_model(processor, model.config)
+        except ValueError as error:
+            raise ArgumentsError(f"{text_model}: {error}") from error
         if model.config.use_visual != use_visual:
             raise ArgumentsError(
                 f"{text_model} was trained with use_visual={model.config.use_visual}; this run has "

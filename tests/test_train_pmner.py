@@ -424,3 +424,16 @@ def test_linear_head_reads_the_plain_tweet_and_other_types_can_be_kept(workspace
     config = json.loads((output_dir / "config.json").read_text())
     assert "B-OTHER" in config["id2label"].values() and "B-MISC" not in config["id2label"].values()
     assert "OTHER" in (output_dir / "predict_report.txt").read_text() or "OTHER_f1" in (output_dir / "all_results.json").read_text()
+
+
+def test_a_processor_with_other_labels_than_its_model_is_refused(visual_run, workspace, tmp_path):
+    trained, _ = visual_run
+    edited = tmp_path / "edited"
+    shutil.copytree(trained, edited, ignore=shutil.ignore_patterns("checkpoint-*", "frr_cache"))
+    config = json.loads((edited / "processor_config.json").read_text())
+    config["label_names"] = config["label_names"][:5]
+    (edited / "processor_config.json").write_text(json.dumps(config))
+    message = run_refused(tmp_path, ["--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"),
+                                     "--image_dir", str(workspace / "images"), "--text_model_name_or_path", str(edited),
+                                     "--do_eval", "--output_dir", str(tmp_path / "out")])
+    assert f"{edited}: the processor's label_names (5 tags)" in message and "config.id2label (17 tags)" in message
