@@ -426,7 +426,7 @@ def parse_args(argv=None):
     if args.device == "cuda":
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available():  # does not create a CUDA context
             parser.error("--device cuda: torch sees no CUDA device")
     return args
 
@@ -460,18 +460,19 @@ def training_command(paths: dict, device: str) -> list[str]:
     ]
     if device == "cpu":
         return command + ["--bf16", "false", "--use_cpu", "true"]
-    import torch
-
-    return command + ["--bf16", "true" if torch.cuda.is_bf16_supported() else "false"]
+    # asked in a child process, so that this one holds no CUDA context during the measurements
+    query = [sys.executable, "-c", "import torch; print(torch.cuda.is_bf16_supported())"]
+    supported = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    return command + ["--bf16", "true" if supported else "false"]
 
 
 def training_stages(run: StageRun) -> tuple[list[dict], float, float]:
     """The stages of the training process from its output: rows, the logged epoch time, FRR seconds."""
     frr_bar, _ = run.first(r"FRR features(?! of)", required=False)
-    frr_start = min(value for value in (frr_bar, run.watch_seen) if value is not None) if (
-        frr_bar is not None or run.watch_seen is not None) else None
-    if frr_start is None:
+    starts = [value for value in (frr_bar, run.watch_seen) if value is not None]
+    if not starts:
         raise RehearsalError(f"no start of FRR extraction (progress bar or feature cache folder) in {run.log_path}")
+    frr_start = min(starts)
     frr_end, _ = run.first(r"FRR features of \d+ tweets ready", after=frr_start)
     epoch_line, match = run.first(r"epoch [\d.]+ trained in ([\d.]+) s", after=frr_end)
     epoch_s = float(match.group(1))
@@ -490,12 +491,12 @@ def training_stages(run: StageRun) -> tuple[list[dict], float, float]:
         ("test prediction", evaluated, predicted),
         ("results, model card, exit", predicted, run.seconds),
     ]
-    rows = []
-    for name, start, end in bounds:
-        rss, gpu = run.peak_between(start, end)
-        rows.append({"stage": name, "seconds": end - start, "peak_rss_mib": rss, "peak_gpu_mib": gpu,
-                     "memory": "sampled"})
+    rows = [stage_row(name, end - start, *run.peak_between(start, end), "sampled") for name, start, end in bounds]
     return rows, epoch_s, frr_end - frr_start
+
+
+def stage_row(name: str, seconds: float, rss_mib, gpu_mib, memory: str) -> dict:
+    return {"stage": name, "seconds": seconds, "peak_rss_mib": rss_mib, "peak_gpu_mib": gpu_mib, "memory": memory}
 
 
 def rehearse(args, work: str) -> dict:
@@ -511,14 +512,14 @@ def rehearse(args, work: str) -> dict:
 
     rows = []
     models = stage("build models", [*me, "--stage", "models", "--seed", str(args.seed)], "models.log")
-    rows.append({"stage": "build models (bert-base MLM, Faster R-CNN v2, ResNet-152; saved)",
-                 "seconds": models.seconds, "peak_rss_mib": models.peak_rss_mib, "peak_gpu_mib": None, "memory": "exact"})
+    rows.append(stage_row("build models (bert-base MLM, Faster R-CNN v2, ResNet-152; saved)", models.seconds,
+                          models.peak_rss_mib, None, "exact"))
     data = stage("write images", [*me, "--stage", "data", "--tweets", str(args.tweets), "--twitter-dir",
                                   args.twitter_dir], "data.log")
     _, match = data.first(r"^images (\d+)$")
     images = int(match.group(1))
-    rows.append({"stage": f"write data ({args.tweets} tweets x 3 splits, {images} JPEGs 1024x768)",
-                 "seconds": data.seconds, "peak_rss_mib": data.peak_rss_mib, "peak_gpu_mib": None, "memory": "exact"})
+    rows.append(stage_row(f"write data ({args.tweets} tweets x 3 splits, {images} JPEGs 1024x768)", data.seconds,
+                          data.peak_rss_mib, None, "exact"))
 
     command = training_command(paths, args.device)
     train = stage("train_pmner.py", command, "train.log", gpu=gpu, watch_path=os.path.join(paths["run"], "frr_cache"))
@@ -540,12 +541,10 @@ def rehearse(args, work: str) -> dict:
                       os.path.join(paths["logs"], "reload.log"), remote_env, work, echo=not args.quiet)
     _, match = remote.first("^" + re.escape(RESULT_PREFIX) + r"(.*)$")
     pipeline_result = json.loads(match.group(1))
-    rows.append({"stage": "reload in a fresh process (pipeline(model=folder, trust_remote_code=True))",
-                 "seconds": pipeline_result["reload_s"], "peak_rss_mib": pipeline_result["reload_peak_rss_mib"],
-                 "peak_gpu_mib": pipeline_result.get("reload_peak_gpu_mib"), "memory": "process so far"})
-    rows.append({"stage": "pipeline on one image (first call: FRR models built from the folder)",
-                 "seconds": pipeline_result["pipeline_s"], "peak_rss_mib": pipeline_result["pipeline_peak_rss_mib"],
-                 "peak_gpu_mib": pipeline_result.get("pipeline_peak_gpu_mib"), "memory": "process so far"})
+    for name, key in (("reload in a fresh process (pipeline(model=folder, trust_remote_code=True))", "reload"),
+                      ("pipeline on one image (first call: FRR models built from the folder)", "pipeline")):
+        rows.append(stage_row(name, pipeline_result[f"{key}_s"], pipeline_result[f"{key}_peak_rss_mib"],
+                              pipeline_result.get(f"{key}_peak_gpu_mib"), "process so far"))
 
     run_files = {name: os.path.join(paths["run"], name)
                  for name in ("model.safetensors", "frr_detector.safetensors", "frr_backbone.safetensors")}
@@ -593,7 +592,7 @@ def print_report(report: dict, work: str) -> None:
     total = sum(row["seconds"] for row in report["stages"])
     print(f"| total | {total:.1f} | | |\n")
     results = report["all_results"]
-    print(f"FRR: {report['images']} images in {report['frr_seconds']:.1f} s = {report['frr_images_per_s']:.3f} "
+    print(f"FRR: {report['images']} images in {report['frr_seconds']:.1f} s = {number(report['frr_images_per_s'], 3)} "
           "images/s (Faster R-CNN R50-FPN v2, then 5 crops per image through ResNet-152)")
     print(f"training epoch (bert-base, {report['tweets_per_split']} tweets, batch 8): {report['epoch_seconds']:.1f} s "
           f"(train_pmner.py log); Trainer: train_runtime {results.get('train_runtime')} s (epoch + validation + "
