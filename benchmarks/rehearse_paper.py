@@ -6,31 +6,23 @@ on the first N tweets of each Twitter-2017 split, with random weights (nothing i
     python benchmarks/rehearse_paper.py --tweets 64 --device cuda       # GPU, bf16 where supported
     python benchmarks/rehearse_paper.py --tweets 2 --output-dir /tmp/rehearsal --keep
 
-What it does, in a work folder outside the repository (a temporary one, removed at the end unless --keep; or
---output-dir, kept):
-1. builds a masked LM with bert-base's config (`BertConfig()`: 12 layers, hidden 768, vocab 30522) with random
-   weights, saved as a local folder with the offline MiniLM's uncased WordPiece tokenizer (the same 30522 vocab),
-   and Faster R-CNN R50-FPN v2 and ResNet-152 (weights=None, weights_backbone=None) saved as local .safetensors
-   files. Random detector weights detect nothing above 0.95, so the saved detector is made confident on purpose:
-   its box classifier's weights are zeroed and its bias favours COCO class 1 ('person') by a logit of 10, so every
-   region proposal scores e^10 / (e^10 + 90) = 0.996, and its box regression is zeroed (boxes = the random RPN's
-   proposals). FRR then keeps 5 objects per image and runs the real compute: the detector, then 5 crops per image
-   through ResNet-152. The features mean nothing; the timings and memory are the paper setting's.
-2. writes the first N tweets of each split of Twitter-2017 (CoNLL, from --twitter-dir) and one synthetic 1024x768
-   JPEG per tweet (a gradient, noise and drawn shapes, seeded by the image id);
-3. runs `train_pmner.py configs/paper-twitter2017.yaml` with those inputs and `--num_train_epochs 1` as a user would
-   (`--bf16 false --use_cpu true` on CPU; `--do_train --do_eval --do_predict` from the config), then reloads the run
-   folder in a fresh process that cannot import this project, with `pipeline(model=folder, trust_remote_code=True)`,
-   and runs it on one tweet with its image;
-4. prints seconds and peak memory per stage (RSS of the process that ran it: exact per process from `wait4`, per
-   stage of the training process sampled every 0.1 s from /proc/<pid>/status; on CUDA, GPU memory from nvidia-smi
-   samples for the training process and `torch.cuda.max_memory_allocated` in the fresh process), FRR images/s, the
-   training epoch time and the sizes of the saved files; writes them to <work>/rehearsal.json.
+In a work folder outside the repository (temporary, removed at the end unless --keep; or --output-dir, kept):
+1. a masked LM with bert-base's config (`BertConfig()`: 12 layers, hidden 768, vocab 30522), random weights, saved
+   with the offline MiniLM's uncased WordPiece tokenizer (same 30522 vocab); Faster R-CNN R50-FPN v2 and ResNet-152
+   (weights=None, weights_backbone=None) saved as .safetensors. Random detectors find nothing above 0.95, so the saved
+   one is made confident on purpose: box classifier weights zeroed, bias of COCO class 1 ('person') = 10, so every
+   proposal scores e^10 / (e^10 + 90) = 0.996; box regression zeroed (boxes = the random RPN's proposals). FRR then
+   does the real compute, 5 crops per image through ResNet-152; the features mean nothing.
+2. the first N tweets of each Twitter-2017 split (CoNLL, --twitter-dir) and a synthetic 1024x768 JPEG per tweet;
+3. `train_pmner.py configs/paper-twitter2017.yaml ... --num_train_epochs 1`, as a user would (`--bf16 false
+   --use_cpu true` on CPU; --do_train/--do_eval/--do_predict from the config); then, in a fresh process that cannot
+   import this project, `pipeline(model=folder, trust_remote_code=True)` on one tweet with its image;
+4. a table of seconds and peak memory per stage (exact RSS peak per process from `wait4`; per stage of the training
+   process, RSS sampled every 0.1 s from /proc; on CUDA, nvidia-smi samples and `torch.cuda.max_memory_allocated`),
+   FRR images/s, the epoch time and the saved files' sizes, also written to <work>/rehearsal.json.
 
-The stages of the training process are told apart by its own output: the `FRR features` progress bar (or the
-feature cache folder appearing) starts FRR extraction, `FRR features of N tweets ready` ends it, the
-`epoch E trained in S s` line gives the epoch time, the `***** <split> metrics *****` prints end training,
-evaluation and prediction.
+Stages of the training process come from its own output: the `FRR features` progress bar (or the feature cache
+folder appearing) to `FRR features of N tweets ready`; `epoch E trained in S s`; `***** <split> metrics *****`.
 """
 
 import argparse
