@@ -49,234 +49,43 @@ partial output is kept for `--resume`; a killed process keeps it too, up to the 
 """
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 
-
-JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
-CONLL_EXTENSIONS = (".txt", ".conll", ".tsv", ".bio")
-IMGID_PREFIX = "IMGID:"
-PARTIAL_SUFFIX = ".partial"
-PROGRESS_SUFFIX = ".partial.json"
-PROGRESS_VERSION = 1
-# Arguments that change the output: a resumed run must use the same ones as the interrupted run.
-OUTPUT_SETTINGS = (
-    "model", "input_format", "output_format", "image_dir", "image_extension", "batch_size", "aggregation_strategy",
-    "word_tags", "trust_remote_code",
+from .predict_output import (  # noqa: F401  (re-exported: the CLI's names stay importable from here)
+    OUTPUT_SETTINGS,
+    PARTIAL_SUFFIX,
+    PROGRESS_SUFFIX,
+    PROGRESS_VERSION,
+    OutputWriter,
+    Summary,
+    UsageError,
+    check_arguments,
+    check_input,
+    check_output,
+    output_target,
+    run_settings,
 )
-
-
-class UsageError(Exception):
-    """An argument, input or output that cannot be used: reported in one line, exit status 2."""
-
-
-@dataclass
-class Record:
-    """One tweet of the input."""
-
-    line: int
-    text: str | None = None
-    words: list | None = None
-    gold: list | None = None
-    image: str | None = None
-    image_id: str | None = None
-    record_id: object = None
-    has_id: bool = False
-
-
-@dataclass
-class Summary:
-    """What the run did (with `--resume`, the interrupted run included), as process 0 saves it in the progress file."""
-
-    tagged: int = 0
-    failed: int = 0
-    failed_lines: list = field(default_factory=list)  # the first 20 lines that failed
-    bad_images: int = 0
-    entries: int = 0  # input records done (tweets and unreadable lines), in input order
-    last_line: int = 0  # the line of the last of them
-    resumed_tagged: int = 0  # tagged before the interruption
-
-    def add(self, outcome: dict):
-        self.tagged += outcome["tagged"]
-        self.failed += len(outcome["failed"])
-        self.failed_lines += outcome["failed"][: max(0, 20 - len(self.failed_lines))]
-        self.bad_images += outcome["bad_images"]
-        self.entries += outcome["entries"]
-        self.last_line = max(self.last_line, outcome["last_line"])
-
-
-class InputError(ValueError):
-    """A line of the input that cannot be read; the message says why."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _open_input(path: str):
-    """The input as bytes: each line is decoded on its own, so that one line of invalid UTF-8 is reported (with
-    its number) instead of stopping the run."""
-    if path == "-":
-        return contextlib.nullcontext(sys.stdin.buffer)
-    return open(path, "rb")
-
-
-def decoded_lines(handle):
-    """`(line number, text without the line break, or None if the line is not UTF-8, the decoding error)`."""
-    for number, raw in enumerate(handle, start=1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # byte order mark
-        try:
-            yield number, raw.decode("utf-8").rstrip("\n").rstrip("\r"), None
-        except UnicodeDecodeError as error:
-            yield number, None, f"not valid UTF-8 (byte {error.start}: {raw[error.start:error.start + 1]!r})"
-
-
-def guess_format(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(JSONL_EXTENSIONS):
-        return "jsonl"
-    if lower.endswith(CONLL_EXTENSIONS):
-        return "conll"
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                return "jsonl" if line.lstrip().startswith("{") else "conll"
-    return "jsonl"
-
-
-def _image_path(image: str | None, image_dir: str | None) -> str | None:
-    if image is None:
-        return None
-    if image_dir and not os.path.isabs(image):
-        return os.path.join(image_dir, image)
-    return image
-
-
-def read_jsonl(handle, image_dir: str | None, image_extension: str):
-    """Yields `Record`s, or `InputError`s (with their line) for lines that cannot be read."""
-    for number, line, decoding_error in decoded_lines(handle):
-        if decoding_error is not None:
-            yield InputError(f"{number}\t{decoding_error}")
-            continue
-        if not line.strip():
-            continue
-        try:
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"invalid JSON: {error.msg} (column {error.colno})") from error
-            if not isinstance(data, dict):
-                raise InputError(f"expected a JSON object, got {type(data).__name__}")
-            text_keys = [key for key in ("text", "words", "tokens") if data.get(key) is not None]
-            if len(text_keys) != 1:
-                raise InputError(
-                    f"needs exactly one of 'text', 'words' or 'tokens', found {text_keys or 'none'}"
-                )
-            record = Record(line=number)
-            if text_keys[0] == "text":
-                if not isinstance(data["text"], str):
-                    raise InputError(f"'text' must be a string, got {type(data['text']).__name__}")
-                record.text = data["text"]
-            else:
-                words = data[text_keys[0]]
-                if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
-                    raise InputError(f"'{text_keys[0]}' must be a list of strings")
-                record.words = words
-            image = data.get("image")
-            if image is not None and not isinstance(image, str):
-                raise InputError(f"'image' must be a path (string) or null, got {type(image).__name__}")
-            image_id = data.get("image_id")
-            if image_id is not None and not isinstance(image_id, (str, int)):
-                raise InputError(f"'image_id' must be a string, got {type(image_id).__name__}")
-            record.image_id = None if image_id is None else str(image_id)
-            record.image = _image_path(image, image_dir)
-            if record.image is None and record.image_id is not None and image_dir:
-                record.image = os.path.join(image_dir, record.image_id + image_extension)
-            if "id" in data:
-                record.record_id, record.has_id = data["id"], True
-        except InputError as error:
-            yield InputError(f"{number}\t{error}")
-            continue
-        yield record
-
-
-def read_conll(handle, image_dir: str | None, image_extension: str):
-    """Yields `Record`s (one per tweet, `line` = its first line), or `InputError`s for tweets with a bad line."""
-    current, problem = None, None
-
-    def finish():
-        if current is None:
-            return None
-        if problem is not None:
-            return InputError(f"{problem[0]}\t{problem[1]}")
-        if not current.words:
-            return InputError(f"{current.line}\tIMGID:{current.image_id} has no token lines")
-        gold = current.gold
-        if all(tag is None for tag in gold):
-            current.gold = None
-        elif any(tag is None for tag in gold):
-            return InputError(f"{current.line}\tsome token lines of this tweet have a tag and some do not")
-        return current
-
-    for number, line, decoding_error in decoded_lines(handle):
-        if decoding_error is not None:
-            if current is None:
-                current = Record(line=number, words=[], gold=[])
-            if problem is None:
-                problem = (number, decoding_error)
-            continue
-        if line.startswith(IMGID_PREFIX) or not line.strip():
-            result = finish()
-            if result is not None:
-                yield result
-            current, problem = None, None
-            if line.startswith(IMGID_PREFIX):
-                image_id = line[len(IMGID_PREFIX):].strip()
-                current = Record(line=number, words=[], gold=[], image_id=image_id or None)
-                if not image_id:
-                    problem = (number, "IMGID: without an image id")
-                elif image_dir:
-                    current.image = os.path.join(image_dir, image_id + image_extension)
-            continue
-        if current is None:
-            current = Record(line=number, words=[], gold=[])
-        fields = line.split("\t")
-        if len(fields) > 2 and problem is None:
-            problem = (number, f"expected 'token<TAB>tag', found {len(fields)} tab-separated fields: {line[:80]!r}")
-        current.words.append(fields[0])
-        current.gold.append(fields[1].strip() if len(fields) > 1 else None)
-    result = finish()
-    if result is not None:
-        yield result
-
-
-def count_records(path: str, input_format: str) -> int | None:
-    """How many tweets the file holds (for the progress bar); `None` for stdin."""
-    if path == "-":
-        return None
-    count, in_tweet = 0, False
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if input_format == "jsonl":
-                count += bool(line.strip())
-            elif line.startswith(IMGID_PREFIX) or not line.strip():
-                count += line.startswith(IMGID_PREFIX)
-                in_tweet = line.startswith(IMGID_PREFIX)
-            elif not in_tweet:
-                count += 1  # a tweet without IMGID line
-                in_tweet = True
-    return count
+from .predict_processes import Processes, batches_of, parse_device  # noqa: F401
+from .predict_reading import (  # noqa: F401
+    CONLL_EXTENSIONS,
+    IMGID_PREFIX,
+    JSONL_EXTENSIONS,
+    InputError,
+    Record,
+    count_records,
+    decoded_lines,
+    guess_format,
+    open_input,
+    read_conll,
+    read_jsonl,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,15 +113,6 @@ def load_pipeline(model: str, device: str | None, aggregation_strategy: str, tru
         "multimodal-ner", model=model, device=device, pipeline_class=PMNERPipeline,
         aggregation_strategy=aggregation_strategy,
     )
-
-
-def parse_device(value: str | None):
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,276 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checks before the model loads, and where the output goes
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def check_arguments(args):
-    for name in ("batch_size", "threads", "cache_flush_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.image_dir and not os.path.isdir(args.image_dir):
-        raise UsageError(f"--image-dir {args.image_dir} is not a folder")
-    if args.feature_cache_dir and os.path.exists(args.feature_cache_dir) and not os.path.isdir(args.feature_cache_dir):
-        raise UsageError(f"--feature-cache-dir {args.feature_cache_dir} is a file, not a folder")
-
-
-def check_input(args, world: int) -> str:
-    """The input's format; `UsageError` for an input that cannot be read (nothing is read from a pipe here)."""
-    if args.input != "-":
-        if os.path.isdir(args.input):
-            raise UsageError(f"input {args.input} is a folder; pass a JSONL or CoNLL file")
-        if not os.path.exists(args.input):
-            raise UsageError(f"input file {args.input} does not exist")
-        if not os.access(args.input, os.R_OK):
-            raise UsageError(f"input file {args.input} is not readable")
-        if os.path.isfile(args.input):
-            return guess_format(args.input) if args.input_format == "auto" else args.input_format
-    stream = "stdin" if args.input == "-" else f"{args.input} (not a regular file)"
-    if args.input_format == "auto":
-        raise UsageError(f"reading {stream}: pass --input-format jsonl or conll")
-    if world > 1:
-        raise UsageError(f"{stream} cannot be split between {world} processes: pass an input file")
-    if args.resume:
-        raise UsageError(f"--resume needs an input file: {stream} cannot be checked against the interrupted run")
-    return args.input_format
-
-
-def _stream_stat(stream):
-    """`os.stat_result` of the file behind a standard stream, `None` for one without a file descriptor."""
-    try:
-        return os.fstat(stream.fileno())
-    except (AttributeError, OSError, ValueError):  # an in-memory stream (pytest's capture): it is no file on disk
-        return None
-
-
-def output_target(output: str) -> str:
-    """The file the output replaces: for a symlink, the file it points to (the link then shows the new output)."""
-    return os.path.realpath(output) if os.path.islink(output) else output
-
-
-def run_settings(args, input_format: str, output_format: str) -> dict:
-    """The input file and the arguments that shape the output, as the progress file keeps them."""
-    stat = os.stat(args.input)
-    settings = {"input": os.path.abspath(args.input), "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns}
-    settings.update({name: getattr(args, name) for name in OUTPUT_SETTINGS})
-    settings.update(input_format=input_format, output_format=output_format)
-    for name in ("model", "image_dir"):
-        if settings[name] is not None and os.path.exists(settings[name]):
-            settings[name] = os.path.abspath(settings[name])
-    return settings
-
-
-def check_output(args, input_format: str, output_format: str) -> dict | None:
-    """Refuses an output that would lose data or cannot be written (opening nothing); with `--resume`, the progress
-    of the interrupted run."""
-    if args.output == "-":
-        if args.resume:
-            raise UsageError("--resume needs an output file (-o FILE): the standard output cannot be resumed")
-        stdout = _stream_stat(sys.stdout)
-        if args.input != "-" and stdout is not None and os.path.samestat(stdout, os.stat(args.input)):
-            raise UsageError(f"the standard output goes into the input file {args.input}, which would destroy it")
-        return None
-    target = output_target(args.output)
-    if os.path.exists(target):
-        if args.input == "-":
-            stdin = _stream_stat(sys.stdin)
-            same = stdin is not None and os.path.samestat(stdin, os.stat(target))
-        else:
-            same = os.path.samefile(args.input, target)  # the same path, another spelling, a hard link
-        if same:
-            raise UsageError(f"output {args.output} is the input file, which writing it would destroy; pass another -o")
-        if os.path.isdir(target):
-            example = os.path.join(args.output, "predictions")
-            raise UsageError(f"output {args.output} is a folder; pass a file name (e.g. -o {example})")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        problem = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise UsageError(f"the folder of output {args.output} ({folder}) {problem}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write in the folder of output {args.output} ({folder})")
-    partial, progress_file = target + PARTIAL_SUFFIX, target + PROGRESS_SUFFIX
-    if args.input != "-" and os.path.exists(partial) and os.path.samefile(args.input, partial):
-        raise UsageError(f"the partial output {partial} would be the input file; pass another -o")
-    if not args.resume:
-        if os.path.exists(partial):
-            raise UsageError(
-                f"{partial} is left from an interrupted run: pass --resume to continue it, or delete it to start afresh"
-            )
-        return None
-    if not os.path.exists(partial):
-        raise UsageError(f"--resume: there is no {partial} to continue (the last run finished, or never started)")
-    try:
-        with open(progress_file, encoding="utf-8") as handle:
-            progress = json.load(handle)
-    except (OSError, ValueError) as error:
-        message = f"--resume: cannot read {progress_file} ({error}); delete {partial} to start afresh"
-        raise UsageError(message) from error
-    keys = {"version", "settings", "bytes", *Summary.__dataclass_fields__}
-    if not (isinstance(progress, dict) and progress.get("version") == PROGRESS_VERSION and keys <= progress.keys()):
-        raise UsageError(
-            f"--resume: {progress_file} is not a progress file of this version; delete {partial} to start afresh"
-        )
-    settings = run_settings(args, input_format, output_format)
-    differences = [
-        f"{name}: {progress['settings'].get(name)!r} then, {value!r} now" for name, value in settings.items()
-        if progress["settings"].get(name) != value
-    ]
-    if differences:
-        raise UsageError(
-            f"--resume: the interrupted run had other settings or input ({'; '.join(differences)}); run it as it was, "
-            f"or delete {partial} to start afresh"
-        )
-    if os.path.getsize(partial) < progress["bytes"]:
-        raise UsageError(
-            f"--resume: {partial} is shorter than the {progress['bytes']} bytes {progress_file} records; delete it to "
-            "start afresh"
-        )
-    return progress
-
-
-class OutputWriter:
-    """Process 0's output: the standard output, or `<output>.partial`, renamed onto the output when complete, with
-    the run's progress saved in `<output>.partial.json` after each round of batches."""
-
-    def __init__(self, output: str, settings: dict, progress: dict | None):
-        self.target = None if output == "-" else output_target(output)
-        self.progress = progress or {"version": PROGRESS_VERSION, "settings": settings, "bytes": 0}
-        self.handle = None
-        if self.target is None:
-            return
-        self.partial, self.progress_file = self.target + PARTIAL_SUFFIX, self.target + PROGRESS_SUFFIX
-        if progress is None:
-            self.handle = open(self.partial, "xb")  # "x": never over another run's partial output
-        else:
-            self.handle = open(self.partial, "r+b")
-            self.handle.truncate(progress["bytes"])  # what was written after the last saved progress goes
-            self.handle.seek(progress["bytes"])
-        self.save(Summary(**{name: progress[name] for name in Summary.__dataclass_fields__}) if progress else Summary())
-
-    def write(self, text: str):
-        if self.handle is None:
-            sys.stdout.write(text)
-        else:
-            self.handle.write(text.encode("utf-8"))
-
-    def save(self, summary: Summary):
-        """Flushes what was written and records it (with `summary`) as the point `--resume` starts from."""
-        if self.handle is None:
-            sys.stdout.flush()
-            return
-        self.handle.flush()
-        self.progress.update(vars(summary), bytes=self.handle.tell())
-        temporary = self.progress_file + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(self.progress, handle, indent=1)
-        os.replace(temporary, self.progress_file)
-
-    def finish(self):
-        if self.handle is None:
-            sys.stdout.flush()
-            return
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        if os.path.exists(self.target):
-            shutil.copymode(self.target, self.partial)  # the new output keeps the permissions of the one it replaces
-        os.replace(self.partial, self.target)
-        os.remove(self.progress_file)
-
-    def close(self):
-        if self.handle is not None:
-            self.handle.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Processes (torchrun / accelerate launch)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """This process's place among those started by `torchrun` or `accelerate launch` (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    group: object = None
-    started_group: bool = False
-
-    @classmethod
-    def from_environment(cls, environ=os.environ) -> "Processes":
-        values = {name: environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        try:
-            world, rank = int(values["WORLD_SIZE"] or 1), int(values["RANK"] or 0)
-            local_rank = int(values["LOCAL_RANK"] or rank)
-        except ValueError as error:
-            raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {values}") from error
-        if world < 1 or not 0 <= rank < world or local_rank < 0:
-            raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must satisfy 0 <= RANK < WORLD_SIZE, got {values}")
-        return cls(rank=rank, world=world, local_rank=local_rank)
-
-    def device(self, device: str | None, cuda_available: bool):
-        """One GPU per process: `cuda:LOCAL_RANK` for no `--device` (or a bare `cuda`) when CUDA is available."""
-        if self.world > 1 and cuda_available and device in (None, "cuda"):
-            return f"cuda:{self.local_rank}"
-        return parse_device(device)
-
-    def start(self):
-        if self.world == 1:
-            return
-        import torch.distributed as distributed
-
-        if not distributed.is_initialized():
-            distributed.init_process_group("gloo")  # MASTER_ADDR / MASTER_PORT from the launcher
-            self.started_group = True
-        else:
-            self.group = distributed.new_group(backend="gloo")  # CPU tensors, whatever the caller's backend
-        if distributed.get_world_size() != self.world:
-            raise RuntimeError(f"WORLD_SIZE is {self.world} but the process group has {distributed.get_world_size()}")
-
-    def stop(self):
-        if self.started_group:
-            import torch.distributed as distributed
-
-            distributed.destroy_process_group()
-
-    def gather(self, value) -> list:
-        """`value` of every process, in rank order, on every process: JSON in byte tensors (nothing unpickled)."""
-        if self.world == 1:
-            return [value]
-        import torch
-        import torch.distributed as distributed
-
-        payload = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        distributed.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
-        longest = max(int(size) for size in sizes)
-        padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[: payload.numel()] = payload
-        buffers = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world)]
-        distributed.all_gather(buffers, padded, group=self.group)
-        return [json.loads(buffer[: int(size)].numpy().tobytes()) for buffer, size in zip(buffers, sizes)]
-
-
-def batches_of(entries, batch_size: int):
-    """The input cut into batches of `batch_size` records (the unreadable entries among them ride along): the same
-    batches in one process or many, so that every tweet is tagged in the same company (same padding, same numbers)."""
-    batch, records = [], 0
-    for entry in entries:
-        batch.append(entry)
-        if isinstance(entry, Record):
-            records += 1
-            if records == batch_size:
-                yield batch
-                batch, records = [], 0
-    if batch:
-        yield batch
-
-
 def tag_batch(predictor: Predictor, batch: list, input_name: str, output_format: str, word_tags: bool) -> dict:
     """The output text of one batch and its messages in input order, as plain data (sent between processes)."""
     records = [entry for entry in batch if isinstance(entry, Record)]
@@ -959,7 +489,7 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
     counted = not args.no_progress and rank == 0 and args.input != "-" and os.path.isfile(args.input)
     total = count_records(args.input, input_format) if counted else None
     started = time.perf_counter()
-    with _open_input(args.input) as source:
+    with open_input(args.input) as source:
         entries = itertools.islice(reader(source, args.image_dir, args.image_extension), summary.entries, None)
         batches = batches_of(entries, args.batch_size)
         bar = tqdm(
