@@ -101,7 +101,9 @@ def test_words_and_template_are_encoded_as_in_running_text(checkpoints, family, 
     # the probe is meaningful: byte-level BPE without add_prefix_space splits words as if each began the text
     assert split_words_match_running_text(tokenizer) is (family not in BYTE_LEVEL)
     # a light image processor whose settings are saved without weights (this test is about the tokenizer)
-    image_processor = PMNERImageProcessor(detector=None, backbone="resnet18", backbone_weights=None, save_frr_weights=False)
+    image_processor = PMNERImageProcessor(
+        detector=None, backbone="resnet18", backbone_weights="random:0", save_frr_weights=False
+    )
     processor = PMNERProcessor(image_processor, tokenizer)
     assert split_words_match_running_text(processor.tokenizer)
     assert split_words_match_running_text(tokenizer) is (family not in BYTE_LEVEL)  # the caller's is not changed
