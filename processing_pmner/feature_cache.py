@@ -536,23 +536,27 @@ class FRRFeatureCache:
     def masks(self) -> "_RowView | None":
         return _RowView(self, "visual_mask") if len(self) else None
 
-    def read_positions(self, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(features (n, M, D) float32, masks (n, M) bool, num_detections (n,) int32)` at index `positions`."""
+    def _by_shard(self, positions):
+        """Per shard holding some of index `positions`: `(shard, descriptor, where in positions, rows ascending)`."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"FRR cache positions out of range [0, {len(self)})")
         shard_numbers, rows = self._index.shards[positions], self._index.rows[positions]
-        features = masks = None
-        detections = np.full(len(positions), -1, dtype=np.int32)  # (n,)
         for number in np.unique(shard_numbers):
             selected = np.flatnonzero(shard_numbers == number)
             order = np.argsort(rows[selected], kind="stable")
-            selected, shard_rows = selected[order], rows[selected][order]
-            shard, fd = self._shard(int(number)), self._fd(int(number))
+            yield self._shard(int(number)), self._fd(int(number)), selected[order], rows[selected][order]
+
+    def read_positions(self, positions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(features (n, M, D) float32, masks (n, M) bool, num_detections (n,) int32)` at index `positions`."""
+        count = len(np.asarray(positions).reshape(-1))
+        features = masks = None
+        detections = np.full(count, -1, dtype=np.int32)  # (n,)
+        for shard, fd, selected, shard_rows in self._by_shard(positions):
             part = shard.read(fd, "visual_features", shard_rows)  # (k, M, D)
             if features is None:
-                features = np.empty((len(positions),) + part.shape[1:], dtype=np.float32)  # (n, M, D)
-                masks = np.empty((len(positions), part.shape[1]), dtype=bool)  # (n, M)
+                features = np.empty((count,) + part.shape[1:], dtype=np.float32)  # (n, M, D)
+                masks = np.empty((count, part.shape[1]), dtype=bool)  # (n, M)
             features[selected] = part
             masks[selected] = shard.read(fd, "visual_mask", shard_rows)
             if "num_detections" in shard.tensors:
@@ -560,6 +564,14 @@ class FRRFeatureCache:
         if features is None:
             return torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int32)
         return torch.from_numpy(features), torch.from_numpy(masks), torch.from_numpy(detections)
+
+    def num_detections_at(self, positions) -> np.ndarray:
+        """`num_detections` (n,) int32 at index `positions` (-1 where not stored), reading nothing else."""
+        detections = np.full(len(np.asarray(positions).reshape(-1)), -1, dtype=np.int32)  # (n,)
+        for shard, fd, selected, shard_rows in self._by_shard(positions):
+            if "num_detections" in shard.tensors:
+                detections[selected] = shard.read(fd, "num_detections", shard_rows)
+        return detections
 
     def get_many(self, keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(features (n, M, D) float32, masks (n, M), num_detections (n,))` of `keys`; a missing key raises
@@ -931,7 +943,7 @@ def extract_dataset_features(
     for start in range(0, len(positions) if with_counts else 0, 4096):  # counts are tiny: check every one is known
         part = positions[start : start + 4096]
         present = part[part >= 0]
-        if len(present) and (cache.read_positions(present.numpy())[2] < 0).any():
+        if len(present) and (cache.num_detections_at(present.numpy()) < 0).any():
             with_counts = False
             logger.warning(f"part of the FRR cache {cache.folder} has no detection counts (written by an older "
                            "version): the dataset gets no visual_num_detections column")

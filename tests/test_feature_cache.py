@@ -41,6 +41,8 @@ def test_round_trip_and_lookups_after_reopening(tmp_path, dtype):
     expected = features[order] if dtype == "float32" else features[order].half().float()
     assert got_features.dtype == torch.float32 and torch.equal(got_features, expected)
     assert torch.equal(got_masks, masks[order]) and torch.equal(got_detections, detections[order])
+    counts = reopened.num_detections_at(reopened.positions([keys[index] for index in order]))
+    assert counts.tolist() == detections[order].tolist()
     single_features, single_mask = reopened.get("img-0-5")
     assert torch.equal(single_mask, masks[5]) and reopened.num_detections("img-0-5") == int(detections[5])
     assert "img-0-5" in reopened and "img-0-12" not in reopened
@@ -128,6 +130,7 @@ def test_format_1_shards_still_read(tmp_path):
     cache = FRRFeatureCache(tmp_path, "fp").load()
     got_features, got_masks, got_detections = cache.get_many(keys)
     assert torch.equal(got_features, features) and got_detections.tolist() == [-1, -1, -1]
+    assert cache.num_detections_at(cache.positions(keys)).tolist() == [-1, -1, -1]
 
 
 def compute_from_name(chunk):
