@@ -2,9 +2,9 @@
 
 Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
 `AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
-`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`image_loading.py`,
-`frr_models.py`, `feature_cache.py`) into the folder, and
-`AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
+`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`tag_schemes.py`,
+`word_start_spaces.py`, `sentence_windows.py`, `image_loading.py`, `frr_models.py`, `feature_cache.py`) into the
+folder, and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
 """
 
 from transformers import AutoImageProcessor, AutoProcessor
@@ -25,9 +25,13 @@ from .processing_pmner import (
     TruncationWarning,
     bio_to_bioes,
     bioes_to_bio,
+    check_processor_matches_model,
     convert_tags,
+    split_words_match_running_text,
+    tag_parts,
     tag_scheme_of,
     window_owner,
+    with_word_start_spaces,
     word_windows,
 )
 
@@ -47,10 +51,14 @@ __all__ = [
     "TruncationWarning",
     "bio_to_bioes",
     "bioes_to_bio",
+    "check_processor_matches_model",
     "convert_tags",
     "load_image",
+    "split_words_match_running_text",
+    "tag_parts",
     "tag_scheme_of",
     "to_rgb",
     "window_owner",
+    "with_word_start_spaces",
     "word_windows",
 ]

@@ -12,11 +12,12 @@ Sentences longer than `max_length` are split into overlapping word windows (`ove
 predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
 (`overflow="truncate"`). Nothing is cut silently.
 
-This file is copied flat into saved processor folders (remote code): it imports its sibling only relatively.
+The tag schemes and the processor/model label check live in `tag_schemes.py`, the word-start spaces of byte-level
+BPE tokenizers in `word_start_spaces.py`, the windows in `sentence_windows.py`; their public names are re-exported
+here. This file is copied flat into saved processor folders (remote code) with those siblings: it imports them only
+relatively.
 """
 
-import copy
-import json
 import string
 import warnings
 
@@ -28,6 +29,17 @@ from transformers.utils import logging
 
 from .frr_models import save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
+from .sentence_windows import window_owner, word_windows
+from .tag_schemes import (
+    _split_tag,
+    bio_to_bioes,
+    bioes_to_bio,
+    check_processor_matches_model,
+    convert_tags,
+    tag_parts,
+    tag_scheme_of,
+)
+from .word_start_spaces import PROBE_WORDS, split_words_match_running_text, with_word_start_spaces
 
 
 logger = logging.get_logger(__name__)
@@ -41,226 +53,6 @@ TEMPLATE_FIELDS = ("sentence", "word", "mask")
 
 class TruncationWarning(UserWarning):
     """Issued when `overflow="truncate"` drops words of a sentence."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tag schemes
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _split_tag(tag: str, index: int | None, scheme: str) -> tuple[str, str]:
-    where = "" if index is None else f" at position {index}"
-    if not isinstance(tag, str):
-        raise ValueError(f"tag {tag!r}{where} is not a string")
-    if tag == "O":
-        return "O", ""
-    prefix, dash, entity = tag.partition("-")
-    if not dash or not entity or prefix not in scheme:
-        raise ValueError(f"tag {tag!r}{where} is not a {scheme} tag")
-    return prefix, entity
-
-
-def tag_parts(tag: str) -> tuple[str, str | None]:
-    """`("B", "PER")` for `B-PER`, `("O", None)` for `O`; a `ValueError` for anything that is not a BIO/BIOES tag."""
-    prefix, entity = _split_tag(tag, None, "BIOES")
-    return prefix, entity or None
-
-
-def bio_to_bioes(tags: list[str]) -> list[str]:
-    """BIO tags to BIOES: a single-word entity becomes S-, the last word of a longer one E-.
-
-    Exact for well-formed BIO (`bioes_to_bio(bio_to_bioes(tags)) == tags`). An I- that starts an entity (after O or
-    another type) is read as a beginning, as conlleval does.
-    """
-    parts = [_split_tag(tag, index, "BI") for index, tag in enumerate(tags)]
-    result = []
-    for index, (prefix, entity) in enumerate(parts):
-        if prefix == "O":
-            result.append("O")
-            continue
-        previous = parts[index - 1] if index > 0 else ("O", "")
-        following = parts[index + 1] if index + 1 < len(parts) else ("O", "")
-        begins = prefix == "B" or previous[0] == "O" or previous[1] != entity
-        continues = following == ("I", entity)
-        if begins:
-            result.append(f"{'B' if continues else 'S'}-{entity}")
-        else:
-            result.append(f"{'I' if continues else 'E'}-{entity}")
-    return result
-
-
-def bioes_to_bio(tags: list[str]) -> list[str]:
-    """BIOES tags to BIO: S- becomes B-, E- becomes I-. Exact for well-formed BIOES
-    (`bio_to_bioes(bioes_to_bio(tags)) == tags`)."""
-    result = []
-    for index, tag in enumerate(tags):
-        prefix, entity = _split_tag(tag, index, "BIOES")
-        if prefix == "O":
-            result.append("O")
-        else:
-            result.append(f"{ {'B': 'B', 'S': 'B', 'I': 'I', 'E': 'I'}[prefix]}-{entity}")
-    return result
-
-
-def tag_scheme_of(tags) -> str:
-    """"BIOES" when any tag starts with E- or S-, else "BIO"."""
-    return "BIOES" if any(isinstance(tag, str) and tag[:2] in ("E-", "S-") for tag in tags) else "BIO"
-
-
-def convert_tags(tags: list[str], scheme: str) -> list[str]:
-    """Tags (BIO or BIOES, detected) in `scheme`."""
-    source = tag_scheme_of(tags)
-    if source == scheme:
-        _ = [_split_tag(tag, index, "BI" if scheme == "BIO" else "BIOES") for index, tag in enumerate(tags)]
-        return list(tags)
-    return bio_to_bioes(tags) if scheme == "BIOES" else bioes_to_bio(tags)
-
-
-def check_processor_matches_model(processor, config) -> None:
-    """Raises a `ValueError` naming both sides when the processor's tags (`label_names`, in id order) or tag scheme
-    differ from the model's (`config.id2label`, `config.tag_scheme`): the model's logits would be read as other tags.
-    Call it wherever a processor and a model are loaded beside each other (the pipeline does)."""
-    num_labels = getattr(config, "num_labels", None) or len(config.id2label)
-    id2label = {int(index): label for index, label in config.id2label.items()}
-    model_labels = [id2label.get(index) for index in range(num_labels)]
-    processor_labels = list(processor.label_names)
-    model_scheme = getattr(config, "tag_scheme", None) or tag_scheme_of(model_labels)
-    processor_scheme = getattr(processor, "tag_scheme", None) or tag_scheme_of(processor_labels)
-    problems = []
-    if processor_labels != model_labels:
-        problems.append(
-            f"the processor's label_names ({len(processor_labels)} tags) {processor_labels} differ from the model's "
-            f"config.id2label ({len(model_labels)} tags) {model_labels}"
-        )
-    if processor_scheme != model_scheme:
-        problems.append(f"the processor's tag scheme {processor_scheme} differs from the model's {model_scheme}")
-    if problems:
-        raise ValueError(
-            "; ".join(problems) + ". They must be the same tags in the same order: save the processor that was "
-            "trained with this model (processor.save_pretrained(folder)), or build it with "
-            "label_names=[config.id2label[i] for i in range(config.num_labels)]"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers: words given one by one are encoded as in running text
-# ----------------------------------------------------------------------------------------------------------------------
-
-# a probe whose words after the first must get the same sub-words alone as in running text
-PROBE_WORDS = ("RT", "Kawhi", "Leonard", "wins", "the", "#NBAAwards", "vote", "in", "2017", "!")
-
-
-def split_words_match_running_text(tokenizer, words=PROBE_WORDS) -> bool:
-    """Whether `tokenizer(words, is_split_into_words=True)` gives the words after the first the ids they get in
-    `tokenizer(" ".join(words))`. Byte-level BPE tokenizers (RoBERTa, GPT-2) without `add_prefix_space=True` do not:
-    each word is then encoded as if it began the text ("Leonard" as `Le onar d` instead of `ĠLeonard`)."""
-    split = tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
-    rest = [token for token, word in zip(split["input_ids"], split.word_ids()) if word is not None and word > 0]
-    running = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
-    first = tokenizer(words[0], add_special_tokens=False)["input_ids"]
-    return running[: len(first)] == first and running[len(first) :] == rest
-
-
-def _prefix_space_settings(settings):
-    """The backend component (JSON) with a word-start space on every word: ByteLevel `add_prefix_space`, Metaspace
-    `prepend_scheme="always"`; `(settings, changed)`."""
-    if isinstance(settings, list):
-        changed = False
-        items = []
-        for item in settings:
-            item, item_changed = _prefix_space_settings(item)
-            items.append(item)
-            changed |= item_changed
-        return items, changed
-    if not isinstance(settings, dict):
-        return settings, False
-    settings, changed = dict(settings), False
-    if settings.get("type") in ("ByteLevel", "RobertaProcessing") and settings.get("add_prefix_space") is False:
-        settings["add_prefix_space"] = True
-        changed = True
-    if settings.get("type") == "Metaspace" and settings.get("prepend_scheme") == "never":
-        settings["prepend_scheme"] = "always"
-        changed = True
-    for key in ("pretokenizers", "processors", "decoders"):
-        if key in settings:
-            settings[key], inner = _prefix_space_settings(settings[key])
-            changed |= inner
-    return settings, changed
-
-
-def with_word_start_spaces(tokenizer):
-    """`tokenizer` when it already encodes words given one by one (`is_split_into_words=True`) as in running text;
-    otherwise a copy with `add_prefix_space=True` (byte-level BPE: RoBERTa, Longformer, DeBERTa v1, GPT-2), whose
-    backend pre-tokenizer gives every word its word-start space. The copy saves `add_prefix_space: true` in
-    `tokenizer_config.json` and `tokenizer.json`, so `AutoTokenizer` / `AutoProcessor.from_pretrained` reload it
-    so. WordPiece (BERT, DistilBERT, ELECTRA) and SentencePiece (XLM-R, "▁") tokenizers are returned unchanged."""
-    if split_words_match_running_text(tokenizer):
-        return tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    changed = False
-    if backend is not None:
-        settings = json.loads(backend.to_str())
-        fixed = dict(settings)
-        for key in ("pre_tokenizer", "post_processor", "decoder"):
-            fixed[key], key_changed = _prefix_space_settings(settings.get(key))
-            changed |= key_changed
-    if changed:
-        rebuilt = type(backend).from_str(json.dumps(fixed))
-        tokenizer = copy.deepcopy(tokenizer)
-        backend = tokenizer.backend_tokenizer
-        for key in ("pre_tokenizer", "post_processor", "decoder"):
-            if fixed.get(key) is not None:
-                setattr(backend, key, getattr(rebuilt, key))
-        tokenizer.add_prefix_space = True
-        tokenizer.init_kwargs["add_prefix_space"] = True
-    if not split_words_match_running_text(tokenizer):
-        logger.warning(
-            f"the tokenizer {type(tokenizer).__name__} encodes words given one by one differently from running text "
-            f"(probe {list(PROBE_WORDS)}), and P-MNER could not set it right (no ByteLevel or Metaspace pre-tokenizer to "
-            "give a word-start space): the encoder sees other sub-words than in pretraining"
-        )
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Windows
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def word_windows(piece_counts: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
-    """Word ranges `[start, end)` whose sub-words fit in `budget`, covering every word; consecutive windows share
-    up to `stride` words. Every count must be at most `budget`."""
-    count = len(piece_counts)
-    if count == 0:
-        return [(0, 0)]
-    windows = []
-    start = 0
-    while True:
-        end, total = start, 0
-        while end < count and total + piece_counts[end] <= budget:
-            total += piece_counts[end]
-            end += 1
-        windows.append((start, end))
-        if end >= count:
-            return windows
-        start = max(start + 1, end - stride)
-
-
-def window_owner(windows: list[tuple[int, int]], word: int, num_words: int) -> int:
-    """Index of the window that predicts `word`: the one where it has the most context on its cut sides (a side at
-    the sentence's own start or end counts as unlimited); ties go to the earlier window."""
-    best, best_margin = None, None
-    for index, (start, end) in enumerate(windows):
-        if not start <= word < end:
-            continue
-        left = word - start if start > 0 else num_words
-        right = end - 1 - word if end < num_words else num_words
-        margin = min(left, right)
-        if best is None or margin > best_margin:
-            best, best_margin = index, margin
-    if best is None:
-        raise ValueError(f"word {word} is in no window {windows}")
-    return best
 
 
 def _as_float_tensor(values, name: str) -> torch.Tensor:
@@ -904,6 +696,7 @@ class PMNERProcessor(ProcessorMixin):
 __all__ = [
     "PMNERBatchFeature",
     "PMNERProcessor",
+    "PROBE_WORDS",
     "TruncationWarning",
     "bio_to_bioes",
     "bioes_to_bio",

@@ -631,7 +631,8 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(image_files, tmp_path
     saved = tmp_path / "saved"
     processor.save_pretrained(saved)
     files = set(os.listdir(saved))
-    assert {"processor_config.json", "processing_pmner.py", "image_processing_pmner.py"} <= files
+    siblings = {"tag_schemes.py", "word_start_spaces.py", "sentence_windows.py"}  # imported by processing_pmner.py
+    assert {"processor_config.json", "processing_pmner.py", "image_processing_pmner.py"} | siblings <= files
     config = json.loads((saved / "processor_config.json").read_text())
     assert config["auto_map"]["AutoProcessor"] == "processing_pmner.PMNERProcessor"
     assert config["prompt_mode"] == mode and config["label_names"] == BIOES and config["image_processor"]["max_objects"] == 3
