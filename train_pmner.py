@@ -67,13 +67,26 @@ __all__ = [  # what tests and benchmarks import from this script
     "main", "parse_arguments", "resolve_data_dir", "resolve_text_model", "set_file_defaults",
 ]
 
+# Bump when `encode` changes what it writes, so that cached encodings of an older version are not reused.
+ENCODING_VERSION = 1
+
 # Settings that make a checkpoint or a trained folder a different model: resuming or continuing with other values
 # is refused, naming both.
 MODEL_IDENTITY = ("head", "tag_scheme", "fusion", "use_visual", "verbalizer_trainable", "id2label")
 
 
 class EpochTimerCallback(TrainerCallback):
-    """Logs the wall time of each epoch and the validation F1, so a CPU run shows that it is alive."""
+    """Logs the wall time of each epoch and the validation F1, so a CPU run shows that it is alive; warns when the
+    warm-up covers every step (the learning rate would stay below its peak the whole run, 0 for a one-step run)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
+        if state.is_world_process_zero and state.max_steps and warmup >= state.max_steps:
+            logger.warning(
+                f"--warmup_steps {args.warmup_steps} gives {warmup} warm-up steps for a run of {state.max_steps} "
+                "optimizer steps: the learning rate never reaches its peak (a one-step run does not change the "
+                "weights). Pass fewer warm-up steps, or more data / epochs."
+            )
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
@@ -325,6 +338,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
                 batched=True,
                 with_indices=True,
                 remove_columns=raw[split].column_names,
+                new_fingerprint=encoding_fingerprint(raw[split], processor, use_visual),
                 desc=f"Encoding {split} ({processor.prompt_mode} prompts)",
             )
     logger.info(
@@ -458,6 +472,26 @@ def saved_image_processor_settings(output_dir: str, image_processor) -> dict:
         if isinstance(saved, dict):
             return saved
     return image_processor.to_dict()
+
+
+def encoding_fingerprint(split, processor, use_visual: bool) -> str:
+    """The `datasets` fingerprint of an encoded split, from what the encoding depends on: the split, the processor's
+    settings and its tokenizer. (Left to `datasets`, it would hash the `encode` closure, and with it the built FRR
+    networks: seconds per split for nothing.)"""
+    from datasets.fingerprint import Hasher
+
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return Hasher.hash(
+        [
+            split._fingerprint,
+            json.dumps(processor.to_dict(), sort_keys=True, default=str),
+            backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+            type(tokenizer).__name__,
+            use_visual,
+            ENCODING_VERSION,
+        ]
+    )
 
 
 def argv_file(argv: list[str]) -> str | None:

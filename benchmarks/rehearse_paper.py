@@ -449,6 +449,8 @@ def training_command(paths: dict, device: str) -> list[str]:
         "--text_model_name_or_path", paths["text_model"], "--data_dir", paths["data"], "--image_dir", paths["images"],
         "--detector_weights", paths["detector"], "--backbone_weights", paths["backbone"],
         "--num_train_epochs", "1", "--output_dir", paths["run"],
+        # the config's 10 % warm-up would make every step of a few-tweet run a warm-up step at learning rate 0
+        "--warmup_steps", "0",
     ]
     if device == "cpu":
         return command + ["--bf16", "false", "--use_cpu", "true"]
