@@ -37,6 +37,10 @@ from .tweet_tokenizer import join_words, split_tweet
 logger = logging.get_logger(__name__)
 
 TASK = "multimodal-ner"
+QUANTIZE_OPTIONS = ("int8",)
+# tweets read ahead and sorted by length before batching: little padding in each batch, results in input order
+BUCKET_BATCHES = 64
+LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "max", "average")
 OUTPUT_SCHEMES = ("BIO", "BIOES", "model")
 INPUT_KEYS = ("text", "words", "tokens", "image", "visual_features", "visual_mask")
@@ -90,7 +94,13 @@ class PMNERPipeline(Pipeline):
 
     Batches (`batch_size=` at creation or call) are encoded together: one processor call and one forward per batch
     of tweets (long tweets add window rows). Unreadable images give a `BadImageWarning` naming them and the tweet is
-    tagged from its text alone (the image processor's `on_bad_image="blank"`).
+    tagged from its text alone (the image processor's `on_bad_image="blank"`). Within a call, up to
+    `batch_size * 64` tweets are read ahead and batched by length (tweets of similar length together, so rows are
+    padded little); results come back in input order and equal those of unsorted batches.
+
+    `quantize="int8"` (at creation only) runs the model's `nn.Linear` layers with int8 weights
+    (`torch.ao.quantization.quantize_dynamic`; CPU only): faster on CPU, tags nearly unchanged. The model passed in is
+    left as it is (a quantised copy is used).
     """
 
     _load_processor = True
@@ -99,8 +109,17 @@ class PMNERPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, quantize: str | None = None, **kwargs):
+        if quantize is not None:
+            if quantize not in QUANTIZE_OPTIONS:
+                raise ValueError(f"quantize must be one of {QUANTIZE_OPTIONS} or None, got {quantize!r}")
+            if kwargs.get("device") is not None:  # refused before the model is moved there
+                device = kwargs["device"]
+                _check_cpu(f"cuda:{device}" if isinstance(device, int) and device >= 0 else device)
         super().__init__(*args, **kwargs)
+        self.quantize = quantize
+        if quantize is not None:
+            self.model = quantize_dynamic_int8(self.model, self.device)
         if self.processor is None:
             raise ValueError(
                 "the multimodal-ner pipeline needs the P-MNER processor: save it in the model folder "
@@ -224,8 +243,8 @@ class PMNERPipeline(Pipeline):
         return self.postprocess(model_outputs, **postprocess_params)[0]
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        """Streams results: `batch_size` tweets are encoded, run and decoded together (one processor call and one
-        forward per batch)."""
+        """Streams results in input order: `batch_size * BUCKET_BATCHES` tweets are read ahead, sorted by length and
+        cut into batches of `batch_size` tweets (one processor call and one forward per batch)."""
         if num_workers and num_workers > 1:
             raise ValueError(
                 f"num_workers={num_workers}: the multimodal-ner pipeline encodes each batch in the calling process "
@@ -237,23 +256,40 @@ class PMNERPipeline(Pipeline):
             source = _rows(inputs)  # a torch / datasets Dataset, KeyDataset
         else:
             source = inputs
+        params = (preprocess_params, forward_params, postprocess_params)
 
         def generate():
-            chunk, offset = [], 0
+            window, offset = [], 0
             for item in source:
-                chunk.append(item)
-                if len(chunk) == batch_size:
-                    yield from self._run_batch(chunk, offset, preprocess_params, forward_params, postprocess_params)
-                    chunk, offset = [], offset + len(chunk)
-            if chunk:
-                yield from self._run_batch(chunk, offset, preprocess_params, forward_params, postprocess_params)
+                window.append(item)
+                if len(window) == batch_size * BUCKET_BATCHES:
+                    yield from self._run_window(window, offset, batch_size, *params)
+                    window, offset = [], offset + len(window)
+            if window:
+                yield from self._run_window(window, offset, batch_size, *params)
 
         return generate()
 
-    def _run_batch(self, chunk, offset, preprocess_params, forward_params, postprocess_params):
-        model_inputs = self.preprocess(_Batch(chunk, offset), **preprocess_params)
+    def _run_window(self, window, offset, batch_size, preprocess_params, forward_params, postprocess_params):
+        """Results of `window` (tweets `offset`...) in its order, computed in batches of tweets of similar length."""
+        split = preprocess_params.get("is_split_into_words", False)
+        items = [self._normalise(item, offset + index, split) for index, item in enumerate(window)]
+        order = sorted(range(len(items)), key=lambda index: _length_key(items[index]))
+        results = [None] * len(items)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            batch = _Batch([items[index] for index in chosen], normalised=True)
+            for index, result in zip(chosen, self._run_batch(batch, preprocess_params, forward_params, postprocess_params)):
+                results[index] = result
+        return results
+
+    def _run_batch(self, batch, preprocess_params, forward_params, postprocess_params):
+        model_inputs = self.preprocess(batch, **preprocess_params)
         model_outputs = self.forward(model_inputs, **forward_params)
         return self.postprocess(model_outputs, **postprocess_params)
+
+    def get_inference_context(self):
+        return torch.inference_mode
 
     # -- pre-processing ------------------------------------------------------------------------------------------
 
@@ -374,13 +410,29 @@ class PMNERPipeline(Pipeline):
         return features, mask
 
     def preprocess(self, inputs, is_split_into_words: bool = False):
-        batched = isinstance(inputs, _Batch)
-        raw = list(inputs.items) if batched else [inputs]
-        offset = inputs.offset if batched else 0
-        items = [self._normalise(item, offset + index, is_split_into_words) for index, item in enumerate(raw)]
+        if isinstance(inputs, _Batch) and inputs.normalised:
+            items = list(inputs.items)
+        else:
+            raw = list(inputs.items) if isinstance(inputs, _Batch) else [inputs]
+            offset = inputs.offset if isinstance(inputs, _Batch) else 0
+            items = [self._normalise(item, offset + index, is_split_into_words) for index, item in enumerate(raw)]
         features, mask = self._visual_inputs(items)
         visual = {} if features is None else {"visual_features": features, "visual_mask": mask}
-        encoding = self.processor([item["words"] for item in items], return_tensors="pt", **visual)
+        tokenizer = self.processor.tokenizer
+        flags = getattr(tokenizer, "deprecation_warnings", None)
+        already = flags.get(LENGTH_WARNING) if isinstance(flags, dict) else None
+        try:
+            # the processor tokenises whole tweets to place its windows, and the tokenizer warns that a long one
+            # exceeds model_max_length; the windows fit it, so the warning is marked as given for this call only
+            if isinstance(flags, dict):
+                flags[LENGTH_WARNING] = True
+            encoding = self.processor([item["words"] for item in items], return_tensors="pt", **visual)
+        finally:
+            if isinstance(flags, dict):
+                if already is None:
+                    flags.pop(LENGTH_WARNING, None)
+                else:
+                    flags[LENGTH_WARNING] = already
         model_inputs = {key: encoding[key] for key in self._model_input_names(encoding)}
         return {"model_inputs": model_inputs, "meta": _Passthrough(encoding=encoding, items=items)}
 
@@ -415,15 +467,8 @@ class PMNERPipeline(Pipeline):
         output_scheme: str = "BIO",
     ) -> list:
         meta = model_outputs["meta"]
-        word_probabilities = self.processor.merge_window_predictions(
-            model_outputs["probabilities"], meta.encoding, fill=None
-        )  # per tweet, per word: (labels,)
         results = []
-        for item, probabilities in zip(meta.items, word_probabilities):
-            missing = [word for word, value in enumerate(probabilities) if value is None]
-            if missing:
-                raise RuntimeError(f"tweet {item['index']}: words {missing[:10]} got no prediction from the processor's rows")
-            scores = np.stack(probabilities) if probabilities else np.zeros((0, len(self.labels)), dtype=np.float32)
+        for item, scores in zip(meta.items, self._word_scores(model_outputs["probabilities"], meta)):
             entities = self.aggregate(item, scores, aggregation_strategy)
             if ignore_labels:
                 entities = [
@@ -437,6 +482,35 @@ class PMNERPipeline(Pipeline):
             else:
                 results.append(entities)
         return results
+
+    def _word_scores(self, probabilities: torch.Tensor, meta) -> list[np.ndarray]:
+        """Per tweet, its words' tag probabilities (words, labels), each read at the one row position that predicts
+        the word (the processor's mapping), gathered at once for the whole batch."""
+        mapping = meta.encoding.mapping
+        positions = torch.as_tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, length)
+        if positions.shape[0] != probabilities.shape[0] or positions.shape[1] > probabilities.shape[1]:
+            raise RuntimeError(
+                f"the model gave {tuple(probabilities.shape[:2])} (rows, length) for a batch of {tuple(positions.shape)}"
+            )
+        rows, columns = torch.nonzero(positions >= 0, as_tuple=True)  # (predictions,) each
+        samples = torch.as_tensor(mapping["sample_mapping"], dtype=torch.long)[rows]  # (predictions,)
+        words = positions[rows, columns]  # (predictions,)
+        counts = torch.as_tensor(mapping["num_words"], dtype=torch.long)  # (tweets,)
+        starts = torch.cumsum(counts, 0) - counts  # (tweets,): first word's slot in the flat (all words) order
+        slots = starts[samples] + words  # (predictions,)
+        total = int(counts.sum())
+        found = torch.bincount(slots, minlength=total) if len(slots) else torch.zeros(total, dtype=torch.long)
+        flat = np.zeros((total, len(self.labels)), dtype=np.float32)  # (all words, labels)
+        flat[slots.numpy()] = probabilities[rows, columns].float().cpu().numpy()
+        bad = torch.nonzero(found != 1).flatten()
+        if len(bad):
+            tweet = int(torch.searchsorted(starts, bad[0], right=True)) - 1
+            wrong = (bad[(bad >= starts[tweet]) & (bad < starts[tweet] + counts[tweet])] - starts[tweet]).tolist()
+            raise RuntimeError(
+                f"tweet {meta.items[tweet]['index']}: words {wrong[:10]} got {int(found[bad[0]])} predictions from the "
+                "processor's rows (expected exactly one)"
+            )
+        return np.split(flat, starts[1:].numpy()) if len(counts) else []
 
     def _word_rows(self, item: dict, scores: np.ndarray, output_scheme: str) -> list[dict]:
         best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
@@ -572,11 +646,41 @@ def _rows(dataset):
 
 
 class _Batch:
-    """Several inputs that `preprocess` encodes together; `offset` is the first one's index in the whole input."""
+    """Several inputs that `preprocess` encodes together; `offset` is the first one's index in the whole input;
+    `normalised`: the items are already `PMNERPipeline._normalise`d (and carry their own index)."""
 
-    def __init__(self, items: list, offset: int = 0):
+    def __init__(self, items: list, offset: int = 0, normalised: bool = False):
         self.items = items
         self.offset = offset
+        self.normalised = normalised
+
+
+def _length_key(item: dict) -> int:
+    """Sort key of a normalised tweet: its characters plus words, a cheap stand-in for its sub-word count."""
+    return sum(len(word) for word in item["words"]) + len(item["words"])
+
+
+def _check_cpu(device):
+    device = torch.device("cpu" if device == -1 else device)
+    if device.type != "cpu":
+        raise ValueError(
+            f"quantize='int8' runs on CPU only (dynamic int8 kernels are CPU kernels); the pipeline's device is "
+            f"{device}: pass device='cpu' or leave quantize unset"
+        )
+
+
+def quantize_dynamic_int8(model, device):
+    """A copy of `model` whose `nn.Linear` layers compute with int8 weights and dynamically quantised activations
+    (`torch.ao.quantization.quantize_dynamic`). CPU only: quantised kernels exist for CPU alone."""
+    _check_cpu(device)
+    if torch.backends.quantized.engine == "none" or not torch.backends.quantized.supported_engines:
+        raise RuntimeError("quantize='int8': this torch build has no quantized CPU engine")
+    with warnings.catch_warnings():
+        # torch marks its eager quantisation API as deprecated (in favour of torchao); it is what this build has
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*", category=UserWarning)
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+    return quantized.eval()
 
 
 def register_pipeline():
@@ -624,4 +728,4 @@ def add_pipeline_to_folder(folder) -> list[str]:
     return written + [config_file]
 
 
-__all__ = ["PMNERPipeline", "TASK", "add_pipeline_to_folder", "register_pipeline"]
+__all__ = ["PMNERPipeline", "QUANTIZE_OPTIONS", "TASK", "add_pipeline_to_folder", "quantize_dynamic_int8", "register_pipeline"]

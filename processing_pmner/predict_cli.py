@@ -93,15 +93,18 @@ from .predict_reading import (  # noqa: F401
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool):
+def load_pipeline(
+    model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool, quantize: str | None = None
+):
     """The `multimodal-ner` pipeline of a P-MNER folder or Hub id, with this package's classes (or, with
-    `trust_remote_code`, with the code saved in the folder)."""
+    `trust_remote_code`, with the code saved in the folder); `quantize="int8"`: int8 linear layers (CPU only)."""
     from transformers import pipeline
 
+    options = {"quantize": quantize} if quantize is not None else {}
     if trust_remote_code:
         return pipeline(
             "multimodal-ner", model=model, device=device, trust_remote_code=True,
-            aggregation_strategy=aggregation_strategy,
+            aggregation_strategy=aggregation_strategy, **options,
         )
     import modeling_pmner  # noqa: F401  (registers the P-MNER classes with the Auto classes)
     import processing_pmner  # noqa: F401
@@ -111,7 +114,7 @@ def load_pipeline(model: str, device: str | None, aggregation_strategy: str, tru
     register_pipeline()
     return pipeline(
         "multimodal-ner", model=model, device=device, pipeline_class=PMNERPipeline,
-        aggregation_strategy=aggregation_strategy,
+        aggregation_strategy=aggregation_strategy, **options,
     )
 
 
@@ -325,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--aggregation-strategy", choices=("simple", "first", "max", "average"), default="simple",
         help="How word tags become entities (see the pipeline's documentation).",
     )
+    parser.add_argument(
+        "--quantize", choices=("int8",), default=None,
+        help="int8 dynamic quantisation of the model's linear layers for CPU inference (faster, tags nearly "
+        "unchanged); CPU only: without --device the CPU is used.",
+    )
     parser.add_argument("--word-tags", action="store_true", help="JSONL output: add 'tokens' and 'tags'.")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
@@ -454,11 +462,14 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = processes.device(args.device, torch.cuda.is_available())
+    device = processes.device(args.device, torch.cuda.is_available() and args.quantize is None)
+    if args.quantize is not None and device is None:
+        device = "cpu"  # int8 kernels are CPU kernels: the default device is the CPU (an explicit GPU is refused)
     if isinstance(device, str) and device.startswith("cuda:"):
         torch.cuda.set_device(device)
     try:
-        pipe, failure = load_pipeline(args.model, device, args.aggregation_strategy, args.trust_remote_code), None
+        pipe = load_pipeline(args.model, device, args.aggregation_strategy, args.trust_remote_code, args.quantize)
+        failure = None
     except Exception as load_error:  # reported below with the model name; nothing can be tagged without it
         pipe, failure = None, f"{type(load_error).__name__}: {load_error}"
     failures = [(process, failure) for process, failure in enumerate(processes.gather(failure)) if failure]
