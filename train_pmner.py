@@ -308,7 +308,11 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         # Every process takes part: the images are split between processes, each writes its share of the cache.
         for split in raw:
             raw[split] = image_processor.extract_dataset_features(
-                raw[split], cache_dir=cache_dir, device=training_args.device
+                raw[split],
+                cache_dir=cache_dir,
+                device=training_args.device,
+                cache_dtype=data_args.feature_cache_dtype,
+                add_num_detections=True,  # for the visual statistics; dropped by the encoding
             )
             stats = visual_statistics(raw[split], image_processor.max_objects, image_processor.add_whole_image)
             visual_stats.update({f"visual_{split}_{key}": value for key, value in stats.items()})

@@ -76,6 +76,13 @@ def test_training_writes_every_output_and_learns(visual_run):
         assert (output_dir / name).is_file(), name
     results = json.loads((output_dir / "all_results.json").read_text())
     assert {"eval_f1", "predict_f1", "predict_precision", "predict_recall", "train_loss"} <= set(results)
+    # what the FRR features hold (detector none: every given image is one whole-image object, no detection)
+    assert results["visual_train_images_missing"] == 1 and results["visual_train_images_given"] == 47
+    assert results["visual_train_mean_objects_per_image"] == 1.0
+    assert results["visual_train_share_with_object_above_threshold"] == 0.0
+    assert results["visual_train_whole_image_fallbacks"] == 47 and results["visual_test_images_given"] == 16
+    for name in ("train_results.json", "eval_results.json", "predict_results.json"):
+        assert (output_dir / name).is_file(), name
     state = json.loads((output_dir / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) >= 6 and sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses

@@ -105,6 +105,10 @@ class DataArguments:
     feature_cache_dir: str | None = field(
         default=None, metadata={"help": "Where FRR features are cached (default: <output_dir>/frr_cache)."}
     )
+    feature_cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the FRR features are cached in: float32, or float16 (half the disk; read as float32)."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training tweets."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation tweets."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test tweets."})
@@ -313,6 +317,10 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
     if model_args.frr_weights_dtype not in ("float32", "bfloat16", "float16"):
         raise ArgumentsError(
             f"--frr_weights_dtype must be float32, bfloat16 or float16, got {model_args.frr_weights_dtype!r}"
+        )
+    if data_args.feature_cache_dtype not in ("float32", "float16"):
+        raise ArgumentsError(
+            f"--feature_cache_dtype must be float32 or float16, got {data_args.feature_cache_dtype!r}"
         )
     if data_args.dataset_name not in ("twitter2015", "twitter2017") and not data_args.dataset_config_name:
         raise ArgumentsError(
