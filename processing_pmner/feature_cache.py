@@ -1,23 +1,20 @@
-"""The FRR feature cache of P-MNER and the extraction of FRR features for a whole `datasets.Dataset`.
+"""The FRR feature cache of P-MNER: safetensors shards, their compact index and `FRRFeatureCache`.
 
 `FRRFeatureCache` keeps features as safetensors shards under `<cache_dir>/frr-<fingerprint>[-fp16]/` and answers
 lookups from a compact index (sorted 64-bit key hashes plus int32 shard and row numbers, no Python object per key)
 with positioned reads of single rows: opening a cache of a million images costs a few tens of MB whatever its size
-on disk. Writers claim each image before computing it (one claim file per key, taken over when its owner is dead),
-so processes filling one cache at the same time never compute an image twice; shards appear by atomic rename.
-`extract_dataset_features` computes each distinct image of a dataset once (split between processes under
-`torch.distributed`) and adds the features as columns.
+on disk. Shards appear by atomic rename. Writers filling one cache at the same time claim each image before
+computing it, so that none is computed twice (`feature_claims.py`); `dataset_features.py` extracts the features of
+a whole `datasets.Dataset` into the cache.
 
 Copied flat into saved processor folders (remote code): imports only torch, numpy, transformers and the standard
-library at module level; safetensors, datasets and fcntl sit in `try:`.
+library at module level; safetensors sits in `try:`.
 """
 
 import hashlib
 import json
 import os
-import socket
 import struct
-import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -26,23 +23,13 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .image_loading import content_key, describe_image
+from .feature_claims import _Claims, _fill, _process_start, _writer_tag, remove_dead_temporaries
 
 
 try:
     from safetensors.torch import save_file as safetensors_save_file
 except ImportError:  # safetensors is a dependency of transformers; kept optional for the remote-code check
     safetensors_save_file = None
-
-try:
-    import datasets
-except ImportError:
-    datasets = None
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: stale-claim takeover is then not serialised between processes
-    fcntl = None
 
 
 logger = logging.get_logger(__name__)
@@ -173,6 +160,13 @@ class _Index:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    def locate(self, key) -> int:
+        """Index position (-1 where absent) of one key (the single-key path: no array built per call)."""
+        digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
+        wanted = np.uint64(int.from_bytes(digest, "little"))
+        position = int(self.hashes.searchsorted(wanted))
+        return position if position < len(self.hashes) and self.hashes[position] == wanted else -1
+
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """Index positions (-1 where absent) of `hashes` (n,)."""
         positions = np.searchsorted(self.hashes, hashes)  # (n,)
@@ -227,131 +221,58 @@ class _Index:
             raise ValueError("index arrays are inconsistent")
         return index
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Claims: one file per key, created atomically, naming its owner
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of a process (Linux /proc), to tell a live owner from a reused pid; None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]  # a zombie is dead; field 22 of stat is the start time
-
-
-def _process_alive(pid: int, start: str | None) -> bool:
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) would terminate the process on Windows: never take over a claim there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    if os.path.isdir("/proc"):
-        now = _process_start(pid)
-        return now is not None and (start is None or now == start)
-    return True
-
-
-class _Claims:
-    """`<folder>/claims/<sha1 of key>.claim`, created with O_CREAT|O_EXCL, holding the owner's host, pid and start
-    time. A claim whose owner is a dead process of this host is stale and is taken over (under a lock, so that only
-    one process takes it)."""
-
-    def __init__(self, folder: str, claim_timeout: float | None = None):
-        self.folder = os.path.join(folder, "claims")
-        self.claim_timeout = claim_timeout
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.owner = {"host": self.host, "pid": self.pid, "start": _process_start(self.pid)}
-
-    def path(self, key: str) -> str:
-        return os.path.join(self.folder, hashlib.sha1(key.encode("utf-8")).hexdigest() + ".claim")
-
-    def _create(self, key: str) -> bool:
+    @classmethod
+    def read_saved(cls, path: str, shard_names: set[str]) -> "_Index | None":
+        """The index saved at `path`, or None (with a warning: it is rebuilt from the shards) when it is unreadable
+        or names a shard not in `shard_names`."""
         try:
-            fd = os.open(self.path(key), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, json.dumps({**self.owner, "key": key, "time": time.time()}).encode("utf-8"))
-        finally:
-            os.close(fd)
-        return True
-
-    def read(self, key: str) -> tuple[dict, float] | None:
-        """`(owner, modification time)` of the claim on `key`, or None when there is none."""
-        try:
-            with open(self.path(key), "rb") as handle:
-                text, mtime = handle.read(), os.fstat(handle.fileno()).st_mtime
-        except FileNotFoundError:
+            saved = cls.read(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # derived data: rebuilt
+            logger.warning(f"FRR cache index {path} is unreadable ({error}); rebuilding it from the shards")
             return None
-        try:
-            owner = json.loads(text)
-        except ValueError:
-            owner = {}  # created but not yet written, or its writer died in between
-        return owner, mtime
+        if not set(saved.names) <= shard_names:
+            logger.warning(f"FRR cache index {path} names deleted shards; rebuilding it")
+            return None
+        return saved
 
-    def is_stale(self, owner: dict, mtime: float) -> bool:
-        if not owner.get("host"):
-            return time.time() - mtime > 60  # never written: its creator died between create and write
-        if owner["host"] == self.host and isinstance(owner.get("pid"), int):
-            return not _process_alive(owner["pid"], owner.get("start"))
-        return self.claim_timeout is not None and time.time() - mtime > self.claim_timeout
 
-    def is_ours(self, owner: dict) -> bool:
-        return owner.get("host") == self.host and owner.get("pid") == self.pid
 
-    def claim(self, key: str) -> bool:
-        """True when this process now owns `key` (claimed anew, or taken over from a dead owner)."""
-        os.makedirs(self.folder, exist_ok=True)
-        if self._create(key):
-            return True
-        seen = self.read(key)
-        if seen is None:
-            return self._create(key)  # released meanwhile
-        if self.is_ours(seen[0]):
-            return True
-        if not self.is_stale(*seen):
-            return False
-        with self._takeover_lock():
-            now = self.read(key)  # under the lock nobody else takes it over; its dead owner cannot change it
-            if now is not None and now[0] == seen[0] and self.is_stale(*now):
-                logger.warning(
-                    f"taking over the FRR cache claim on {key!r} from pid {seen[0].get('pid')} on "
-                    f"{seen[0].get('host')!r}, which is gone"
-                )
-                os.unlink(self.path(key))
-            elif now is not None:
-                return False
-        return self._create(key)
 
-    def held_by_other(self, key: str) -> bool:
-        seen = self.read(key)
-        return seen is not None and not self.is_ours(seen[0]) and not self.is_stale(*seen)
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing shards
+# ----------------------------------------------------------------------------------------------------------------------
 
-    def release(self, keys) -> None:
-        for key in keys:
-            seen = self.read(key)
-            if seen is not None and self.is_ours(seen[0]):
-                os.unlink(self.path(key))
 
-    def _takeover_lock(self):
-        class Lock:
-            def __enter__(lock):
-                lock.handle = open(os.path.join(self.folder, "takeover.lock"), "a")
-                if fcntl is not None:
-                    fcntl.flock(lock.handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
+def _shard_tensors(count: int, features, masks, num_detections, dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors of a shard of `count` keys (`FRRFeatureCache.write_shard`), checked and converted for storage."""
+    if features.shape[0] != count or masks.shape[0] != count:
+        raise ValueError(f"write_shard: {count} keys for {features.shape[0]} features and {masks.shape[0]} masks")
+    if num_detections is None:
+        num_detections = torch.full((count,), -1, dtype=torch.int32)
+    num_detections = torch.as_tensor(num_detections, dtype=torch.int32).reshape(-1)  # (n,)
+    if num_detections.shape[0] != count:
+        raise ValueError(f"write_shard: {count} keys for {num_detections.shape[0]} num_detections")
+    stored = features.detach().to("cpu", CACHE_DTYPES[dtype][1]).contiguous()  # (n, M, D)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"FRR features are not finite in {dtype}"
+            + (" (beyond float16's range: use a float32 cache)" if torch.isfinite(features).all() else "")
+        )
+    return {
+        "visual_features": stored,
+        "visual_mask": masks.detach().to("cpu", torch.bool).contiguous(),  # (n, M)
+        "num_detections": num_detections.contiguous(),  # (n,)
+    }
 
-            def __exit__(lock, *exc):
-                lock.handle.close()  # closing releases the flock
 
-        return Lock()
+def _write_settings(folder: str, settings: dict, dtype: str):
+    """`settings.json` of a cache folder, for people reading it (written once)."""
+    settings_file = os.path.join(folder, "settings.json")
+    if not os.path.exists(settings_file):
+        temporary = f"{settings_file}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({**settings, "cache_dtype": dtype}, handle, indent=2, sort_keys=True, default=str)
+        os.replace(temporary, settings_file)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -431,15 +352,9 @@ class FRRFeatureCache:
         names = [os.path.basename(path) for path in self.shard_files()]
         present = set(names)
         if not self._index.names and os.path.isfile(self.index_file):
-            try:
-                saved = _Index.read(self.index_file)
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # derived data: rebuilt
-                logger.warning(f"FRR cache index {self.index_file} is unreadable ({error}); rebuilding it from the shards")
-            else:
-                if set(saved.names) <= present:
-                    self._reset(saved)
-                else:
-                    logger.warning(f"FRR cache index {self.index_file} names deleted shards; rebuilding it")
+            saved = _Index.read_saved(self.index_file, present)
+            if saved is not None:
+                self._reset(saved)
         if not set(self._index.names) <= present:
             logger.warning(f"shards of the FRR cache {self.folder} were deleted; indexing it again")
             self._reset(_Index())
@@ -583,12 +498,9 @@ class FRRFeatureCache:
         return self.read_positions(positions)
 
     def _locate(self, key) -> tuple[int, int]:
-        """`(shard number, row)` of one key (the single-key path: no array built per call)."""
-        digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
-        wanted = np.uint64(int.from_bytes(digest, "little"))
-        hashes = self._index.hashes
-        position = int(hashes.searchsorted(wanted))
-        if position == len(hashes) or hashes[position] != wanted:
+        """`(shard number, row)` of one key."""
+        position = self._index.locate(key)
+        if position < 0:
             raise KeyError(f"not in the FRR cache {self.folder}: {key!r}")
         return int(self._index.shards[position]), int(self._index.rows[position])
 
@@ -624,31 +536,13 @@ class FRRFeatureCache:
             return None
         if safetensors_save_file is None:
             raise ImportError("the FRR feature cache needs `safetensors`")
-        count = len(keys)
-        if features.shape[0] != count or masks.shape[0] != count:
-            raise ValueError(f"write_shard: {count} keys for {features.shape[0]} features and {masks.shape[0]} masks")
-        if num_detections is None:
-            num_detections = torch.full((count,), -1, dtype=torch.int32)
-        num_detections = torch.as_tensor(num_detections, dtype=torch.int32).reshape(-1)  # (n,)
-        if num_detections.shape[0] != count:
-            raise ValueError(f"write_shard: {count} keys for {num_detections.shape[0]} num_detections")
-        stored = features.detach().to("cpu", CACHE_DTYPES[self.dtype][1]).contiguous()  # (n, M, D)
-        if not torch.isfinite(stored).all():
-            raise ValueError(
-                f"FRR features are not finite in {self.dtype}"
-                + (" (beyond float16's range: use a float32 cache)" if torch.isfinite(features).all() else "")
-            )
+        tensors = _shard_tensors(len(keys), features, masks, num_detections, self.dtype)
         os.makedirs(self.folder, exist_ok=True)
-        self._write_settings()
-        tag = f"{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
+        _write_settings(self.folder, self.settings, self.dtype)
+        tag = _writer_tag()
         name = f"shard-{tag}-rank{rank}-{uuid.uuid4().hex[:12]}.safetensors"
         path = os.path.join(self.folder, name)
         temporary = os.path.join(self.folder, f".tmp-{tag}-{uuid.uuid4().hex[:12]}")  # never listed as a shard
-        tensors = {
-            "visual_features": stored,
-            "visual_mask": masks.detach().to("cpu", torch.bool).contiguous(),  # (n, M)
-            "num_detections": num_detections.contiguous(),  # (n,)
-        }
         metadata = {"keys": json.dumps([str(key) for key in keys]), "format_version": str(CACHE_FORMAT_VERSION),
                     "dtype": self.dtype}
         try:
@@ -661,27 +555,9 @@ class FRRFeatureCache:
                 os.unlink(temporary)
         return path
 
-    def _write_settings(self):
-        settings_file = os.path.join(self.folder, "settings.json")
-        if not os.path.exists(settings_file):
-            temporary = f"{settings_file}.{uuid.uuid4().hex}.tmp"
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({**self.settings, "cache_dtype": self.dtype}, handle, indent=2, sort_keys=True, default=str)
-            os.replace(temporary, settings_file)
-
     def remove_dead_temporaries(self) -> int:
         """Deletes the temporary files that writers of this host left when they were killed; returns how many."""
-        if not os.path.isdir(self.folder):
-            return 0
-        host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-        removed = 0
-        for name in os.listdir(self.folder):
-            parts = name.split("-")
-            if name.startswith(".tmp-") and len(parts) == 4 and parts[1] == host and parts[2].isdigit():
-                if int(parts[2]) != os.getpid() and not _process_alive(int(parts[2]), None):
-                    os.unlink(os.path.join(self.folder, name))
-                    removed += 1
-        return removed
+        return remove_dead_temporaries(self.folder)
 
     @property
     def claims(self) -> _Claims:
@@ -751,266 +627,4 @@ class _RowView:
         return values[0] if single else values
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Filling a cache from several processes at once
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _fill(cache: "FRRFeatureCache", keys, compute, batch_size, shard_size, poll_interval, progress) -> int:
-    """`FRRFeatureCache.fill`."""
-    os.makedirs(cache.folder, exist_ok=True)
-    cache.remove_dead_temporaries()
-    claims = cache.claims
-    cache.refresh()
-    keys = list(dict.fromkeys(str(key) for key in keys))
-    todo = [key for key, position in zip(keys, cache.positions(keys)) if position < 0]
-    if progress and len(keys) > len(todo):
-        progress(len(keys) - len(todo))
-    computed, last_report = 0, time.monotonic()
-    buffer = ([], [], [], [])  # keys, features, masks, num_detections computed and not yet written
-    while todo:
-        waiting = []
-        try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                mine = [key for key in chunk if claims.claim(key)]
-                cache.refresh()  # a key finished elsewhere since we looked: its shard is listed before its claim goes
-                finished = {key for key in mine if key in cache}
-                claims.release(finished)
-                mine = [key for key in mine if key not in finished]
-                waiting += [key for key in chunk if key not in mine and key not in finished]
-                if mine:
-                    try:
-                        done, features, masks, detections = compute(mine)
-                    except BaseException:
-                        claims.release(mine)
-                        raise
-                    computed += len(mine)
-                    claims.release(set(mine) - set(done))  # not computable (bad image): not cached
-                    for part, values in zip(buffer, (done, features, masks, detections)):
-                        part.extend(values)
-                    if len(buffer[0]) >= shard_size:
-                        _flush(cache, buffer, claims)
-                if progress:
-                    progress(len(mine) + len(finished))
-        finally:
-            _flush(cache, buffer, claims)  # what was computed is kept even when a later key raised
-        todo = []
-        while waiting and not todo:
-            busy = {key for key in waiting if claims.held_by_other(key)}  # before refresh: see the shard first
-            cache.refresh()
-            present = {key for key, position in zip(waiting, cache.positions(waiting)) if position >= 0}
-            todo = [key for key in waiting if key not in busy and key not in present]  # owner gone or gave up
-            if progress and present:
-                progress(len(present))
-            waiting = [key for key in waiting if key in busy and key not in present]
-            if waiting and not todo:
-                if time.monotonic() - last_report > 30:
-                    logger.warning(
-                        f"waiting for {len(waiting)} FRR features that other processes are computing (claims in "
-                        f"{claims.folder})"
-                    )
-                    last_report = time.monotonic()
-                time.sleep(poll_interval)
-    cache.refresh(save=True)
-    return computed
-
-
-def _flush(cache: "FRRFeatureCache", buffer, claims):
-    keys, features, masks, detections = buffer
-    if keys:
-        cache.write_shard(list(keys), torch.stack(features), torch.stack(masks), num_detections=list(detections))
-        claims.release(keys)  # after the rename: a waiting process sees the shard before the claim disappears
-    for part in buffer:
-        part.clear()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def extract_dataset_features(
-    processor,
-    dataset,
-    image_column: str = "image",
-    key_column: str | None = "image_id",
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    device=None,
-    progress: bool = True,
-    cache_dtype="float32",
-    add_num_detections: bool = False,
-):
-    """Adds the FRR features of `processor` (a `PMNERImageProcessor`) to a `datasets.Dataset`, computing each distinct
-    image once and caching it (`PMNERImageProcessor.extract_dataset_features` calls this).
-
-    Images are keyed by `key_column` (e.g. the tweet's image id; tweets sharing an image are computed once) or,
-    when the dataset has no such column or `key_column=None`, by the sha1 of the image file / bytes. Features
-    are stored in `<cache_dir>/frr-<settings fingerprint>[-fp16]/` as safetensors shards; a second run (or another
-    process, even one running at the same time) reads them instead of recomputing. Bad images (see `on_bad_image`)
-    are never cached.
-
-    Under `torch.distributed` (torchrun, accelerate) each process computes a disjoint share of the missing
-    images and writes its own shards; after a barrier every process reads the whole cache. Call it on every
-    process. Separate jobs sharing a cache folder claim images before computing them (see `FRRFeatureCache.fill`).
-
-    Args:
-        dataset: a `datasets.Dataset` whose `image_column` holds images (`datasets.Image`, paths or bytes).
-        image_column: the column of images.
-        key_column: the column of image ids, or `None` to key by content.
-        cache_dir: where features are kept (default: `<HF datasets cache>/pmner-frr`).
-        batch_size: images per forward (default: the `batch_size` setting).
-        device: where the models run.
-        progress: show a progress bar (on the main process only).
-        cache_dtype: `"float32"` or `"float16"` storage of the cached features (columns are float32 either way).
-        add_num_detections: also add `visual_num_detections`.
-
-    Returns:
-        The dataset with more columns: `visual_features` (`Array2D` (max_objects, feature_dim) float32),
-        `visual_mask` (max_objects bools) and, with `add_num_detections`, `visual_num_detections` (int32: detections
-        above the threshold before the whole-image filler; 0 without features), left out (with a warning) when part
-        of the cache was written without the counts (by an older version or `write_shard` without them). Existing
-        columns of those names are replaced.
-    """
-    if datasets is None:
-        raise ImportError("extract_dataset_features needs the `datasets` package")
-    if image_column not in dataset.column_names:
-        raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {dataset.column_names}")
-    if key_column is not None and key_column not in dataset.column_names:
-        logger.warning(
-            f"key_column={key_column!r} is not a column of the dataset ({dataset.column_names}); images are "
-            "keyed by the sha1 of their content"
-        )
-        key_column = None
-    if cache_dir is None:
-        cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "pmner-frr")
-    cache_dtype = _normalise_dtype(cache_dtype)
-    rank, world_size = _distributed()
-    raw = dataset
-    if isinstance(dataset.features[image_column], datasets.Image):
-        raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    columns = [image_column] + ([key_column] if key_column is not None else [])
-    raw = raw.select_columns(columns)
-
-    # 1. key of every row; first row of each distinct key
-    row_keys: list[str] = []
-    first_row: dict[str, int] = {}
-    for batch in raw.iter(batch_size=1000):
-        sources = batch[image_column]
-        keys = [str(key) for key in batch[key_column]] if key_column else [content_key(s) for s in sources]
-        for key, source in zip(keys, sources):
-            if key_column and source is None:
-                key = f"missing:{key}"
-            first_row.setdefault(key, len(row_keys))
-            row_keys.append(key)
-
-    # 2. compute the missing keys (this process's share) and write shards
-    cache = processor.feature_cache(cache_dir).with_dtype(cache_dtype).load()
-    distinct = list(first_row)
-    pending = sorted(key for key, position in zip(distinct, cache.positions(distinct)) if position < 0)
-    if world_size > 1:
-        torch.distributed.barrier()  # every process has read the same cache state before anyone writes
-    share = pending[rank::world_size]
-    local_error = None
-    try:
-        _extract_keys(processor, raw, image_column, share, first_row, cache, rank, batch_size, device, progress)
-    except Exception as error:  # re-raised below, after telling the other processes (no hang at the barrier)
-        local_error = error
-    if world_size > 1:
-        errors = [None] * world_size
-        torch.distributed.all_gather_object(errors, None if local_error is None else repr(local_error))
-        if local_error is None and any(errors):
-            failed = next(index for index, message in enumerate(errors) if message)
-            raise RuntimeError(f"FRR feature extraction failed on process {failed}: {errors[failed]}")
-    if local_error is not None:
-        raise local_error
-    if world_size > 1:
-        torch.distributed.barrier()
-    cache.refresh()
-
-    # 3. add the columns
-    positions = torch.from_numpy(cache.positions(row_keys))  # (rows,) index position or -1
-    feature_dim = cache.features.shape[-1] if len(cache) else processor.feature_dim
-    missing = sorted({key for key, position in zip(row_keys, positions.tolist()) if position < 0})
-    with_counts = add_num_detections
-    for start in range(0, len(positions) if with_counts else 0, 4096):  # counts are tiny: check every one is known
-        part = positions[start : start + 4096]
-        present = part[part >= 0]
-        if len(present) and (cache.num_detections_at(present.numpy()) < 0).any():
-            with_counts = False
-            logger.warning(f"part of the FRR cache {cache.folder} has no detection counts (written by an older "
-                           "version): the dataset gets no visual_num_detections column")
-            break
-    fingerprint_text = json.dumps(
-        [getattr(dataset, "_fingerprint", ""), cache.folder, len(cache), missing, image_column, key_column,
-         with_counts]
-    )
-    new_fingerprint = hashlib.sha256(fingerprint_text.encode()).hexdigest()[:32]
-
-    def add_features(batch, indices):
-        rows = positions[indices]  # (b,)
-        out_features = np.zeros((len(indices), processor.max_objects, feature_dim), dtype=np.float32)  # (b, M, D)
-        out_masks = np.zeros((len(indices), processor.max_objects), dtype=bool)  # (b, M)
-        out_counts = np.zeros(len(indices), dtype=np.int32)  # (b,)
-        present = (rows >= 0).numpy()
-        if present.any():
-            features, masks, counts = cache.read_positions(rows[present].numpy())  # (b', M, D), (b', M), (b',)
-            out_features[present], out_masks[present], out_counts[present] = features, masks, counts
-        output = {"visual_features": out_features, "visual_mask": out_masks}
-        if with_counts:
-            output["visual_num_detections"] = out_counts
-        return output
-
-    names = ("visual_features", "visual_mask", "visual_num_detections")
-    existing = [name for name in names if name in dataset.column_names]
-    base = dataset.remove_columns(existing) if existing else dataset
-    features = base.features.copy()
-    features["visual_features"] = datasets.Array2D(shape=(processor.max_objects, feature_dim), dtype="float32")
-    features["visual_mask"] = datasets.List(datasets.Value("bool"), length=processor.max_objects)
-    if with_counts:
-        features["visual_num_detections"] = datasets.Value("int32")
-    map_kwargs = dict(
-        batched=True, with_indices=True, features=features, new_fingerprint=new_fingerprint,
-        desc="Adding FRR features",
-    )
-    if world_size > 1 and rank != 0:
-        torch.distributed.barrier()  # the main process writes the datasets cache first
-    result = base.map(add_features, **map_kwargs)
-    if world_size > 1 and rank == 0:
-        torch.distributed.barrier()
-    cache.close()
-    return result
-
-
-def _extract_keys(processor, raw, image_column, keys, first_row, cache, rank, batch_size, device, progress):
-    """Computes `keys` into `cache` through `FRRFeatureCache.fill` (claims: keys another process is computing are
-    waited for, not computed again)."""
-    batch_size = batch_size or processor.batch_size
-    if not keys:
-        return
-    from transformers.utils.logging import tqdm
-
-    def compute(chunk):
-        sources = raw[[first_row[key] for key in chunk]][image_column]
-        names = [f"{describe_image(source)} (key {key})" for key, source in zip(chunk, sources)]
-        features, masks, _, bad, detections = processor.extract(
-            sources, names, device=device, batch_size=batch_size, return_num_detections=True
-        )  # (b, M, D), (b, M), bad indices, (b,)
-        kept = [index for index in range(len(chunk)) if index not in set(bad)]  # a bad image is never cached
-        return [chunk[index] for index in kept], features[kept], masks[kept], detections[kept]
-
-    bar = tqdm(total=len(keys), desc="FRR features", unit="image", disable=not progress or rank != 0)
-    try:
-        cache.fill(keys, compute, batch_size=batch_size, progress=bar.update)
-    finally:
-        bar.close()
-
-
-__all__ = ["FRRFeatureCache", "extract_dataset_features", "key_hashes"]
+__all__ = ["FRRFeatureCache", "key_hashes"]

@@ -27,7 +27,8 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from .feature_cache import FRRFeatureCache, extract_dataset_features
+from .dataset_features import extract_dataset_features
+from .feature_cache import FRRFeatureCache
 from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, weights_origin
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
