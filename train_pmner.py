@@ -120,13 +120,17 @@ def check_same_model(source: str, saved: dict, wanted: dict) -> None:
     saved, wanted = identity_of(saved), identity_of(wanted)
     differ = [key for key in saved if saved[key] != wanted[key]]
     if differ:
-        raise ArgumentsError(
-            f"{source} holds a model with "
-            + ", ".join(f"{key}={saved[key]!r}" for key in differ)
-            + "; this run asks for "
-            + ", ".join(f"{key}={wanted[key]!r}" for key in differ)
-            + " (use the same settings, or another --output_dir to start over)"
+        raise mismatch(
+            f"{source} holds a model with",
+            [f"{key}={saved[key]!r}" for key in differ],
+            [f"{key}={wanted[key]!r}" for key in differ],
+            "use the same settings, or another --output_dir to start over",
         )
+
+
+def mismatch(subject: str, saved: list[str], wanted: list[str], hint: str) -> ArgumentsError:
+    """'<subject> a=1, b=2; this run asks for a=3, b=4 (<hint>)'."""
+    return ArgumentsError(f"{subject} {', '.join(saved)}; this run asks for {', '.join(wanted)} ({hint})")
 
 
 def read_config(folder: str) -> dict:
@@ -166,12 +170,11 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
         saved = read_config(text_model)
         differ = [name for name in FOLDER_SWITCHES if name in explicit and saved.get(name) != getattr(model_args, name)]
         if differ:
-            raise ArgumentsError(
-                f"{text_model} is a trained P-MNER with "
-                + ", ".join(f"{name}={saved.get(name)!r}" for name in differ)
-                + "; this run asks for "
-                + ", ".join(f"--{name} {getattr(model_args, name)}" for name in differ)
-                + " (a trained folder keeps its own switches: start from a masked LM to change them)"
+            raise mismatch(
+                f"{text_model} is a trained P-MNER with",
+                [f"{name}={saved.get(name)!r}" for name in differ],
+                [f"--{name} {getattr(model_args, name)}" for name in differ],
+                "a trained folder keeps its own switches: start from a masked LM to change them",
             )
         model = PMNERForTokenClassification.from_pretrained(text_model)
         processor = PMNERProcessor.from_pretrained(text_model)
