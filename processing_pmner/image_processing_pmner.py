@@ -7,8 +7,8 @@ into `visual_features` (batch, max_objects, feature_dim) and `visual_mask` (batc
 caches them for a whole `datasets.Dataset` (`extract_dataset_features`).
 
 The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and
-handles their weights (saved with the processor), `feature_cache.py` holds the feature cache and the dataset
-extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
+handles their weights (saved with the processor), `feature_cache.py` holds the feature cache, `feature_claims.py`
+its concurrent writers and `dataset_features.py` the dataset extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
 names of its siblings.
 
 This file and its siblings are copied flat into saved processor folders (remote code): they import only torch,
@@ -521,7 +521,7 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         add_num_detections: bool = False,
     ):
         """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it (in
-        `cache_dtype`: "float32" or "float16"); see `feature_cache.extract_dataset_features` for the arguments.
+        `cache_dtype`: "float32" or "float16"); see `dataset_features.extract_dataset_features` for the arguments.
         Returns the dataset with `visual_features` (`Array2D` (max_objects, feature_dim) float32) and `visual_mask`
         (max_objects bools) columns, and with `add_num_detections` `visual_num_detections` (int32)."""
         return extract_dataset_features(
