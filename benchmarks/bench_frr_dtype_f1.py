@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What saving the FRR weights in bfloat16 / float16 costs in F1: one visual P-MNER trained with float32 FRR weights,
 then the same trained folder with its FRR weights re-saved in each dtype, each evaluated on validation and test
-(features recomputed from the re-saved weights; the text model is the same).
+(features recomputed from the re-saved weights; the text model is the same); and the float32 folder once more with
+its features cached in float16 (`--feature_cache_dtype float16`).
 
     python benchmarks/bench_frr_dtype_f1.py --tweets 200                    # backbone only (whole-image feature)
     python benchmarks/bench_frr_dtype_f1.py --tweets 60 --detector          # + a confident Faster R-CNN (slow on CPU)
@@ -77,21 +78,29 @@ def main(argv=None):
     common = ["--dataset_name", "twitter2017", "--data_dir", paths["data"], "--image_dir", paths["images"],
               "--use_cpu", "--report_to", "none", "--per_device_eval_batch_size", "64", "--do_eval", "--do_predict"]
     trained = os.path.join(work, "trained-float32")
-    train_pmner(*common, *frr, "--text_model_name_or_path", "offline-minilm", "--do_train",
+    if os.path.isfile(os.path.join(trained, "all_results.json")):
+        print(f"reusing the trained model in {trained}")
+    else:
+        train_pmner(*common, *frr, "--text_model_name_or_path", "offline-minilm", "--do_train",
                 "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "32",
-                "--learning_rate", "1e-4", "--warmup_steps", "0.1", "--output_dir", trained, "--seed", "1", cwd=work)
+                    "--learning_rate", "1e-4", "--warmup_steps", "0.1", "--output_dir", trained, "--seed", "1",
+                    cwd=work)
 
     rows = []
-    for dtype in DTYPES:
+    # (FRR weights dtype, feature cache dtype): each weights dtype with a float32 cache, then float16 features
+    for dtype, cache_dtype in [(dtype, "float32") for dtype in DTYPES] + [("float32", "float16")]:
         folder = os.path.join(work, f"folder-{dtype}")
-        resave_frr_weights(trained, folder, dtype)
-        evaluated = os.path.join(work, f"eval-{dtype}")
-        train_pmner(*common, "--image_dir", paths["images"], "--text_model_name_or_path", folder,
-                    "--output_dir", evaluated, "--feature_cache_dir", os.path.join(work, "cache"), cwd=work)
+        if not os.path.isdir(folder):
+            resave_frr_weights(trained, folder, dtype)
+        evaluated = os.path.join(work, f"eval-{dtype}-cache-{cache_dtype}")
+        shutil.rmtree(evaluated, ignore_errors=True)
+        train_pmner(*common, "--text_model_name_or_path", folder, "--output_dir", evaluated,
+                    "--feature_cache_dir", os.path.join(work, "cache"), "--feature_cache_dtype", cache_dtype, cwd=work)
         with open(os.path.join(evaluated, "all_results.json")) as handle:
             results = json.load(handle)
         size = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder) if name.startswith("frr_"))
-        rows.append((dtype, size / 2**20, results["eval_f1"] * 100, results["predict_f1"] * 100, predictions(evaluated)))
+        label = dtype if cache_dtype == "float32" else f"{dtype}, float16 feature cache"
+        rows.append((label, size / 2**20, results["eval_f1"] * 100, results["predict_f1"] * 100, predictions(evaluated)))
 
     reference = rows[0]
     print(f"\n## FRR weights dtype against float32 ({args.tweets} tweets per split, "
