@@ -18,9 +18,22 @@ ratio. FRR feature extraction itself (Faster R-CNN + ResNet-152) is not included
 
 Tweets come from --data (default ../shared/data/twitter2017/test.txt beside the repository), else are synthetic.
 Weights are random where the checkpoint has none (fusion, head): speed does not depend on them.
+
+--compare-transformers measures instead, in one process and interleaved (--rounds passes, the order of the
+contestants rotated each round, median reported), every tweet of --data, raw text in and entities out, batches of
+--batch-size:
+  transformers       transformers' own `token-classification` pipeline (aggregation "simple") on a
+                     BertForTokenClassification with the P-MNER model's encoder weights and a 9-label head
+  pmner              the `multimodal-ner` pipeline on the text-only P-MNER model (--model, else built on --text-model)
+  pmner-int8         the same with quantize="int8" (int8 feed-forward layers of the encoder)
+With --model (a trained folder) and a CoNLL --data, it also tags the file's words with and without int8 and scores
+both against the gold tags (entity micro F1, processing_pmner.seqeval_metric).
+
+    python benchmarks/bench_inference.py --compare-transformers --model outputs/speed-model
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -56,6 +69,12 @@ def parse_args(argv=None):
         "free cores make OpenMP spin and times jump 10x; 0 keeps torch's default)",
     )
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    parser.add_argument(
+        "--compare-transformers", action="store_true",
+        help="P-MNER's pipeline (fp32 and int8) against transformers' token-classification pipeline, interleaved",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--compare-transformers: interleaved passes")
+    parser.add_argument("--model", default=None, help="--compare-transformers: a trained text-only P-MNER folder")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -238,6 +257,111 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
+def build_contestants(args, text_model: str) -> tuple[dict, object, object]:
+    """The three pipelines of --compare-transformers, and the fp32 / int8 P-MNER pipelines (for F1)."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from modeling_pmner import PMNERForTokenClassification
+    from processing_pmner import PMNERImageProcessor, PMNERProcessor
+    from processing_pmner.pipeline_pmner import PMNERPipeline
+
+    transformers.utils.logging.set_verbosity_error()
+    if args.model:
+        model = PMNERForTokenClassification.from_pretrained(args.model).eval()
+        processor = PMNERProcessor.from_pretrained(args.model)
+    else:
+        model = PMNERForTokenClassification.from_text_pretrained(text_model, use_visual=False).eval()
+        labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
+        processor = PMNERProcessor(
+            PMNERImageProcessor(max_objects=args.objects), AutoTokenizer.from_pretrained(text_model),
+            label_names=labels, max_length=args.max_length,
+        )
+    encoder = model.pmner.text_model
+    config = copy.deepcopy(encoder.config)
+    config.num_labels = model.config.num_labels  # 9: B/I of four types and O
+    config.id2label, config.label2id = dict(model.config.id2label), dict(model.config.label2id)
+    torch.manual_seed(0)
+    reference = BertForTokenClassification(config)
+    missing, unexpected = reference.bert.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"the encoder's weights do not fit BertModel: missing {missing}, unexpected {unexpected}")
+    reference.eval()
+    theirs = transformers.pipeline(
+        "token-classification", model=reference, tokenizer=processor.tokenizer, device=args.device,
+        aggregation_strategy="simple",
+    )
+    ours = PMNERPipeline(model=model, processor=processor, device=args.device)
+    ours_int8 = PMNERPipeline(model=model, processor=processor, device=args.device, quantize="int8")
+    return {"transformers": theirs, "pmner": ours, "pmner-int8": ours_int8}, ours, ours_int8
+
+
+def compare_transformers(args, text_model: str):
+    """--compare-transformers: tweets/s of the three pipelines, interleaved, and the int8 F1 difference."""
+    import torch
+
+    from processing_pmner.seqeval_metric import compute_ner_scores
+    from processing_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if not os.path.isfile(args.data):
+        raise SystemExit(f"--data {args.data} does not exist: --compare-transformers needs the CoNLL file")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    tags = sorted({tag for name in ("twitter2015", "twitter2017") for tag in TwitterMNERConfig(name=name).source_tags})
+    parsed = [tweet for tweet in read_twitter_conll(args.data, tags) if tweet.tokens]
+    texts = [" ".join(tweet.tokens) for tweet in parsed]
+    started = time.perf_counter()
+    contestants, ours, ours_int8 = build_contestants(args, text_model)
+    names = list(contestants)
+    for name in names:  # warm-up
+        contestants[name](texts[: 2 * args.batch_size], batch_size=args.batch_size)
+    times = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+            begin = time.perf_counter()
+            contestants[name](texts, batch_size=args.batch_size)
+            times[name].append(time.perf_counter() - begin)
+            print(f"  round {round_index + 1}: {name} {len(texts) / times[name][-1]:.1f} tweets/s", file=sys.stderr)
+    speed = {name: len(texts) / statistics.median(times[name]) for name in names}
+
+    print(f"\n### P-MNER pipeline against transformers' token-classification pipeline, on {args.device}\n")
+    print(
+        f"{cpu_name()}, {os.cpu_count()} CPUs visible, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"thread(s); all {len(texts)} tweets of {os.path.normpath(args.data)}, raw text in, entities out; batch size "
+        f"{args.batch_size}; median of {args.rounds} interleaved passes; encoder "
+        f"{os.path.basename(os.path.normpath(text_model))}{f', P-MNER model {args.model}' if args.model else ''}.\n"
+    )
+    print("| pipeline | tweets/s (median) | passes (tweets/s) | x transformers | x pmner |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        passes = ", ".join(f"{len(texts) / seconds:.1f}" for seconds in times[name])
+        print(
+            f"| {name} | {speed[name]:.1f} | {passes} | {speed[name] / speed['transformers']:.2f} | "
+            f"{speed[name] / speed['pmner']:.2f} |"
+        )
+    if args.model:
+        gold = [tweet.tags for tweet in parsed]
+        inputs = [{"words": tweet.tokens} for tweet in parsed]
+        print("\n| model | entity micro F1 (test) | precision | recall |")
+        print("|---|---|---|---|")
+        f1 = {}
+        for name, pipe in (("pmner", ours), ("pmner-int8", ours_int8)):
+            results = pipe(inputs, batch_size=args.batch_size, return_words=True, output_scheme="BIO")
+            predicted = [[word["tag"] for word in result["words"]] for result in results]
+            scores = compute_ner_scores(predicted, gold)
+            f1[name] = 100 * scores["overall_f1"]
+            print(
+                f"| {name} | {f1[name]:.2f} | {100 * scores['overall_precision']:.2f} | "
+                f"{100 * scores['overall_recall']:.2f} |"
+            )
+        print(f"\nint8 F1 difference: {f1['pmner-int8'] - f1['pmner']:+.2f} points")
+    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:])
+    print(f"\nCommand: `{command}` ({time.perf_counter() - started:.0f} s in all)")
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -254,6 +378,10 @@ def main(argv=None):
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))))
         return
+    if args.compare_transformers:
+        from train_pmner import resolve_text_model
+
+        return compare_transformers(args, resolve_text_model(args.text_model))
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:

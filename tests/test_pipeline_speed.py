@@ -65,15 +65,17 @@ def test_batches_are_formed_by_length_and_results_keep_the_input_order(pipe, mon
     results = pipe(TWEETS, batch_size=3, return_words=True)
     assert [result["text"] for result in results] == [pipe._normalise(tweet, 0, False)["text"] for tweet in TWEETS]
     assert sorted(index for batch in seen for index in batch) == list(range(len(TWEETS)))
-    lengths = {index: pipeline_pmner._length_key(pipe._normalise(tweet, index, False)) for index, tweet in enumerate(TWEETS)}
+    items = [pipe._normalise(tweet, index, False) for index, tweet in enumerate(TWEETS)]
+    lengths = [len(pipe.processor.tokenizer(item["words"], is_split_into_words=True)["input_ids"]) if item["words"] else 0 for item in items]
     order = [index for batch in seen for index in batch]
-    assert [lengths[index] for index in order] == sorted(lengths.values())  # shortest first
+    assert [lengths[index] for index in order] == sorted(lengths)  # fewest sub-words first
     assert order != list(range(len(TWEETS)))  # the fixture's tweets are not already sorted
 
 
 def test_bucketed_results_equal_unbucketed_ones(pipe, monkeypatch):
     bucketed = pipe(TWEETS, batch_size=4, return_words=True, aggregation_strategy="average")
-    monkeypatch.setattr(pipeline_pmner, "_length_key", lambda item: 0)  # stable sort: input order, consecutive batches
+    # all keys equal: the stable sort keeps the input order and the batches are consecutive tweets, as before
+    monkeypatch.setattr(PMNERPipeline, "_length_keys", lambda self, items: [0] * len(items))
     plain = pipe(TWEETS, batch_size=4, return_words=True, aggregation_strategy="average")
     assert word_tags(bucketed) == word_tags(plain)
     for one, other in zip(bucketed, plain):
@@ -110,8 +112,16 @@ def test_int8_quantises_a_copy_and_keeps_the_tags(tiny):
     fp32 = PMNERPipeline(model=model, processor=tiny["processor"], device="cpu")
     int8 = PMNERPipeline(model=model, processor=tiny["processor"], device="cpu", quantize="int8")
     assert int8.quantize == "int8" and fp32.quantize is None
-    quantized = [module for module in int8.model.modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)]
-    assert quantized and not any(type(module) is torch.nn.Linear for module in int8.model.modules())
+    quantized = {
+        name for name, module in int8.model.named_modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
+    }
+    width = model.config.text_config.intermediate_size
+    feed_forward = {
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and width in (module.in_features, module.out_features)
+    }
+    assert quantized == feed_forward and len(feed_forward) == 2 * model.config.text_config.num_hidden_layers
+    assert isinstance(int8.model.verbalizer_head.dense, torch.nn.Linear)  # the head stays in float
     assert any(type(module) is torch.nn.Linear for module in model.modules())  # the caller's model is untouched
     expected, got = fp32(TWEETS, batch_size=4, return_words=True), int8(TWEETS, batch_size=4, return_words=True)
     assert word_tags(got) == word_tags(expected)
