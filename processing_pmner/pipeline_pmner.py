@@ -695,8 +695,7 @@ def quantize_dynamic_int8(model, device):
 
     The feed-forward layers hold two thirds of the encoder's multiply-adds; the attention projections, the fusion
     layers and the prompt head stay in float, which keeps the tags nearly unchanged (on Twitter-2017 test, all
-    linear layers in int8 lost 1.5 to 2.6 F1 points, the feed-forward ones 0.3). CPU only: quantised kernels are CPU
-    kernels."""
+    linear layers in int8 lost 1.5 to 2.6 F1 points). CPU only: quantised kernels are CPU kernels."""
     _check_cpu(device)
     if torch.backends.quantized.engine == "none" or not torch.backends.quantized.supported_engines:
         raise RuntimeError("quantize='int8': this torch build has no quantized CPU engine")
@@ -711,9 +710,17 @@ def quantize_dynamic_int8(model, device):
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*", category=UserWarning)
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        quantized = torch.ao.quantization.quantize_dynamic(
-            model, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False
-        )
+        engine = torch.backends.quantized.engine
+        try:
+            # weights packed for oneDNN where available (the packed weights keep their kernels whatever the engine
+            # later): on Twitter-2017 test 1.7x tweets/s of float and +0.3 F1, against 1.4x and -0.3 with x86
+            if "onednn" in torch.backends.quantized.supported_engines:
+                torch.backends.quantized.engine = "onednn"
+            quantized = torch.ao.quantization.quantize_dynamic(
+                model, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False
+            )
+        finally:
+            torch.backends.quantized.engine = engine
     return quantized.eval()
 
 
