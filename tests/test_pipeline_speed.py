@@ -110,7 +110,9 @@ def test_an_error_names_the_tweet_by_its_input_index(pipe):
 def test_int8_quantises_a_copy_and_keeps_the_tags(tiny):
     model = force_tag(build_model(tiny["text_model"], use_visual=False), "B-PER", bias=8.0)
     fp32 = PMNERPipeline(model=model, processor=tiny["processor"], device="cpu")
+    engine = torch.backends.quantized.engine
     int8 = PMNERPipeline(model=model, processor=tiny["processor"], device="cpu", quantize="int8")
+    assert torch.backends.quantized.engine == engine  # the process-wide setting is left as it was
     assert int8.quantize == "int8" and fp32.quantize is None
     quantized = {
         name for name, module in int8.model.named_modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
