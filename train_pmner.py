@@ -177,8 +177,8 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
                 "a trained folder keeps its own switches: start from a masked LM to change them",
             )
         model = PMNERForTokenClassification.from_pretrained(text_model)
-        processor = PMNERProcessor.from_pretrained(text_model)
         try:
+            processor = PMNERProcessor.from_pretrained(text_model)  # refuses tags other than config.json's
             check_processor_matches_model(processor, model.config)
         except ValueError as error:
             raise ArgumentsError(f"{text_model}: {error}") from error

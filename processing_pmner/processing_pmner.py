@@ -18,8 +18,11 @@ here. This file is copied flat into saved processor folders (remote code) with t
 relatively.
 """
 
+import json
+import os
 import string
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .frr_models import save_with_frr_weights
+from .frr_models import HUB_KWARGS, save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
 from .sentence_windows import window_owner, word_windows
 from .tag_schemes import (
@@ -75,6 +78,34 @@ def _as_list(values) -> list:
     if isinstance(values, (torch.Tensor, np.ndarray)):
         return values.tolist()
     return list(values)
+
+
+def _model_config_beside(pretrained_model_name_or_path, hub_kwargs: dict) -> tuple[str, SimpleNamespace | None]:
+    """`(where, config)`: the P-MNER model config (`config.json` with `model_type` "pmner") saved in the same folder
+    or Hub repo as a processor, as a namespace with its `id2label` and `tag_scheme`; `None` when there is none (a
+    processor saved alone, another model type, or a Hub file not reachable offline)."""
+    from transformers.utils import cached_file
+
+    location = os.fspath(pretrained_model_name_or_path)
+    path = cached_file(location, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if path is None:
+        return location, None
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"config.json of {location} ({path}) cannot be read as JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("model_type") != "pmner":
+        return location, None
+    if not isinstance(config.get("id2label"), dict):
+        logger.warning(
+            f"config.json of {location} is a P-MNER model config without an id2label mapping (written by hand?): the "
+            "processor's label_names are not checked against the model's tags at load"
+        )
+        return location, None
+    return location, SimpleNamespace(
+        num_labels=len(config["id2label"]), id2label=config["id2label"], tag_scheme=config.get("tag_scheme")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,6 +272,24 @@ class PMNERProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         names = [name for name in self.tokenizer.model_input_names if name in ("input_ids", "token_type_ids", "attention_mask")]
         return names + list(self.image_processor.model_input_names)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads a saved processor (folder or Hub repo). When the same folder or repo holds a P-MNER model
+        (`config.json` with `model_type` "pmner"), a processor whose tags or tag scheme differ from the model's is
+        refused with a `ValueError` naming both: the model's logits would be read as other tags."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        # ProcessorMixin.from_pretrained's positional parameters, after the path
+        given = {**dict(zip(("cache_dir", "force_download", "local_files_only", "token", "revision"), args)), **kwargs}
+        hub_kwargs = {key: given[key] for key in HUB_KWARGS if key in given}
+        location, model_config = _model_config_beside(pretrained_model_name_or_path, hub_kwargs)
+        if model_config is not None:
+            try:
+                check_processor_matches_model(processor, model_config)
+            except ValueError as error:
+                raise ValueError(f"{error} (processor_config.json and config.json of {location})") from error
+        return loaded
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Saves the processor and, with the image processor's `save_frr_weights`, its detector and backbone weights

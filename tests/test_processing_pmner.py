@@ -743,6 +743,70 @@ def test_processor_and_model_with_other_labels_or_scheme_raise_naming_both(token
     assert "differ from the model's config.id2label" not in str(caught.value)
 
 
+REFUSED_SCRIPT = textwrap.dedent(
+    """
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained({matching!r}, trust_remote_code=True)
+    assert "transformers_modules" in type(processor).__module__, type(processor).__module__
+    print("MATCHING", processor.label_names)
+    try:
+        AutoProcessor.from_pretrained({edited!r}, trust_remote_code=True)
+    except ValueError as error:
+        print("REFUSED", error)
+    """
+)
+
+
+def saved_model_and_edited_processor(tokenizer, tmp_path):
+    """A folder with a 9-tag model and its processor, and a copy whose processor_config.json has 5 of the tags."""
+    saved = tmp_path / "saved"
+    tiny_model(BIO).save_pretrained(saved)
+    PMNERProcessor(colour_processor(save_frr_weights=False), tokenizer, label_names=BIO).save_pretrained(saved)
+    edited = tmp_path / "edited"
+    shutil.copytree(saved, edited)
+    settings = json.loads((edited / "processor_config.json").read_text())
+    settings["label_names"] = BIO[:5]
+    (edited / "processor_config.json").write_text(json.dumps(settings))
+    return saved, edited
+
+
+def test_a_saved_processor_with_other_labels_than_the_model_beside_it_is_refused_at_load(tokenizer, tmp_path):
+    saved, edited = saved_model_and_edited_processor(tokenizer, tmp_path)
+    assert AutoProcessor.from_pretrained(saved).label_names == BIO  # the same tags: loads
+    for load in (AutoProcessor.from_pretrained, PMNERProcessor.from_pretrained):
+        with pytest.raises(ValueError) as caught:
+            load(edited)
+        message = str(caught.value)
+        assert f"label_names (5 tags) {BIO[:5]}" in message and f"config.id2label (9 tags) {BIO}" in message
+        assert str(edited) in message
+    # remote code in a process without this project (a Hub user's): refused the same way
+    result = run_without_project(REFUSED_SCRIPT.format(matching=str(saved), edited=str(edited)), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"MATCHING {BIO}" in result.stdout
+    refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+    assert refused and f"label_names (5 tags) {BIO[:5]}" in refused[0] and f"(9 tags) {BIO}" in refused[0]
+    # beside another model type (or no model at all) there is nothing to compare with: it loads
+    (edited / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert PMNERProcessor.from_pretrained(edited).label_names == BIO[:5]
+    (edited / "config.json").unlink()
+    assert PMNERProcessor.from_pretrained(edited).label_names == BIO[:5]
+
+
+def test_a_hub_repo_whose_processor_has_other_labels_than_its_model_is_refused_at_load(tokenizer, tmp_path, hub_server):
+    saved, edited = saved_model_and_edited_processor(tokenizer, tmp_path)
+    api = hub_server.api()
+    for folder in (saved, edited):
+        api.create_repo(f"user/{folder.name}")
+        api.upload_folder(folder_path=str(folder), repo_id=f"user/{folder.name}")
+    script = REFUSED_SCRIPT.format(matching="user/saved", edited="user/edited")
+    result = run_without_project(script, tmp_path, env=hub_server.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"MATCHING {BIO}" in result.stdout
+    refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+    assert refused and f"label_names (5 tags) {BIO[:5]}" in refused[0] and f"(9 tags) {BIO}" in refused[0]
+    assert "config.json of user/edited" in refused[0]
+
+
 def test_visual_features_from_numpy_and_lists_and_non_finite_rows_refused(tokenizer):
     processor = make_processor(tokenizer)
     features = np.random.default_rng(0).normal(size=(3, 2, 4))  # float64 (batch, objects, D)
