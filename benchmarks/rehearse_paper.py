@@ -361,8 +361,11 @@ def recording_extract(*args, **kwargs):  # counts the objects FRR finds in the p
 
 image_processor.extract = recording_extract
 start = time.perf_counter()
-entities = ner({text!r}, image={image!r})
+output = ner({text!r}, image={image!r}, return_words=True)
 result["pipeline_s"] = time.perf_counter() - start
+output = output[0] if isinstance(output, list) else output
+entities = output["entities"]
+result["word_tags"] = [row["tag"] for row in output["words"]]
 result["pipeline_peak_rss_mib"] = status_mib("VmHWM")
 if gpu:
     result["pipeline_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
