@@ -86,7 +86,7 @@ def main(argv=None):
                     "--learning_rate", "1e-4", "--warmup_steps", "0.1", "--output_dir", trained, "--seed", "1",
                     cwd=work)
 
-    rows = []
+    rows, refused = [], []
     # (FRR weights dtype, feature cache dtype): each weights dtype with a float32 cache, then float16 features
     for dtype, cache_dtype in [(dtype, "float32") for dtype in DTYPES] + [("float32", "float16")]:
         folder = os.path.join(work, f"folder-{dtype}")
@@ -94,12 +94,18 @@ def main(argv=None):
             resave_frr_weights(trained, folder, dtype)
         evaluated = os.path.join(work, f"eval-{dtype}-cache-{cache_dtype}")
         shutil.rmtree(evaluated, ignore_errors=True)
-        train_pmner(*common, "--text_model_name_or_path", folder, "--output_dir", evaluated,
-                    "--feature_cache_dir", os.path.join(work, "cache"), "--feature_cache_dtype", cache_dtype, cwd=work)
+        label = dtype if cache_dtype == "float32" else f"{dtype}, float16 feature cache"
+        try:
+            train_pmner(*common, "--text_model_name_or_path", folder, "--output_dir", evaluated,
+                        "--feature_cache_dir", os.path.join(work, "cache"), "--feature_cache_dtype", cache_dtype,
+                        cwd=work)
+        except SystemExit as failure:  # e.g. random ResNet-152 features beyond float16's range: reported, not hidden
+            reason = str(failure).strip().splitlines()[-1]
+            refused.append(f"{label}: {reason}")
+            continue
         with open(os.path.join(evaluated, "all_results.json")) as handle:
             results = json.load(handle)
         size = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder) if name.startswith("frr_"))
-        label = dtype if cache_dtype == "float32" else f"{dtype}, float16 feature cache"
         rows.append((label, size / 2**20, results["eval_f1"] * 100, results["predict_f1"] * 100, predictions(evaluated)))
 
     reference = rows[0]
@@ -111,6 +117,8 @@ def main(argv=None):
         changed = sum(1 for ours, theirs in zip(tags, reference[4]) if ours != theirs)
         print(f"| {dtype} | {size:.1f} | {eval_f1:.2f} | {test_f1:.2f} | {test_f1 - reference[3]:+.2f} "
               f"| {changed} / {len(tags)} |")
+    for line in refused:
+        print(f"\nrefused: {line}")
     print(f"\nwork folder: {work}" + ("" if args.work_dir else " (removed)"))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
