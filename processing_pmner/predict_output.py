@@ -18,7 +18,7 @@ PROGRESS_VERSION = 1
 # Arguments that change the output: a resumed run must use the same ones as the interrupted run.
 OUTPUT_SETTINGS = (
     "model", "input_format", "output_format", "image_dir", "image_extension", "batch_size", "aggregation_strategy",
-    "word_tags", "trust_remote_code",
+    "word_tags", "trust_remote_code", "quantize",
 )
 
 
