@@ -154,6 +154,11 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
     ):
         if path and same_path(training_args.output_dir, path):
             raise ArgumentsError(f"--output_dir {training_args.output_dir!r} is the same folder as {name}: choose another")
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise ArgumentsError(f"--output_dir {training_args.output_dir!r} exists and is not a folder")
+    for name, path in (("--data_dir", data_args.data_dir), ("--image_dir", data_args.image_dir)):
+        if path and path != "auto" and not os.path.isdir(path) and not (name == "--image_dir" and data_args.text_only):
+            raise ArgumentsError(f"{name} {path!r} is not a folder")
     checkpoint = training_args.resume_from_checkpoint
     if isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         if not os.path.isfile(os.path.join(checkpoint, "config.json")):

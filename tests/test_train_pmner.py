@@ -336,6 +336,17 @@ def test_no_do_flag_is_refused_and_writes_nothing(workspace, tmp_path):
     assert "--max_train_samples must be at least 1, got 0" in message
     message = run_refused(tmp_path, argv + ["--do_eval", "--push_to_hub", "--text_model_name_or_path", "x"])
     assert "score an untrained model" in message or "--push_to_hub needs --do_train" in message
+    # paths that cannot be used are named before any work
+    (tmp_path / "a-file").write_text("keep me")
+    message = run_refused(tmp_path, argv + ["--do_train", "--output_dir", str(tmp_path / "a-file")])
+    assert "exists and is not a folder" in message and (tmp_path / "a-file").read_text() == "keep me"
+    message = run_refused(tmp_path, argv + ["--do_train", "--data_dir", str(tmp_path / "missing")])
+    assert f"--data_dir '{tmp_path / 'missing'}' is not a folder" in message
+    message = run_refused(tmp_path, [item for item in argv if item != "--text_only"]
+                          + ["--do_train", "--image_dir", str(tmp_path / "no-images")])
+    assert "--image_dir" in message and "is not a folder" in message
+    message = run_refused(tmp_path, [str(tmp_path / "missing.yaml")])
+    assert "missing.yaml: no such argument file" in message
 
 
 def test_output_folder_may_not_be_an_input(visual_run, workspace, tmp_path):
