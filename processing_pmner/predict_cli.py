@@ -134,7 +134,7 @@ class Predictor:
         self.use_visual = pipe.use_visual
         self.image_processor = pipe.processor.image_processor
         self.cache = None
-        self.pending = ([], [], [])  # keys, features, masks waiting to be written to the cache
+        self.pending = ([], [], [], [])  # keys, features, masks, detection counts waiting to be written to the cache
         self.written_keys = set()
         if args.feature_cache_dir and self.use_visual:
             self.cache = self.image_processor.feature_cache(args.feature_cache_dir).load()
@@ -179,7 +179,9 @@ class Predictor:
         names = [records[index].image for index, _ in to_compute]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadImageWarning)
-            features, masks, _, bad = self.image_processor.extract(images, names, device=self.pipe.device)
+            features, masks, _, bad, detections = self.image_processor.extract(
+                images, names, device=self.pipe.device, return_num_detections=True
+            )
         for warning in caught:
             if not issubclass(warning.category, BadImageWarning):
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -199,6 +201,7 @@ class Predictor:
                 self.pending[0].append(key)
                 self.pending[1].append(features[row])
                 self.pending[2].append(masks[row])
+                self.pending[3].append(int(detections[row]))
         if len(self.pending[0]) >= self.args.cache_flush_size:
             self.flush_cache()
         return result
@@ -206,12 +209,12 @@ class Predictor:
     def flush_cache(self):
         """Writes the features computed since the last flush as one cache shard. They are not kept in memory: a
         later tweet with the same key (a repeated image) is encoded again, and not written twice."""
-        keys, features, masks = self.pending
-        self.pending = ([], [], [])
+        keys, features, masks, detections = self.pending
+        self.pending = ([], [], [], [])
         unique = {}
-        for key, feature, mask in zip(keys, features, masks):
+        for key, feature, mask, count in zip(keys, features, masks, detections):
             if key not in self.written_keys:
-                unique.setdefault(key, (feature, mask))
+                unique.setdefault(key, (feature, mask, count))
         if not unique:
             return
         import torch
@@ -220,6 +223,7 @@ class Predictor:
             list(unique),
             torch.stack([value[0] for value in unique.values()]),  # (n, M, D)
             torch.stack([value[1] for value in unique.values()]),  # (n, M)
+            num_detections=[value[2] for value in unique.values()],  # (n,): detections before the whole-image filler
         )
         self.written_keys.update(unique)
         self.written_features += len(unique)

@@ -104,6 +104,8 @@ def test_conll_in_conll_out_with_gold_and_a_reused_feature_cache(workspace, tmp_
     cache = FRRFeatureCache(cache_dir, folder[len("frr-"):]).load()
     assert sorted(cache.index) == ["17_06_1", "17_06_2"]
     assert cache.features.shape[1:] == (3, 512)
+    # entries written by the CLI carry their detection counts (no detector: 0 before the whole-image filler)
+    assert [cache.num_detections(key) for key in ("17_06_1", "17_06_2")] == [0, 0]
 
     # second run: every feature read from the cache (even with the images gone)
     code, _, err = run_cli(["--feature-cache-dir", cache_dir, "-o", output, workspace["model"], source], capsys)
