@@ -31,7 +31,6 @@ from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
 from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
 from training_pmner.arguments import (
-    ARGUMENT_FILE_SUFFIXES,
     ArgumentsError,
     DataArguments,
     ModelArguments,
@@ -72,7 +71,19 @@ ENCODING_VERSION = 1
 
 # Settings that make a checkpoint or a trained folder a different model: resuming or continuing with other values
 # is refused, naming both.
-MODEL_IDENTITY = ("head", "tag_scheme", "fusion", "use_visual", "verbalizer_trainable", "id2label")
+MODEL_IDENTITY = (
+    "head", "tag_scheme", "fusion", "use_visual", "verbalizer_trainable", "fusion_num_heads", "max_objects",
+    "visual_feature_dim", "id2label",
+)
+TEXT_MODEL_IDENTITY = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+# What a run writes as its results: removed from an output folder before a new run writes its own, so that a card or
+# a push never reports an earlier run's numbers.
+RESULT_FILES = (
+    "all_results.json", "train_results.json", "eval_results.json", "predict_results.json", "predict_report.txt",
+    "test_predictions.conll",
+)
+# Files an output folder may hold besides a previous run of this script (written by the benchmark runners).
+FOREIGN_ALLOWED = ("experiment.json", "frr_cache")
 
 
 class EpochTimerCallback(TrainerCallback):
@@ -112,6 +123,8 @@ def identity_of(config: dict) -> dict:
     identity = {key: config.get(key) for key in MODEL_IDENTITY}
     id2label = identity.pop("id2label") or {}
     identity["labels"] = [id2label[key] for key in sorted(id2label, key=int)]
+    text_config = config.get("text_config") or {}
+    identity["text_model"] = {key: text_config.get(key) for key in TEXT_MODEL_IDENTITY}
     return identity
 
 
@@ -156,13 +169,34 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
             raise ArgumentsError(f"--output_dir {training_args.output_dir!r} is the same folder as {name}: choose another")
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
         raise ArgumentsError(f"--output_dir {training_args.output_dir!r} exists and is not a folder")
+    if os.path.isdir(training_args.output_dir) and not holds_only_runs(training_args.output_dir):
+        raise ArgumentsError(
+            f"--output_dir {training_args.output_dir!r} is not empty and holds no earlier train_pmner.py run: its files "
+            "would be overwritten (README.md) or published; choose a new or empty folder"
+        )
     for name, path in (("--data_dir", data_args.data_dir), ("--image_dir", data_args.image_dir)):
         if path and path != "auto" and not os.path.isdir(path) and not (name == "--image_dir" and data_args.text_only):
             raise ArgumentsError(f"{name} {path!r} is not a folder")
     checkpoint = training_args.resume_from_checkpoint
-    if isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
+    if isinstance(checkpoint, str) and checkpoint.lower() in ("true", "false"):
+        # TrainingArguments keeps the text; the Trainer takes only a real True as "the last checkpoint"
+        latest = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint.lower() == "true" and latest is None:
+            raise ArgumentsError(f"--resume_from_checkpoint true: no checkpoint in {training_args.output_dir!r}")
+        training_args.resume_from_checkpoint = latest if checkpoint.lower() == "true" else None
+    elif isinstance(checkpoint, str):
         if not os.path.isfile(os.path.join(checkpoint, "config.json")):
             raise ArgumentsError(f"--resume_from_checkpoint {checkpoint!r}: no checkpoint there (no config.json)")
+
+
+def holds_only_runs(folder: str) -> bool:
+    """True for an empty folder or one whose files come from runs of this script (a model folder, checkpoints,
+    results, the feature cache, a benchmark runner's experiment.json)."""
+    names = set(os.listdir(folder)) - set(FOREIGN_ALLOWED)
+    if not names:
+        return True
+    markers = {"trainer_state.json", "all_results.json", *RESULT_FILES}
+    return bool(names & markers) or any(name.startswith("checkpoint-") for name in names) or is_pmner_folder(folder)
 
 
 # Model switches that a trained folder fixes: given explicitly with another value, the run is refused.
@@ -187,6 +221,16 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
             check_processor_matches_model(processor, model.config)
         except ValueError as error:
             raise ArgumentsError(f"{text_model}: {error}") from error
+        kept = {"prompt_mode": processor.prompt_mode, "prompt_template": processor.prompt_template,
+                "max_seq_length": processor.max_length}
+        differ = [name for name in kept if name in explicit and kept[name] != getattr(model_args, name)]
+        if differ:
+            raise mismatch(
+                f"{text_model} has a processor with",
+                [f"{name}={kept[name]!r}" for name in differ],
+                [f"--{name} {getattr(model_args, name)}" for name in differ],
+                "a trained folder keeps its own processor: start from a masked LM to change it",
+            )
         if model.config.use_visual != use_visual:
             raise ArgumentsError(
                 f"{text_model} was trained with use_visual={model.config.use_visual}; this run has "
@@ -231,6 +275,7 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
 
 
 def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         model_args, data_args, training_args = parse_arguments(argv)
         text_model = resolve_text_model(model_args.text_model_name_or_path)
@@ -241,13 +286,13 @@ def main(argv: list[str] | None = None):
         print(f"train_pmner.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     try:
-        run(model_args, data_args, training_args, text_model, trained_folder)
+        run(model_args, data_args, training_args, text_model, trained_folder, argv)
     except (ArgumentsError, PushError) as error:
         print(f"train_pmner.py: error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ArgumentsError) else 1)
 
 
-def run(model_args, data_args, training_args, text_model: str, trained_folder: bool):
+def run(model_args, data_args, training_args, text_model: str, trained_folder: bool, argv: list[str]):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
@@ -302,6 +347,10 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     if training_args.push_to_hub and training_args.process_index == 0:
         repo_id = prepare_hub_repo(training_args, training_args.output_dir)
         logger.info(f"Will push to the Hub repository {repo_id} ({training_args.hub_strategy} strategy)")
+    if training_args.process_index == 0 and os.path.isdir(training_args.output_dir):
+        for name in RESULT_FILES:
+            if os.path.isfile(os.path.join(training_args.output_dir, name)):
+                os.remove(os.path.join(training_args.output_dir, name))  # this run writes its own
     missing_types = sorted({name.split("-", 1)[1] for name in bio_names if name != "O"} - set(model.config.entity_types))
     if missing_types:
         raise ArgumentsError(
@@ -465,7 +514,13 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         use_visual=use_visual,
         hub_dataset=hub_dataset,
         trained_here=training_args.do_train,
-        argument_file=(argv_file(sys.argv[1:])),
+        argv=argv,
+        model_settings={
+            "fusion": model.config.fusion,
+            "head": model.config.head,
+            "tag_scheme": model.config.tag_scheme,
+            "prompt_mode": processor.prompt_mode,
+        },
     )
     summary = [f"validation F1 {results['eval_f1']:.4f}" if "eval_f1" in results else "validation not evaluated"]
     summary.append(f"test F1 {results['predict_f1']:.4f}" if "predict_f1" in results else "test not evaluated")
@@ -504,10 +559,6 @@ def encoding_fingerprint(split, processor, use_visual: bool) -> str:
             ENCODING_VERSION,
         ]
     )
-
-
-def argv_file(argv: list[str]) -> str | None:
-    return argv[0] if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) else None
 
 
 def update_all_results(output_dir: str, extras: dict) -> dict:

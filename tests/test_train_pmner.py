@@ -387,6 +387,10 @@ def test_argument_file_values_are_checked_like_flags(tmp_path, line, message):
 
 
 def test_results_files_and_do_predict_is_honoured(workspace):
+    # a first run predicts test; a second one into the same folder does not, and no earlier result survives it
+    first, _ = run_training(workspace, "--text_only", "--num_train_epochs", "1", "--max_train_samples", "16",
+                            name="no-predict")
+    assert (first / "predict_results.json").is_file() and (first / "test_predictions.conll").is_file()
     output_dir, log = run_training(workspace, "--text_only", "--num_train_epochs", "1", "--max_train_samples", "16",
                                    name="no-predict", drop=("--do_predict",))
     for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json", "README.md"):
@@ -455,3 +459,37 @@ def test_a_processor_with_other_labels_than_its_model_is_refused(visual_run, wor
                                      "--image_dir", str(workspace / "images"), "--text_model_name_or_path", str(edited),
                                      "--do_eval", "--output_dir", str(tmp_path / "out")])
     assert f"{edited}: the processor's label_names (5 tags)" in message and "config.id2label (17 tags)" in message
+
+
+def test_published_card_hides_the_token_and_parsing_sees_aliases(tmp_path):
+    from train_pmner import ArgumentsError, check_same_model, parse_arguments
+    from training_pmner.publishing import redacted_argv, redacted_file_text
+
+    assert redacted_argv(["--hub_token", "hf_abc", "--seed", "3", "--hub-token=hf_def"]) == [
+        "--hub_token", "<redacted>", "--seed", "3", "--hub-token=<redacted>"]
+    assert "hf_abc" not in redacted_file_text("seed: 3\nhub_token: hf_abc\n")
+    assert "hf_abc" not in redacted_file_text('{"seed": 3, "hub_token": "hf_abc"}')
+    # dash aliases and abbreviations count as given: --do-train is a request to train
+    _, _, training_args = parse_arguments(["--do-train", "--tag_s", "BIOES", "--output_dir", "out", "--use_cpu"])
+    assert {"do_train", "tag_scheme"} <= training_args.explicit_arguments
+    # TrainingArguments' own refusals are argument errors (exit 2), not tracebacks
+    with pytest.raises(ArgumentsError, match="eval_strategy|save_strategy|load_best_model_at_end"):
+        parse_arguments(["--do_train", "--output_dir", "out", "--use_cpu", "--eval_strategy", "no"])
+    # a checkpoint with other fusion heads or another text model is another model
+    saved = {"head": "verbalizer", "tag_scheme": "BIO", "fusion": "tcfm", "use_visual": True, "fusion_num_heads": 12,
+             "id2label": {"0": "O"}, "text_config": {"model_type": "bert", "hidden_size": 768}}
+    with pytest.raises(ArgumentsError, match="fusion_num_heads=12.*fusion_num_heads=4"):
+        check_same_model("checkpoint-1", saved, dict(saved, fusion_num_heads=4))
+    with pytest.raises(ArgumentsError, match="text_model="):
+        check_same_model("checkpoint-1", saved, dict(saved, text_config={"model_type": "roberta", "hidden_size": 768}))
+
+
+def test_an_output_folder_with_other_files_is_refused(workspace, tmp_path):
+    folder = tmp_path / "my-project"
+    folder.mkdir()
+    (folder / "README.md").write_text("my own readme")
+    message = run_refused(tmp_path, ["--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"),
+                                     "--text_only", "--text_model_name_or_path", str(workspace / "tiny-bert"),
+                                     "--do_train", "--output_dir", str(folder)])
+    assert "is not empty and holds no earlier train_pmner.py run" in message
+    assert (folder / "README.md").read_text() == "my own readme"

@@ -168,12 +168,18 @@ def parse_arguments(argv: list[str] | None = None):
     explicit = set()
     if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
         explicit |= set_file_defaults(parser, argv.pop(0))
-    known = {action.dest for action in parser._actions}
     for item in argv:
         if item.startswith("--"):
-            name = item[2:].split("=", 1)[0]
-            explicit.add(name[3:] if name.startswith("no_") and name[3:] in known else name)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+            # resolved as argparse resolves it: dash aliases (--do-train), --no_ flags, unambiguous abbreviations
+            parsed = parser._parse_optional(item)  # (action, option, value); a list of them on Python >= 3.12
+            if isinstance(parsed, list):
+                parsed = parsed[0] if len(parsed) == 1 else None
+            if parsed and parsed[0] is not None:
+                explicit.add(parsed[0].dest)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments' own checks (bf16 without a GPU, strategies that do not fit, ...)
+        raise ArgumentsError(str(error)) from error
     training_args.explicit_arguments = frozenset(explicit)
     return model_args, data_args, training_args
 

@@ -8,13 +8,14 @@ only when asked for.
 
 import logging
 import os
-import sys
+import re
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 from transformers import TrainerCallback
 
+from .arguments import ARGUMENT_FILE_SUFFIXES
 from .data import hub_id_of_text_model
 
 
@@ -24,6 +25,9 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARD_TEMPLATE = os.path.join(PROJECT, "model_card.md")
 TEST_PREDICTIONS = "test_predictions.conll"
 TRAINING_ARGS = "training_args.bin"
+# What a model repository holds: weights, configs, tokenizer files, remote code, results, the per-type report.
+PUBLISHED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model")
+EXCLUDED_FILES = ("experiment.json",)  # a benchmark runner's record, not the model's
 DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
 
 
@@ -68,7 +72,7 @@ def prepare_hub_repo(training_args, output_dir: str) -> str:
 def publishable_files(output_dir: str, training_args) -> list[str]:
     """The top-level files of the output folder that a model repository holds (never checkpoints, caches or logs;
     the test predictions and the pickled training arguments only when asked for)."""
-    excluded = set()
+    excluded = set(EXCLUDED_FILES)
     if not training_args.hub_include_test_predictions:
         excluded.add(TEST_PREDICTIONS)
     if not training_args.hub_include_training_args:
@@ -76,7 +80,10 @@ def publishable_files(output_dir: str, training_args) -> list[str]:
     return sorted(
         name
         for name in os.listdir(output_dir)
-        if os.path.isfile(os.path.join(output_dir, name)) and name not in excluded and not name.startswith((".", "_"))
+        if os.path.isfile(os.path.join(output_dir, name))
+        and name not in excluded
+        and (name.endswith(PUBLISHED_SUFFIXES) or name in (TEST_PREDICTIONS, TRAINING_ARGS, "README.md"))
+        and not name.startswith((".", "_"))
     )
 
 
@@ -144,7 +151,14 @@ class HubStrategyCallback(TrainerCallback):
         message = f"Training in progress, step {state.global_step}"
         upload(self.training_args, self.repo_id, checkpoint, files, message)
         if strategy in ("checkpoint", "all_checkpoints"):
-            every = sorted(name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name)))
+            # the whole checkpoint, to resume from (optimizer, scheduler and RNG states are torch pickles: readers must
+            # trust the repository); training_args.bin only when asked for, as for the model files
+            every = sorted(
+                name
+                for name in os.listdir(checkpoint)
+                if os.path.isfile(os.path.join(checkpoint, name))
+                and (name != TRAINING_ARGS or self.training_args.hub_include_training_args)
+            )
             target = "last-checkpoint" if strategy == "checkpoint" else os.path.basename(checkpoint)
             upload(self.training_args, self.repo_id, checkpoint, every, message + ", checkpoint", path_in_repo=target)
 
@@ -152,6 +166,32 @@ class HubStrategyCallback(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------------
 # Model card
 # ----------------------------------------------------------------------------------------------------------------------
+
+SECRET_ARGUMENTS = ("hub_token",)
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line with the values of secret arguments (`--hub_token`) replaced: the card is published."""
+    flags = {f"--{name}" for name in SECRET_ARGUMENTS} | {f"--{name.replace('_', '-')}" for name in SECRET_ARGUMENTS}
+    redacted, hide = [], False
+    for item in argv:
+        name = item.split("=", 1)[0]
+        if hide:
+            redacted.append("<redacted>")
+        elif name in flags and "=" in item:
+            redacted.append(f"{name}=<redacted>")
+        else:
+            redacted.append(item)
+        hide = item in flags
+    return redacted
+
+
+def redacted_file_text(text: str) -> str:
+    """An argument file's text with the values of secret keys replaced (YAML `key: value`, JSON `"key": "value"`)."""
+    for name in SECRET_ARGUMENTS:
+        text = re.sub(rf'(^\s*{name}\s*:\s*).*$', r"\1<redacted>", text, flags=re.MULTILINE)
+        text = re.sub(rf'("{name}"\s*:\s*)"[^"]*"', r'\1"<redacted>"', text)
+    return text
 
 
 def frr_weights_summary(settings: dict, use_visual: bool) -> str:
@@ -189,7 +229,8 @@ def write_model_card(
     use_visual: bool,
     hub_dataset: str | None,
     trained_here: bool,
-    argument_file: str | None,
+    argv: list[str],
+    model_settings: dict,
 ):
     """Fills the repository's `model_card.md` template with this run's numbers and a `model-index` (test scores when
     the run predicted test, else validation scores)."""
@@ -232,11 +273,13 @@ def write_model_card(
             "`train_pmner.py`: the model was **not trained in this run** (see that model's own card for how it was "
             "trained); the training rows below describe this evaluation's settings."
         )
-    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    command = " ".join(["train_pmner.py", *redacted_argv(argv)])
     file_text = ""
+    argument_file = argv[0] if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) else None
     if argument_file and os.path.isfile(argument_file):
         with open(argument_file) as handle:
-            file_text = f"\nwith `{argument_file}`:\n\n```yaml\n{handle.read().strip()}\n```\n"
+            text = redacted_file_text(handle.read().strip())
+        file_text = f"\nwith `{argument_file}`:\n\n```yaml\n{text}\n```\n"
     card = ModelCard.from_template(
         card_data,
         template_path=CARD_TEMPLATE,
@@ -250,10 +293,10 @@ def write_model_card(
         text_model=model_args.text_model_name_or_path,
         visual_input="FRR object features" if use_visual else "none (text only)",
         frr_weights=frr_weights_summary(frr_settings, use_visual),
-        fusion=model_args.fusion,
-        head=model_args.head,
-        tag_scheme=model_args.tag_scheme,
-        prompt_mode=model_args.prompt_mode,
+        fusion=model_settings["fusion"],
+        head=model_settings["head"],
+        tag_scheme=model_settings["tag_scheme"],
+        prompt_mode=model_settings["prompt_mode"],
         epochs=training_args.num_train_epochs if trained_here else "n/a (not trained in this run)",
         batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
         learning_rate=training_args.learning_rate,
