@@ -195,7 +195,7 @@ def holds_only_runs(folder: str) -> bool:
     names = set(os.listdir(folder)) - set(FOREIGN_ALLOWED)
     if not names:
         return True
-    markers = {"trainer_state.json", "all_results.json", *RESULT_FILES}
+    markers = {"trainer_state.json", *RESULT_FILES}
     return bool(names & markers) or any(name.startswith("checkpoint-") for name in names) or is_pmner_folder(folder)
 
 

@@ -1,6 +1,7 @@
 """Arguments of `train_pmner.py` (dataclasses in the shape of transformers' `run_ner.py`), argument files, and the
 checks that refuse a run which would produce something other than what was asked for."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -234,7 +235,8 @@ def _check_file_value(path: str, key: str, value, action, accepted: tuple):
         fail(_describe(action, accepted))
     if isinstance(value, list):
         if action.nargs in ("+", "*") or list in accepted:
-            return [_check_file_value(path, f"{key}[{index}]", item, _Scalar(action), ()) for index, item in enumerate(value)]
+            element = _element_of(action)
+            return [_check_file_value(path, f"{key}[{index}]", item, element, ()) for index, item in enumerate(value)]
         fail(_describe(action, accepted))
     if isinstance(value, dict):
         if dict in accepted:
@@ -243,18 +245,11 @@ def _check_file_value(path: str, key: str, value, action, accepted: tuple):
     fail(_describe(action, accepted))
 
 
-@dataclass
-class _Scalar:
-    """The element view of a list argument (same type and choices, one value)."""
-
-    action: object
-
-    def __getattr__(self, name):
-        if name == "nargs":
-            return None
-        if name == "default":
-            return ""
-        return getattr(self.action, name)
+def _element_of(action):
+    """The action of one element of a list argument: same type and choices, a single value, no default."""
+    element = copy.copy(action)
+    element.nargs, element.default = None, ""
+    return element
 
 
 def _describe(action, accepted: tuple) -> str:
