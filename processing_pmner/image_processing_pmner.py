@@ -29,7 +29,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .dataset_features import extract_dataset_features
 from .feature_cache import FRRFeatureCache
-from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, weights_origin
+from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, weights_origin
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -169,31 +169,42 @@ def features_fingerprint(processor) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# `visual_labels` of the slots that are not a detection: the whole-image filler, and an empty slot
+WHOLE_IMAGE_LABEL = -1
+NO_OBJECT_LABEL = -2
+WHOLE_IMAGE_NAME = "whole image"
+
+
 @torch.inference_mode()
 def frr_forward(
-    processor, rgb_images: list[Image.Image]
-) -> tuple[torch.Tensor, list[int], list[torch.Tensor], list[int]]:
+    processor, rgb_images: list[Image.Image], return_detections: bool = False
+) -> tuple:
     """Detects, crops and encodes a chunk of RGB images; returns the crop features (N, D), objects per image, the
     boxes (objects, 4) of each image (pixels of the downscaled image) and the detections per image above the
-    threshold (objects without the whole-image filler). `processor` gives the settings and the
-    built modules (`PMNERImageProcessor.load_models` has run)."""
+    threshold (objects without the whole-image filler). With `return_detections`, two more lists: per image the
+    detector's labels (objects,) int64 (`WHOLE_IMAGE_LABEL` for the filler) and scores (objects,) float32 (NaN for
+    the filler). `processor` gives the settings and the built modules (`PMNERImageProcessor.load_models` has run)."""
     device = processor._models_device
     preprocessing = processor.preprocessing
     tensors = [
         torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)  # (3, H, W) uint8
         for image in rgb_images
     ]
-    detections = _detect(processor, tensors)  # per image (k, 4), k <= max_objects
+    detections, labels, scores = _detect(processor, tensors)  # per image (k, 4), (k,), (k,); k <= max_objects
     mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     size = preprocessing["crop_size"]
-    crops, counts, all_boxes, detected = [], [], [], []
-    for tensor, image_boxes in zip(tensors, detections):
+    crops, counts, all_boxes, detected, all_labels, all_scores = [], [], [], [], [], []
+    for tensor, image_boxes, image_labels, image_scores in zip(tensors, detections, labels, scores):
         height, width = tensor.shape[-2:]
         detected.append(image_boxes.shape[0])  # before the whole-image filler
         if processor.add_whole_image and image_boxes.shape[0] < processor.max_objects:
             whole = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device)  # (1, 4)
             image_boxes = torch.cat([image_boxes, whole])  # (k + 1, 4)
+            image_labels = torch.cat([image_labels, torch.tensor([WHOLE_IMAGE_LABEL], device=device)])  # (k + 1,)
+            image_scores = torch.cat([image_scores, torch.tensor([float("nan")], device=device)])  # (k + 1,)
+        all_labels.append(image_labels.cpu())
+        all_scores.append(image_scores.cpu())
         for x1, y1, x2, y2 in image_boxes.tolist():
             left = min(max(int(np.floor(x1)), 0), width - 1)
             top = min(max(int(np.floor(y1)), 0), height - 1)
@@ -202,8 +213,9 @@ def frr_forward(
             crops.append(_resize(tensor[:, top:bottom, left:right], size, preprocessing["interpolation"]))  # (3, S, S) float in [0, 1]
         counts.append(image_boxes.shape[0])
         all_boxes.append(image_boxes)
+    extra = (all_labels, all_scores) if return_detections else ()
     if not crops:
-        return torch.zeros(0, processor.feature_dim), counts, all_boxes, detected
+        return (torch.zeros(0, processor.feature_dim), counts, all_boxes, detected) + extra
     batch = (torch.stack(crops) - mean) / std  # (N, 3, S, S)
     features = processor._backbone_module(batch)  # (N, D)
     if features.dim() != 2 or features.shape != (batch.shape[0], processor.feature_dim):
@@ -211,7 +223,7 @@ def frr_forward(
             f"backbone {processor.backbone!r} returned shape {tuple(features.shape)}; expected "
             f"({batch.shape[0]}, feature_dim={processor.feature_dim})"
         )
-    return features, counts, all_boxes, detected
+    return (features, counts, all_boxes, detected) + extra
 
 
 def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
@@ -222,29 +234,37 @@ def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
     return resized[0].clamp_(0.0, 1.0)  # (3, S, S)
 
 
-def _detect(processor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per image, the boxes (k, 4) of the first `max_objects` detections (by score) above `score_threshold`."""
+def _detect(processor, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per image, the boxes (k, 4), labels (k,) and scores (k,) of the first `max_objects` detections (by score)
+    above `score_threshold` (a detector whose results have no `labels` gives label 0)."""
     device = processor._models_device
     if processor._detector_module is None:
-        return [torch.zeros(0, 4, device=device) for _ in tensors]
+        empty = [torch.zeros(0, 4, device=device) for _ in tensors]
+        return empty, [torch.zeros(0, dtype=torch.long, device=device) for _ in tensors], [
+            torch.zeros(0, device=device) for _ in tensors
+        ]
     inputs = [tensor.float() / 255.0 for tensor in tensors]  # each (3, H, W) in [0, 1] (ObjectDetection())
     outputs = processor._detector_module(inputs)
     if len(outputs) != len(inputs):
         raise ValueError(f"detector {processor.detector!r} returned {len(outputs)} results for {len(inputs)} images")
-    kept = []
+    kept, kept_labels, kept_scores = [], [], []
     for output in outputs:
-        scores = output["scores"].to(device)  # (K,)
+        scores = output["scores"].to(device, torch.float32)  # (K,)
         boxes = output["boxes"].to(device, torch.float32)  # (K, 4)
+        labels = output.get("labels")
+        labels = torch.zeros_like(scores, dtype=torch.long) if labels is None else labels.to(device, torch.long)  # (K,)
         order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
-        scores, boxes = scores[order], boxes[order]
-        boxes = boxes[scores > processor.score_threshold][: processor.max_objects]  # (k, 4)
-        kept.append(boxes)
-    return kept
+        scores, boxes, labels = scores[order], boxes[order], labels[order]
+        passed = scores > processor.score_threshold  # (K,)
+        kept.append(boxes[passed][: processor.max_objects])  # (k, 4)
+        kept_labels.append(labels[passed][: processor.max_objects])  # (k,)
+        kept_scores.append(scores[passed][: processor.max_objects])  # (k,)
+    return kept, kept_labels, kept_scores
 
 
 def extract_images(
     processor, images: list, names: list[str] | None = None, device=None, batch_size: int | None = None,
-    return_num_detections: bool = False,
+    return_num_detections: bool = False, return_detections: bool = False,
 ) -> tuple:
     """`PMNERImageProcessor.extract`: loads the images (bad ones follow `on_bad_image`), runs the FRR forward pass
     in chunks of `batch_size` and scatters the objects into fixed-size tensors."""
@@ -257,7 +277,14 @@ def extract_images(
             torch.zeros(0, processor.max_objects, dtype=torch.bool),  # (0, M)
             torch.zeros(0, processor.max_objects, 4),  # (0, M, 4)
             [],
-        ) + ((torch.zeros(0, dtype=torch.int32),) if return_num_detections else ())
+        ) + ((torch.zeros(0, dtype=torch.int32),) if return_num_detections else ()) + (
+            (
+                torch.full((0, processor.max_objects), NO_OBJECT_LABEL, dtype=torch.long),  # (0, M)
+                torch.zeros(0, processor.max_objects),  # (0, M)
+            )
+            if return_detections
+            else ()
+        )
     loaded = []  # (index, rgb image, original size)
     for index, (image, name) in enumerate(zip(images, names)):
         if image is None:
@@ -276,18 +303,30 @@ def extract_images(
     masks = torch.zeros(count, processor.max_objects, dtype=torch.bool)  # (B, M)
     boxes = torch.zeros(count, processor.max_objects, 4)  # (B, M, 4)
     num_detections = torch.zeros(count, dtype=torch.int32)  # (B,)
+    labels = torch.full((count, processor.max_objects), NO_OBJECT_LABEL, dtype=torch.long)  # (B, M)
+    scores = torch.zeros(count, processor.max_objects)  # (B, M)
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
-        chunk_features, chunk_counts, chunk_boxes, chunk_detected = frr_forward(processor, [rgb for _, rgb, _ in chunk])
+        chunk_features, chunk_counts, chunk_boxes, chunk_detected, chunk_labels, chunk_scores = frr_forward(
+            processor, [rgb for _, rgb, _ in chunk], return_detections=True
+        )
         num_detections[[index for index, _, _ in chunk]] = torch.tensor(chunk_detected, dtype=torch.int32)
         offset = 0
-        for (index, rgb, (width, height)), objects, image_boxes in zip(chunk, chunk_counts, chunk_boxes):
+        for (index, rgb, (width, height)), objects, image_boxes, image_labels, image_scores in zip(
+            chunk, chunk_counts, chunk_boxes, chunk_labels, chunk_scores
+        ):
             features[index, :objects] = chunk_features[offset : offset + objects].float().cpu()  # (objects, D)
             masks[index, :objects] = True
             scale = torch.tensor([width / rgb.width, height / rgb.height] * 2)  # (4,)
             boxes[index, :objects] = image_boxes.cpu() * scale  # (objects, 4)
+            labels[index, :objects] = image_labels
+            scores[index, :objects] = image_scores
             offset += objects
-    return (features, masks, boxes, bad) + ((num_detections,) if return_num_detections else ())
+    return (
+        (features, masks, boxes, bad)
+        + ((num_detections,) if return_num_detections else ())
+        + ((labels, scores) if return_detections else ())
+    )
 
 
 class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
@@ -298,7 +337,11 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
     - `visual_features`: `(batch, max_objects, feature_dim)` float32, zeros where there is no object;
     - `visual_mask`: `(batch, max_objects)` bool, true for the slots holding an object;
     - `visual_boxes` (with `return_boxes=True`): `(batch, max_objects, 4)` boxes (x1, y1, x2, y2) in pixels of the
-      image after EXIF orientation, before downscaling.
+      image after EXIF orientation, before downscaling; with them `visual_labels` `(batch, max_objects)` int64, the
+      detector's class index of each slot (`WHOLE_IMAGE_LABEL` = -1 for the whole-image filler, `NO_OBJECT_LABEL`
+      = -2 for an empty slot; `label_name` gives the name: COCO category names for torchvision's COCO detectors)
+      and `visual_scores` `(batch, max_objects)` float32, its detection score (NaN for the whole-image filler, 0 for
+      an empty slot).
 
     The torch models are built on first use (never at construction or `from_pretrained`). `set_modules` injects
     ready modules instead (tests, custom extractors).
@@ -453,7 +496,8 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
             device: where the models run (default: CUDA when available, else CPU).
             batch_size: images per forward (default: the `batch_size` setting).
             return_tensors: `"pt"` (default), `"np"` or `None` (lists).
-            return_boxes: also return `visual_boxes` (batch, max_objects, 4).
+            return_boxes: also return `visual_boxes` (batch, max_objects, 4), `visual_labels` and `visual_scores`
+                (batch, max_objects) (see the class docstring).
             image_names: names used in messages (default: paths / descriptions).
 
         Returns:
@@ -466,10 +510,12 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         if image_names is not None and len(image_names) != len(images):
             raise ValueError(f"image_names has {len(image_names)} names for {len(images)} images")
         names = image_names or [describe_image(image, index) for index, image in enumerate(images)]
-        features, masks, boxes, _ = self.extract(images, names, device=device, batch_size=batch_size)
+        features, masks, boxes, _, labels, scores = self.extract(
+            images, names, device=device, batch_size=batch_size, return_detections=True
+        )
         data = {"visual_features": features, "visual_mask": masks}  # (B, M, D), (B, M)
         if return_boxes:
-            data["visual_boxes"] = boxes  # (B, M, 4)
+            data.update(visual_boxes=boxes, visual_labels=labels, visual_scores=scores)  # (B, M, 4), (B, M), (B, M)
         if return_tensors in (None, "np"):
             data = {key: value.numpy() for key, value in data.items()}
             if return_tensors is None:
@@ -491,12 +537,43 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
 
     def extract(
         self, images: list, names: list[str] | None = None, device=None, batch_size: int | None = None,
-        return_num_detections: bool = False,
+        return_num_detections: bool = False, return_detections: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """`(features (B, M, D), masks (B, M), boxes (B, M, 4), bad_indices)` on the CPU for a list of images; bad
         images follow `on_bad_image` (their rows are zeros, their indices listed). With `return_num_detections`, a
-        fifth value: detections above the threshold per image (B,) int32, before the whole-image filler."""
-        return extract_images(self, images, names, device, batch_size, return_num_detections)
+        fifth value: detections above the threshold per image (B,) int32, before the whole-image filler. With
+        `return_detections`, two values more (last): the slots' detector labels (B, M) int64 and scores (B, M)
+        float32, as `visual_labels` / `visual_scores` (see the class docstring)."""
+        return extract_images(self, images, names, device, batch_size, return_num_detections, return_detections)
+
+    def label_name(self, label: int) -> str | None:
+        """The name of a `visual_labels` value: `"whole image"` for the filler, `None` for an empty slot, the
+        detector's category name where its torchvision weights name them (COCO for the default detector, random
+        weights included, as long as `detector_kwargs` keep its 91 classes), else `"class <index>"`."""
+        label = int(label)
+        if label == NO_OBJECT_LABEL:
+            return None
+        if label == WHOLE_IMAGE_LABEL:
+            return WHOLE_IMAGE_NAME
+        categories = self.detection_categories()
+        if categories is not None and 0 <= label < len(categories):
+            return categories[label]
+        return f"class {label}"
+
+    def detection_categories(self) -> list[str] | None:
+        """The detector's category names (index = label), or `None` when unknown (no detector, an injected one, a
+        detector built with another `num_classes`, or a builder whose weights carry no category list)."""
+        if self.detector is None or self._injected:
+            return None
+        if not hasattr(self, "_categories"):
+            self._categories = None
+            enum = _weights_enum(self.detector)
+            members = list(enum) if enum is not None else []
+            categories = members[0].meta.get("categories") if members else None
+            wanted = (self.detector_kwargs or {}).get("num_classes")
+            if categories and (wanted is None or int(wanted) == len(categories)):
+                self._categories = list(categories)
+        return self._categories
 
     # -- datasets ------------------------------------------------------------------------------------------------
 
@@ -535,7 +612,9 @@ __all__ = [
     "BadImageError",
     "BadImageWarning",
     "FRRFeatureCache",
+    "NO_OBJECT_LABEL",
     "PMNERImageProcessor",
+    "WHOLE_IMAGE_LABEL",
     "content_key",
     "describe_image",
     "load_image",

@@ -14,14 +14,15 @@ it copies this file and `tweet_tokenizer.py` into the folder and records the tas
 (`custom_pipelines`), so that `pipeline(model=folder, trust_remote_code=True)` finds the task by itself.
 
 This file is copied flat into saved model folders (remote code): it imports only torch, numpy, transformers and the
-standard library, and its siblings `tweet_tokenizer.py` and `processing_pmner.py` (the tag-scheme helpers and the
-processor/model label check) relatively.
+standard library, and relatively its siblings (copied with it): `pipeline_inputs.py` (input normalisation and visual
+features, with `tweet_tokenizer.py`), `entity_aggregation.py` (word tags to entities), `grounding_pmner.py`
+(`return_grounding`), `quantization_pmner.py` (`quantize="int8"`) and `processing_pmner.py` (the tag-scheme helpers
+and the processor/model label check).
 """
 
 import copy
 import json
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -30,20 +31,20 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
+from .entity_aggregation import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
+from .grounding_pmner import DEFAULT_GROUNDING_THRESHOLD, add_grounding, head_mean, slot_objects, word_attentions
+from .pipeline_inputs import INPUT_KEYS, normalise_input, visual_inputs  # noqa: F401  (INPUT_KEYS re-exported)
 from .processing_pmner import bio_to_bioes, bioes_to_bio, check_processor_matches_model, tag_parts
-from .tweet_tokenizer import join_words, split_tweet
+from .quantization_pmner import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
 
 
 logger = logging.get_logger(__name__)
 
 TASK = "multimodal-ner"
-QUANTIZE_OPTIONS = ("int8",)
 # tweets read ahead and sorted by length before batching: little padding in each batch, results in input order
 BUCKET_BATCHES = 64
 LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
-AGGREGATION_STRATEGIES = ("none", "simple", "first", "max", "average")
 OUTPUT_SCHEMES = ("BIO", "BIOES", "model")
-INPUT_KEYS = ("text", "words", "tokens", "image", "visual_features", "visual_mask")
 CUSTOM_PIPELINE_ENTRY = {
     "impl": "pipeline_pmner.PMNERPipeline",
     "pt": ["AutoModelForTokenClassification"],
@@ -91,6 +92,14 @@ class PMNERPipeline(Pipeline):
             `word`, `start`, `end`, `tag` (in `output_scheme`) and `score`, instead of the entity list.
         output_scheme (`str`, defaults to `"BIO"`): scheme of the word tags returned with `return_words`: `"BIO"`,
             `"BIOES"` or `"model"` (the model's own tags).
+        return_grounding (`bool`, defaults to `False`): give each entity a `"grounding"`: the FRR object that TCFM's
+            text-to-object attention of its words points to most, `{"slot", "box" (x1, y1, x2, y2 in the original
+            image's pixels), "label" (detector category, or "whole image"), "score" (detector score), "weight"
+            (attention)}`, or `None` (no object, or weight below `grounding_threshold`). It is read from attention:
+            the model has no grounding supervision (see `grounding_pmner.py`). For precomputed `visual_features`,
+            give `visual_boxes` (objects, 4), `visual_labels` and `visual_scores` (objects,) to get boxes; without
+            them `box`, `label` and `score` are `None`.
+        grounding_threshold (`float`, defaults to 0.25): the lowest attention weight that grounds an entity.
 
     Batches (`batch_size=` at creation or call) are encoded together: one processor call and one forward per batch
     of tweets (long tweets add window rows). Unreadable images give a `BadImageWarning` naming them and the tweet is
@@ -150,11 +159,21 @@ class PMNERPipeline(Pipeline):
         return_words=None,
         output_scheme=None,
         is_split_into_words=None,
+        return_grounding=None,
+        grounding_threshold=None,
         **kwargs,
     ):
         if kwargs:
             raise TypeError(f"the multimodal-ner pipeline got unknown arguments {sorted(kwargs)}")
-        preprocess, postprocess = {}, {}
+        preprocess, forward, postprocess = {}, {}, {}
+        if return_grounding is not None:
+            forward["return_grounding"] = postprocess["return_grounding"] = bool(return_grounding)
+        if grounding_threshold is not None:
+            if isinstance(grounding_threshold, bool) or not isinstance(grounding_threshold, (int, float)) or not (
+                0.0 <= grounding_threshold <= 1.0
+            ):
+                raise ValueError(f"grounding_threshold must be a number in [0, 1], got {grounding_threshold!r}")
+            postprocess["grounding_threshold"] = float(grounding_threshold)
         if aggregation_strategy is not None:
             strategy = str(aggregation_strategy).lower()
             if hasattr(aggregation_strategy, "value"):  # transformers' AggregationStrategy enum
@@ -176,7 +195,7 @@ class PMNERPipeline(Pipeline):
             postprocess["output_scheme"] = output_scheme
         if is_split_into_words is not None:
             preprocess["is_split_into_words"] = bool(is_split_into_words)
-        return preprocess, {}, postprocess
+        return preprocess, forward, postprocess
 
     # -- calling -------------------------------------------------------------------------------------------------
 
@@ -309,120 +328,12 @@ class PMNERPipeline(Pipeline):
     # -- pre-processing ------------------------------------------------------------------------------------------
 
     def _normalise(self, item, index: int, is_split_into_words: bool) -> dict:
-        """`{"text", "words", "spans", "image", "visual_features", "visual_mask"}` of one input."""
-        if isinstance(item, str):
-            item = {"text": item}
-        elif isinstance(item, (list, tuple)):
-            if not is_split_into_words:
-                raise ValueError(
-                    f"tweet {index} is a list; pass is_split_into_words=True for pre-split words, or a dict "
-                    '{"words": [...]}'
-                )
-            item = {"words": list(item)}
-        elif not isinstance(item, dict):
-            raise ValueError(f"tweet {index} is a {type(item).__name__}; expected a str, a list of words or a dict")
-        unknown = tuple(sorted(set(item) - set(INPUT_KEYS)))
-        if unknown and unknown not in self._ignored_keys:
-            # e.g. the id and tag columns of a dataset row; said once per set of keys, so that a typo is seen
-            self._ignored_keys.add(unknown)
-            warnings.warn(
-                f"keys {list(unknown)} of tweet {index} are not inputs of the multimodal-ner pipeline and are ignored "
-                f"(inputs: {', '.join(INPUT_KEYS)})",
-                UserWarning,
-                stacklevel=2,
-            )
-        given = [key for key in ("text", "words", "tokens") if item.get(key) is not None]
-        if len(given) != 1:
-            raise ValueError(f"tweet {index} needs exactly one of 'text' or 'words' (or 'tokens'), got {given or 'none'}")
-        if "text" in given:
-            text = item["text"]
-            if not isinstance(text, str):
-                raise ValueError(f"tweet {index}: 'text' is a {type(text).__name__}; expected a str")
-            split = split_tweet(text)
-            words = [word for word, _, _ in split]
-            spans = [(start, end) for _, start, end in split]
-        else:
-            words = item[given[0]]
-            if isinstance(words, str) or not all(isinstance(word, str) for word in words):
-                raise ValueError(f"tweet {index}: '{given[0]}' must be a list of strings")
-            text, spans = join_words(list(words))
-            words = list(words)
-        if item.get("image") is not None and item.get("visual_features") is not None:
-            raise ValueError(f"tweet {index} has both 'image' and 'visual_features'; give one")
-        if item.get("visual_mask") is not None and item.get("visual_features") is None:
-            raise ValueError(f"tweet {index} has 'visual_mask' without 'visual_features'")
-        return {
-            "index": index,
-            "text": text,
-            "words": words,
-            "spans": spans,
-            "image": item.get("image"),
-            "visual_features": item.get("visual_features"),
-            "visual_mask": item.get("visual_mask"),
-        }
+        """`{"index", "text", "words", "spans", "image", "visual_features", ...}` of one input."""
+        return normalise_input(item, index, is_split_into_words, self._ignored_keys)
 
     def _visual_inputs(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(features (batch, objects, D), mask (batch, objects))`: images run through the FRR image processor,
-        precomputed features used as given, zeros with an all-false mask for tweets without either."""
-        image_processor = self.processor.image_processor
-        if not self.use_visual:
-            if not self._warned_text_only and any(
-                item["image"] is not None or item["visual_features"] is not None for item in items
-            ):
-                logger.warning("this P-MNER model is text-only (use_visual=False): images are not used")
-                self._warned_text_only = True
-            return None, None
-        per_item = [None] * len(items)
-        with_image = [index for index, item in enumerate(items) if item["image"] is not None]
-        if with_image:
-            output = image_processor(
-                [items[index]["image"] for index in with_image], return_tensors="pt", device=self.device
-            )
-            for row, index in enumerate(with_image):
-                per_item[index] = (output["visual_features"][row], output["visual_mask"][row])  # (M, D), (M,)
-        for index, item in enumerate(items):
-            if item["visual_features"] is None:
-                continue
-            value = item["visual_features"]
-            if isinstance(value, torch.Tensor):
-                features = value.detach().float().cpu()
-            else:
-                features = torch.as_tensor(np.asarray(value, dtype=np.float32))
-            if features.dim() != 2:
-                raise ValueError(
-                    f"tweet {item['index']}: visual_features has shape {tuple(features.shape)}; expected "
-                    "(objects, feature_dim)"
-                )
-            if not bool(torch.isfinite(features).all()):
-                raise ValueError(f"tweet {item['index']}: visual_features hold NaN or infinite values")
-            if item["visual_mask"] is None:
-                mask = torch.ones(features.shape[0], dtype=torch.bool)
-            else:
-                value = item["visual_mask"]
-                mask = value.detach().cpu().bool() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value)).bool()
-                if mask.shape != features.shape[:1]:
-                    raise ValueError(
-                        f"tweet {item['index']}: visual_mask has shape {tuple(mask.shape)}; expected "
-                        f"({features.shape[0]},)"
-                    )
-            per_item[index] = (features, mask)
-        dims = {entry[0].shape[1] for entry in per_item if entry is not None}
-        expected = getattr(self.model.config, "visual_feature_dim", None)
-        if len(dims) > 1 or (dims and expected is not None and dims != {expected}):
-            raise ValueError(
-                f"visual features of width {sorted(dims)} in one batch; the model expects visual_feature_dim={expected}"
-            )
-        # the model's width when known: no torchvision import for a batch of text-only tweets
-        dim = dims.pop() if dims else (expected if expected is not None else image_processor.feature_dim)
-        objects = max([entry[0].shape[0] for entry in per_item if entry is not None] + [image_processor.max_objects])
-        features = torch.zeros(len(items), objects, dim)  # (batch, objects, D)
-        mask = torch.zeros(len(items), objects, dtype=torch.bool)  # (batch, objects)
-        for index, entry in enumerate(per_item):
-            if entry is not None:
-                count = entry[0].shape[0]
-                features[index, :count] = entry[0].float().cpu()
-                mask[index, :count] = entry[1].cpu()
-        return features, mask
+        """`(features (batch, objects, D), mask (batch, objects))` of a batch (see `pipeline_inputs.visual_inputs`)."""
+        return visual_inputs(self, items)
 
     def preprocess(self, inputs, is_split_into_words: bool = False):
         if isinstance(inputs, _Batch) and inputs.normalised:
@@ -459,17 +370,21 @@ class PMNERPipeline(Pipeline):
 
     # -- model ---------------------------------------------------------------------------------------------------
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, return_grounding: bool = False):
         training = self.model.training
         if training:  # a model fresh from its constructor or a training loop: no dropout at inference
             self.model.eval()
+        grounding = return_grounding and "visual_features" in model_inputs["model_inputs"]
         try:
-            logits = self.model(**model_inputs["model_inputs"]).logits  # (rows, length, labels)
+            outputs = self.model(**model_inputs["model_inputs"], **({"output_attentions": True} if grounding else {}))
         finally:
             if training:
                 self.model.train()
-        probabilities = torch.softmax(logits.float(), dim=-1)  # (rows, length, labels)
-        return {"probabilities": probabilities, "meta": model_inputs["meta"]}
+        probabilities = torch.softmax(outputs.logits.float(), dim=-1)  # (rows, length, labels)
+        attention = getattr(outputs, "text_to_object_attentions", None) if grounding else None
+        # the head mean of TCFM's text-to-object attention (rows, length, objects); None without objects attended
+        attention = None if attention is None else head_mean(attention)
+        return {"probabilities": probabilities, "meta": model_inputs["meta"], "object_attention": _Passthrough(value=attention)}
 
     # -- post-processing -----------------------------------------------------------------------------------------
 
@@ -480,16 +395,26 @@ class PMNERPipeline(Pipeline):
         ignore_labels: list[str] | None = None,
         return_words: bool = False,
         output_scheme: str = "BIO",
+        return_grounding: bool = False,
+        grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD,
     ) -> list:
         meta = model_outputs["meta"]
         results = []
-        for item, scores in zip(meta.items, self._word_scores(model_outputs["probabilities"], meta)):
+        attention = model_outputs["object_attention"].value if "object_attention" in model_outputs else None
+        if return_grounding and attention is not None:
+            attention = word_attentions(attention, meta.encoding.mapping, [len(item["words"]) for item in meta.items])
+        for position, (item, scores) in enumerate(zip(meta.items, self._word_scores(model_outputs["probabilities"], meta))):
             entities = self.aggregate(item, scores, aggregation_strategy)
             if ignore_labels:
                 entities = [
                     entity for entity in entities
                     if entity.get("entity_group", tag_parts(entity.get("entity", "O"))[1]) not in ignore_labels
                 ]
+            if return_grounding:
+                add_grounding(
+                    entities, item["spans"], None if attention is None else attention[position],
+                    item.get("object_mask"), self._objects(item), grounding_threshold,
+                )
             if return_words:
                 results.append(
                     {"text": item["text"], "entities": entities, "words": self._word_rows(item, scores, output_scheme)}
@@ -527,6 +452,18 @@ class PMNERPipeline(Pipeline):
             )
         return np.split(flat, starts[1:].numpy()) if len(counts) else []
 
+    def _objects(self, item: dict) -> list | None:
+        """Per object slot of a tweet, its `{"box", "label", "score"}` (or `None`), when known."""
+        if item.get("objects") is None or item.get("object_mask") is None:
+            return None
+        boxes, labels, scores = item["objects"]
+        image_processor = self.processor.image_processor
+
+        def label_name(label):
+            return image_processor.label_name(label) if hasattr(image_processor, "label_name") else str(label)
+
+        return slot_objects(boxes, labels, scores, item["object_mask"], label_name)
+
     def _word_rows(self, item: dict, scores: np.ndarray, output_scheme: str) -> list[dict]:
         best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
         tags = [self.labels[int(label)] for label in best]
@@ -540,103 +477,15 @@ class PMNERPipeline(Pipeline):
         ]
 
     def _types(self) -> tuple[list[str], np.ndarray]:
-        """Entity types and the (labels, types) 0/1 matrix that sums tag probabilities into type probabilities."""
+        """Entity types and the (labels, types) matrix summing tag into type probabilities (computed once)."""
         if not hasattr(self, "_type_matrix"):
-            types_ = []
-            for label in self.labels:
-                entity = tag_parts(label)[1]
-                if entity is not None and entity not in types_:
-                    types_.append(entity)
-            matrix = np.zeros((len(self.labels), len(types_)), dtype=np.float32)
-            for row, label in enumerate(self.labels):
-                entity = tag_parts(label)[1]
-                if entity is not None:
-                    matrix[row, types_.index(entity)] = 1.0
-            self._entity_types, self._type_matrix = types_, matrix
+            self._entity_types, self._type_matrix = entity_types(self.labels)
         return self._entity_types, self._type_matrix
 
-    def _entity(self, item: dict, first: int, last: int, entity_type: str, score: float) -> dict:
-        start, end = item["spans"][first][0], item["spans"][last][1]
-        return {
-            "entity_group": entity_type,
-            "score": float(score),
-            "word": item["text"][start:end],
-            "start": int(start),
-            "end": int(end),
-        }
-
     def aggregate(self, item: dict, scores: np.ndarray, aggregation_strategy: str) -> list[dict]:
-        """Entities of one tweet from its word tag probabilities `scores` (words, labels)."""
-        if aggregation_strategy not in AGGREGATION_STRATEGIES:
-            raise ValueError(f"aggregation_strategy must be one of {AGGREGATION_STRATEGIES}, got {aggregation_strategy!r}")
-        best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
-        tags = [tag_parts(self.labels[int(label)]) for label in best]
-        tag_scores = [float(scores[index, label]) for index, label in enumerate(best)]
-        if aggregation_strategy == "none":
-            return [
-                {
-                    "entity": self.labels[int(best[index])],
-                    "score": tag_scores[index],
-                    "index": index,
-                    "word": item["text"][item["spans"][index][0] : item["spans"][index][1]],
-                    "start": int(item["spans"][index][0]),
-                    "end": int(item["spans"][index][1]),
-                }
-                for index, (prefix, _) in enumerate(tags)
-                if prefix != "O"
-            ]
-        entities = []
-        if aggregation_strategy == "simple":
-            group = None  # [first, last, type, scores]
-            for index, (prefix, entity) in enumerate(tags):
-                ended = group is not None and tag_parts(self.labels[int(best[group[1]])])[0] in ("E", "S")
-                if prefix != "O" and group is not None and entity == group[2] and prefix in ("I", "E") and not ended:
-                    group[1] = index
-                    group[3].append(tag_scores[index])
-                    continue
-                if group is not None:
-                    entities.append(self._entity(item, group[0], group[1], group[2], np.mean(group[3])))
-                    group = None
-                if prefix != "O":
-                    group = [index, index, entity, [tag_scores[index]]]
-            if group is not None:
-                entities.append(self._entity(item, group[0], group[1], group[2], np.mean(group[3])))
-            return entities
-
-        # first / max / average: boundaries from the prefixes, then one type per entity
-        types_, matrix = self._types()
-        type_probabilities = scores @ matrix if len(scores) else np.zeros((0, len(types_)))  # (words, types)
-        spans, current = [], None
-        for index, (prefix, _) in enumerate(tags):
-            if prefix == "O":
-                if current is not None:
-                    spans.append(current)
-                    current = None
-                continue
-            previous_ended = current is not None and tags[current[1]][0] in ("E", "S")
-            if current is None or prefix in ("B", "S") or previous_ended:
-                if current is not None:
-                    spans.append(current)
-                current = [index, index]
-            else:
-                current[1] = index
-        if current is not None:
-            spans.append(current)
-        for first, last in spans:
-            words = range(first, last + 1)
-            if aggregation_strategy == "first":
-                entity_type = tags[first][1]
-                score = type_probabilities[first, types_.index(entity_type)]
-            elif aggregation_strategy == "max":
-                decider = max(words, key=lambda word: tag_scores[word])
-                entity_type = tags[decider][1]
-                score = type_probabilities[decider, types_.index(entity_type)]
-            else:
-                averaged = type_probabilities[first : last + 1].mean(0)  # (types,)
-                column = int(averaged.argmax())
-                entity_type, score = types_[column], averaged[column]
-            entities.append(self._entity(item, first, last, entity_type, score))
-        return entities
+        """Entities of one tweet from its word tag probabilities `scores` (words, labels) (see
+        `entity_aggregation.aggregate_entities`)."""
+        return aggregate_entities(self.labels, item, scores, aggregation_strategy, self._types())
 
     # -- saving --------------------------------------------------------------------------------------------------
 
@@ -668,60 +517,6 @@ class _Batch:
         self.items = items
         self.offset = offset
         self.normalised = normalised
-
-
-def _check_cpu(device):
-    device = torch.device("cpu" if device == -1 else device)
-    if device.type != "cpu":
-        raise ValueError(
-            f"quantize='int8' runs on CPU only (dynamic int8 kernels are CPU kernels); the pipeline's device is "
-            f"{device}: pass device='cpu' or leave quantize unset"
-        )
-
-
-def feed_forward_linears(model) -> list[str]:
-    """Names of the text encoder's feed-forward `nn.Linear` layers: those to or from `intermediate_size` wide."""
-    text_config = getattr(model.config, "text_config", None) or model.config
-    width = getattr(text_config, "intermediate_size", None)
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and width is not None and width in (module.in_features, module.out_features)
-    ]
-
-
-def quantize_dynamic_int8(model, device):
-    """A copy of `model` whose text encoder's feed-forward `nn.Linear` layers compute with int8 weights (one scale
-    per output channel) and dynamically quantised activations (`torch.ao.quantization.quantize_dynamic`).
-
-    The feed-forward layers hold two thirds of the encoder's multiply-adds; the attention projections, the fusion
-    layers and the prompt head stay in float, which keeps the tags nearly unchanged (on Twitter-2017 test, all
-    linear layers in int8 lost 1.5 to 2.6 F1 points). CPU only: quantised kernels are CPU kernels."""
-    _check_cpu(device)
-    if torch.backends.quantized.engine == "none" or not torch.backends.quantized.supported_engines:
-        raise RuntimeError("quantize='int8': this torch build has no quantized CPU engine")
-    names = feed_forward_linears(model)
-    if not names:
-        raise ValueError(
-            f"quantize='int8': no feed-forward linear layers (to or from intermediate_size) found in "
-            f"{type(model).__name__}"
-        )
-    with warnings.catch_warnings():
-        # torch marks its eager quantisation API as deprecated (in favour of torchao); it is what this build has
-        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*", category=UserWarning)
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        engine = torch.backends.quantized.engine
-        try:
-            # weights packed for oneDNN where available (the packed weights keep their kernels whatever the engine
-            # later): on Twitter-2017 test 1.7x tweets/s of float and +0.3 F1, against 1.4x and -0.3 with x86
-            if "onednn" in torch.backends.quantized.supported_engines:
-                torch.backends.quantized.engine = "onednn"
-            quantized = torch.ao.quantization.quantize_dynamic(
-                model, {name: qconfig for name in names}, dtype=torch.qint8, inplace=False
-            )
-        finally:
-            torch.backends.quantized.engine = engine
-    return quantized.eval()
 
 
 def register_pipeline():

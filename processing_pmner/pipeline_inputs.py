@@ -1,0 +1,151 @@
+"""Inputs of the `multimodal-ner` pipeline: one input made into a plain dict (`normalise_input`), and the visual
+features of a batch (`visual_inputs`: images through the FRR image processor, or precomputed features).
+
+This file is copied flat into saved model folders with the pipeline (remote code): it imports torch, numpy,
+transformers and its sibling `tweet_tokenizer.py` relatively.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .tweet_tokenizer import join_words, split_tweet
+
+
+logger = logging.get_logger(__name__)
+
+INPUT_KEYS = (
+    "text", "words", "tokens", "image", "visual_features", "visual_mask", "visual_boxes", "visual_labels", "visual_scores",
+)
+
+
+def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: set) -> dict:
+    """`{"index", "text", "words", "spans"}` and the visual inputs (`INPUT_KEYS[3:]`) of one pipeline input;
+    `ignored_keys`: the sets of unknown keys already warned about (updated)."""
+    if isinstance(item, str):
+        item = {"text": item}
+    elif isinstance(item, (list, tuple)):
+        if not is_split_into_words:
+            raise ValueError(
+                f"tweet {index} is a list; pass is_split_into_words=True for pre-split words, or a dict "
+                '{"words": [...]}'
+            )
+        item = {"words": list(item)}
+    elif not isinstance(item, dict):
+        raise ValueError(f"tweet {index} is a {type(item).__name__}; expected a str, a list of words or a dict")
+    unknown = tuple(sorted(set(item) - set(INPUT_KEYS)))
+    if unknown and unknown not in ignored_keys:
+        # e.g. the id and tag columns of a dataset row; said once per set of keys, so that a typo is seen
+        ignored_keys.add(unknown)
+        warnings.warn(
+            f"keys {list(unknown)} of tweet {index} are not inputs of the multimodal-ner pipeline and are ignored "
+            f"(inputs: {', '.join(INPUT_KEYS)})",
+            UserWarning,
+            stacklevel=2,
+        )
+    given = [key for key in ("text", "words", "tokens") if item.get(key) is not None]
+    if len(given) != 1:
+        raise ValueError(f"tweet {index} needs exactly one of 'text' or 'words' (or 'tokens'), got {given or 'none'}")
+    if "text" in given:
+        text = item["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"tweet {index}: 'text' is a {type(text).__name__}; expected a str")
+        split = split_tweet(text)
+        words = [word for word, _, _ in split]
+        spans = [(start, end) for _, start, end in split]
+    else:
+        words = item[given[0]]
+        if isinstance(words, str) or not all(isinstance(word, str) for word in words):
+            raise ValueError(f"tweet {index}: '{given[0]}' must be a list of strings")
+        text, spans = join_words(list(words))
+        words = list(words)
+    if item.get("image") is not None and item.get("visual_features") is not None:
+        raise ValueError(f"tweet {index} has both 'image' and 'visual_features'; give one")
+    for key in ("visual_mask", "visual_boxes", "visual_labels", "visual_scores"):
+        if item.get(key) is not None and item.get("visual_features") is None:
+            raise ValueError(f"tweet {index} has '{key}' without 'visual_features'")
+    return {
+        "index": index,
+        "text": text,
+        "words": words,
+        "spans": spans,
+        **{key: item.get(key) for key in INPUT_KEYS[3:]},
+    }
+
+
+def visual_inputs(pipe, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(features (batch, objects, D), mask (batch, objects))`: images run through the FRR image processor,
+    precomputed features used as given, zeros with an all-false mask for tweets without either. Sets each item's
+    `object_mask` (M,) and, where known, `objects` (boxes (M, 4), labels (M,), scores (M,)), for grounding."""
+    image_processor = pipe.processor.image_processor
+    if not pipe.use_visual:
+        if not pipe._warned_text_only and any(
+            item["image"] is not None or item["visual_features"] is not None for item in items
+        ):
+            logger.warning("this P-MNER model is text-only (use_visual=False): images are not used")
+            pipe._warned_text_only = True
+        return None, None
+    per_item = [None] * len(items)
+    with_image = [index for index, item in enumerate(items) if item["image"] is not None]
+    if with_image:
+        output = image_processor(
+            [items[index]["image"] for index in with_image], return_tensors="pt", device=pipe.device,
+            return_boxes=True,
+        )
+        for row, index in enumerate(with_image):
+            per_item[index] = (output["visual_features"][row], output["visual_mask"][row])  # (M, D), (M,)
+            # the objects' boxes, detector labels and scores, for grounding: (M, 4), (M,), (M,)
+            items[index]["objects"] = tuple(output[key][row] for key in ("visual_boxes", "visual_labels", "visual_scores"))
+    for index, item in enumerate(items):
+        if item["visual_features"] is None:
+            continue
+        value = item["visual_features"]
+        if isinstance(value, torch.Tensor):
+            features = value.detach().float().cpu()
+        else:
+            features = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        if features.dim() != 2:
+            raise ValueError(
+                f"tweet {item['index']}: visual_features has shape {tuple(features.shape)}; expected "
+                "(objects, feature_dim)"
+            )
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError(f"tweet {item['index']}: visual_features hold NaN or infinite values")
+        if item["visual_mask"] is None:
+            mask = torch.ones(features.shape[0], dtype=torch.bool)
+        else:
+            value = item["visual_mask"]
+            mask = value.detach().cpu().bool() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value)).bool()
+            if mask.shape != features.shape[:1]:
+                raise ValueError(
+                    f"tweet {item['index']}: visual_mask has shape {tuple(mask.shape)}; expected "
+                    f"({features.shape[0]},)"
+                )
+        per_item[index] = (features, mask)
+        if item["visual_boxes"] is not None:
+            item["objects"] = (item["visual_boxes"], item["visual_labels"], item["visual_scores"])
+    for index, entry in enumerate(per_item):
+        if entry is not None:
+            items[index]["object_mask"] = entry[1]  # (M,)
+    dims = {entry[0].shape[1] for entry in per_item if entry is not None}
+    expected = getattr(pipe.model.config, "visual_feature_dim", None)
+    if len(dims) > 1 or (dims and expected is not None and dims != {expected}):
+        raise ValueError(
+            f"visual features of width {sorted(dims)} in one batch; the model expects visual_feature_dim={expected}"
+        )
+    # the model's width when known: no torchvision import for a batch of text-only tweets
+    dim = dims.pop() if dims else (expected if expected is not None else image_processor.feature_dim)
+    objects = max([entry[0].shape[0] for entry in per_item if entry is not None] + [image_processor.max_objects])
+    features = torch.zeros(len(items), objects, dim)  # (batch, objects, D)
+    mask = torch.zeros(len(items), objects, dtype=torch.bool)  # (batch, objects)
+    for index, entry in enumerate(per_item):
+        if entry is not None:
+            count = entry[0].shape[0]
+            features[index, :count] = entry[0].float().cpu()
+            mask[index, :count] = entry[1].cpu()
+    return features, mask
+
+
+__all__ = ["INPUT_KEYS", "normalise_input", "visual_inputs"]
