@@ -39,6 +39,7 @@ from training_pmner.arguments import (
     parse_arguments,
     set_file_defaults,
 )
+from training_pmner.context import prepare_context
 from training_pmner.data import (
     OFFLINE_MINILM,
     PMNERDataCollator,
@@ -174,6 +175,8 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
             f"--output_dir {training_args.output_dir!r} is not empty and holds no earlier train_pmner.py run: its files "
             "would be overwritten (README.md) or published; choose a new or empty folder"
         )
+    if data_args.context_file and not os.path.isfile(data_args.context_file):
+        raise ArgumentsError(f"--context_file {data_args.context_file!r} is not a file")
     for name, path in (("--data_dir", data_args.data_dir), ("--image_dir", data_args.image_dir)):
         if path and path != "auto" and not os.path.isdir(path) and not (name == "--image_dir" and data_args.text_only):
             raise ArgumentsError(f"{name} {path!r} is not a folder")
@@ -332,6 +335,10 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         model_args, training_args.explicit_arguments, text_model, trained_folder, use_visual, entity_types_of(bio_names)
     )
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
+    # Auxiliary context (beyond the paper): retrieved training tweets, or a context column of the data.
+    retrieval_index = prepare_context(
+        raw, data_args, processor, text_model, trained_folder, training_args.device, model_args.text_model_name_or_path
+    )
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if training_args.do_train and isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         check_same_model(f"checkpoint {checkpoint}", read_config(checkpoint), model.config.to_dict())
@@ -383,8 +390,12 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         if use_visual:
             visual = {"visual_features": batch["visual_features"], "visual_mask": batch["visual_mask"]}
         # unpadded rows: the collator pads each training batch to its own longest
+        context = batch["context"] if "context" in batch else None
         encoding = dict(
-            processor(batch["tokens"], labels=tags, return_tensors=None, padding=False, return_mapping=True, **visual)
+            processor(
+                batch["tokens"], labels=tags, context=context, return_tensors=None, padding=False,
+                return_mapping=True, **visual,
+            )
         )
         encoding["sample_mapping"] = [indices[sample] for sample in encoding["sample_mapping"]]
         if not use_visual:
@@ -470,6 +481,8 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        if retrieval_index is not None and trainer.is_world_process_zero():
+            retrieval_index.save_pretrained(training_args.output_dir)  # the pipeline retrieves from it
         metrics = dict(train_result.metrics, train_samples=len(raw["train"]))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
@@ -520,6 +533,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
             "head": model.config.head,
             "tag_scheme": model.config.tag_scheme,
             "prompt_mode": processor.prompt_mode,
+            "context_source": processor.context_source,
         },
     )
     summary = [f"validation F1 {results['eval_f1']:.4f}" if "eval_f1" in results else "validation not evaluated"]

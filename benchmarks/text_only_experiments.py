@@ -41,6 +41,8 @@ ARMS = {
     "cloze": ["--head", "verbalizer", "--prompt_mode", "cloze"],
     "bioes": ["--head", "verbalizer", "--tag_scheme", "BIOES"],
     "trainable": ["--head", "verbalizer", "--verbalizer_trainable"],
+    "retrieval1": ["--head", "verbalizer", "--retrieval_context", "1"],
+    "retrieval3": ["--head", "verbalizer", "--retrieval_context", "3"],
 }
 
 
@@ -52,7 +54,8 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--text-model", default="offline-minilm")
-    parser.add_argument("--variants", default="", help="comma list of extra arms: cloze, bioes, trainable")
+    parser.add_argument("--variants", default="", help="comma list of extra arms: cloze, bioes, trainable, retrieval1, retrieval3")
+    parser.add_argument("--arms", default=None, help="comma list of the arms to run instead of prompt, linear and --variants")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N tweets only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="select on the first N validation tweets")
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
@@ -109,6 +112,8 @@ def summary(values):
 def main():
     args = parse_args()
     arms = ["prompt", "linear"] + [arm for arm in args.variants.split(",") if arm]
+    if args.arms:
+        arms = [arm for arm in args.arms.split(",") if arm]
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(ARMS)}")
@@ -127,16 +132,18 @@ def main():
     )
     print(
         "| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 | train tweets "
-        "| training run (s, incl. validation) |"
+        "| training run (s, incl. validation) | per epoch (s) | test prediction (ms per tweet) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (dataset, arm), runs in table.items():
         per_seed = ", ".join(f"{r['predict_f1'] * 100:.2f}" for r in runs)
         print(
             f"| {dataset} | {arm} | {summary([r['eval_f1'] for r in runs])} "
             f"| {summary([r['predict_precision'] for r in runs])} | {summary([r['predict_recall'] for r in runs])} "
             f"| {summary([r['predict_f1'] for r in runs])} | {per_seed} | {runs[0]['train_samples']} "
-            f"| {statistics.mean(r['train_runtime'] for r in runs):.0f} |"
+            f"| {statistics.mean(r['train_runtime'] for r in runs):.0f} "
+            f"| {statistics.mean(r['train_runtime'] / r['epoch'] for r in runs):.0f} "
+            f"| {statistics.mean(1000 * r['predict_runtime'] / r['predict_samples'] for r in runs):.1f} |"
         )
 
 

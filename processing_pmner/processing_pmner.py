@@ -8,6 +8,11 @@ tags through the verbalizer. Two prompt modes use the same model:
 - `"cloze"`: the paper's literal form, one row per word, "<sentence> , the word of <word> is [MASK] .", predicted at
   the mask position.
 
+An optional auxiliary text per tweet (`context`: retrieved neighbours, a caption, LLM-written knowledge) follows the
+prompt-wrapped tweet as the second text of a pair (separated as the tokenizer separates a pair). It is never
+labelled, counts in the length budget and is cut first: the tweet's words are never dropped for it, and every window
+of a long tweet keeps it (as much of it as fits).
+
 Sentences longer than `max_length` are split into overlapping word windows (`overflow="window"`, default) whose
 predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
 (`overflow="truncate"`). Nothing is cut silently.
@@ -56,6 +61,16 @@ TEMPLATE_FIELDS = ("sentence", "word", "mask")
 
 class TruncationWarning(UserWarning):
     """Issued when `overflow="truncate"` drops words of a sentence."""
+
+
+def _fit(words: list[str], pieces: list[int], free: int) -> list[str] | None:
+    """The longest first part of a context whose sub-words fit in `free` tokens (`None`: not one word fits)."""
+    total = 0
+    for count, length in enumerate(pieces):
+        total += length
+        if total > free:
+            return words[:count] or None
+    return words or None
 
 
 def _as_float_tensor(values, name: str) -> torch.Tensor:
@@ -185,6 +200,11 @@ class PMNERProcessor(ProcessorMixin):
         overflow (`str`, defaults to `"window"`):
             `"window"`: long sentences become several overlapping rows, all words predicted. `"truncate"`: the
             words that do not fit are dropped, with a `TruncationWarning` and `num_dropped_words` in the mapping.
+        context_source (`dict`, *optional*):
+            What auxiliary context the model was trained with, e.g. `{"kind": "retrieval", "k": 3, ...}` or
+            `{"kind": "column", "description": ...}`; `None` (default) for none. A record for users, the model card
+            and the pipeline (which retrieves from the saved index when the kind is `"retrieval"`); the processor
+            encodes whatever `context` it is given.
     """
 
     def __init__(
@@ -197,6 +217,7 @@ class PMNERProcessor(ProcessorMixin):
         max_length: int = 128,
         stride: int = 16,
         overflow: str = "window",
+        context_source: dict | None = None,
         **kwargs,
     ):
         if tokenizer is None:
@@ -212,6 +233,7 @@ class PMNERProcessor(ProcessorMixin):
         self.max_length = int(max_length)
         self.stride = int(stride)
         self.overflow = overflow
+        self.context_source = dict(context_source) if context_source else None
         self._template = self._parse_template(prompt_template)
         self._validate()
 
@@ -323,10 +345,12 @@ class PMNERProcessor(ProcessorMixin):
                 total += 1
         return total
 
-    def _budget(self, max_word_pieces: int) -> int:
-        """Sentence tokens that fit in one row."""
-        limit = min(self.max_length, self.tokenizer.model_max_length or self.max_length)
-        budget = limit - self.tokenizer.num_special_tokens_to_add(pair=False) - self._template_pieces()
+    def _row_limit(self) -> int:
+        return min(self.max_length, self.tokenizer.model_max_length or self.max_length)
+
+    def _budget(self, max_word_pieces: int, pair: bool = False) -> int:
+        """Sentence tokens that fit in one row (`pair`: a row that also holds a context)."""
+        budget = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=pair) - self._template_pieces()
         if self.prompt_mode == "cloze":
             budget -= max_word_pieces
         return budget
@@ -364,6 +388,7 @@ class PMNERProcessor(ProcessorMixin):
         padding: bool | str = "longest",
         return_mapping: bool = False,
         image_kwargs: dict | None = None,
+        context=None,
         **kwargs,
     ) -> PMNERBatchFeature:
         """Encodes word-tokenised sentences (with their images or precomputed features, and their tags).
@@ -381,6 +406,9 @@ class PMNERProcessor(ProcessorMixin):
             return_mapping: also put `sample_mapping`, `word_ids`, `prediction_word_index` (rows, length; -1 where
                 none) and `num_words` in the returned data (e.g. to keep them through `datasets.map`).
             image_kwargs: arguments of the image processor call (e.g. `{"device": "cuda"}`).
+            context: an auxiliary text per sentence (a string, or `None` / `""` for none; a list for a batch), put
+                after the prompt-wrapped sentence as the second text of a pair, never labelled, and cut first when
+                the row is over `max_length`.
 
         Returns:
             [`PMNERBatchFeature`] with `input_ids`, `attention_mask`, `token_type_ids` (when the tokenizer has them),
@@ -406,7 +434,8 @@ class PMNERProcessor(ProcessorMixin):
                 f"return_tensors={return_tensors!r} cannot hold: pass return_tensors=None"
             )
 
-        rows, mapping = self._encode_rows(sentences, labels)
+        contexts = self._contexts(context, len(sentences), single)
+        rows, mapping = self._encode_rows(sentences, labels, contexts)
         visual = self._visual_inputs(len(sentences), single, images, visual_features, visual_mask, image_kwargs)
         data = self._pad(rows, padding, mapping, with_labels=labels is not None)
         row_samples = torch.tensor(mapping["sample_mapping"], dtype=torch.long)  # (rows,)
@@ -448,6 +477,26 @@ class PMNERProcessor(ProcessorMixin):
                 )
         return sentences, False
 
+    def _contexts(self, context, batch_size: int, single: bool) -> list[list[str] | None]:
+        """Per sentence, the context's words (at most as many as a row has tokens) or `None`."""
+        if context is None:
+            return [None] * batch_size
+        if single and (isinstance(context, str) or context is None):
+            context = [context]
+        if isinstance(context, str) or not isinstance(context, (list, tuple)):
+            raise ValueError(
+                f"context must be a string (or None) per sentence, a list for a batch; got {type(context).__name__}"
+            )
+        if len(context) != batch_size:
+            raise ValueError(f"context has {len(context)} entries for {batch_size} sentences")
+        contexts = []
+        for index, text in enumerate(context):
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"context of sentence {index} is a {type(text).__name__}; expected a string or None")
+            words = text.split() if text else []
+            contexts.append(words[: self._row_limit()] or None)  # every word takes at least one token
+        return contexts
+
     def _label_ids(self, tags, num_words: int, sentence: int) -> list[int]:
         if isinstance(tags, (torch.Tensor, np.ndarray)):
             tags = tags.tolist()
@@ -473,19 +522,20 @@ class PMNERProcessor(ProcessorMixin):
             raise ValueError(f"sentence {sentence}: tags {described} are not in label_names {self.label_names}")
         return [self.label2id[tag] for tag in converted]
 
-    def _encode_rows(self, sentences: list[list[str]], labels) -> tuple[list[dict], dict]:
+    def _encode_rows(self, sentences: list[list[str]], labels, contexts=None) -> tuple[list[dict], dict]:
         """Builds every row (input ids, roles, labels, prediction positions) and the mapping."""
+        contexts = contexts or [None] * len(sentences)
         mapping = {
             "sample_mapping": [], "word_ids": [], "prediction_word_index": [], "windows": [], "query_word": [],
             "num_words": [len(sentence) for sentence in sentences], "num_dropped_words": [],
         }
-        row_words, row_roles, row_meta = [], [], []
+        row_words, row_roles, row_meta, row_contexts = [], [], [], []
         unk = self.tokenizer.unk_token
         for index, sentence in enumerate(sentences):
             sentence = list(sentence)
             tag_ids = self._label_ids(labels[index], len(sentence), index) if labels is not None else None
             pieces = self._word_pieces(sentence)
-            base = self._budget(max_word_pieces=0)
+            base = self._budget(max_word_pieces=0, pair=contexts[index] is not None)
             # a cloze row holds the queried word twice (in the sentence and in the template)
             limit = base if self.prompt_mode == "token" else base // 2
             for position, word_pieces in enumerate(pieces):
@@ -505,6 +555,10 @@ class PMNERProcessor(ProcessorMixin):
             budget = base - max_pieces if self.prompt_mode == "cloze" else base
             counts = [len(p) for p in pieces]
             windows = word_windows(counts, budget, self.stride)
+            context_pieces = None
+            if contexts[index] is not None:
+                context_pieces = [len(p) or 1 for p in self._word_pieces(contexts[index])]
+                taken = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=True) - self._template_pieces()
             dropped = 0
             if self.overflow == "truncate" and len(windows) > 1:
                 windows = windows[:1]
@@ -524,6 +578,11 @@ class PMNERProcessor(ProcessorMixin):
                     row_words.append(words)
                     row_roles.append(roles)
                     row_meta.append((index, window, None, window_index, owners, tag_ids))
+                    if context_pieces is not None:
+                        free = taken - sum(counts[window[0] : window[1]])
+                        row_contexts.append(_fit(contexts[index], context_pieces, free))
+                    else:
+                        row_contexts.append(None)
             else:
                 for word in range(kept):
                     window = windows[owners[word]]
@@ -531,22 +590,27 @@ class PMNERProcessor(ProcessorMixin):
                     row_words.append(words)
                     row_roles.append(roles)
                     row_meta.append((index, window, word, owners[word], owners, tag_ids))
+                    if context_pieces is not None:
+                        free = taken - sum(counts[window[0] : window[1]]) - counts[word]
+                        row_contexts.append(_fit(contexts[index], context_pieces, free))
+                    else:
+                        row_contexts.append(None)
 
         rows = []
-        if row_words:
-            encoding = self.tokenizer(row_words, is_split_into_words=True, add_special_tokens=True, truncation=False)
+        encoded = self._tokenize_rows(row_words, row_contexts)
         for row, (words, roles, meta) in enumerate(zip(row_words, row_roles, row_meta)):
             sample, window, query, window_index, owners, tag_ids = meta
-            input_ids = encoding["input_ids"][row]
-            if len(input_ids) > min(self.max_length, self.tokenizer.model_max_length or self.max_length):
+            encoding, position = encoded[row]
+            input_ids = encoding["input_ids"][position]
+            if len(input_ids) > self._row_limit():
                 raise RuntimeError(
                     f"sentence {sample}: a row has {len(input_ids)} tokens, over max_length={self.max_length}; the "
                     "tokenizer splits words differently in context than alone"
                 )
             word_ids, prediction, row_labels = [], [], []
             previous = None
-            for token_word in encoding.word_ids(row):
-                role = roles[token_word] if token_word is not None else None
+            for token_word, sequence in zip(encoding.word_ids(position), encoding.sequence_ids(position)):
+                role = roles[token_word] if token_word is not None and sequence == 0 else None  # context: no role
                 first = token_word is not None and token_word != previous
                 previous = token_word
                 sentence_word = role if isinstance(role, int) else None
@@ -562,7 +626,7 @@ class PMNERProcessor(ProcessorMixin):
                     row_labels.append(tag_ids[predicted] if predicted >= 0 else -100)
             entry = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
             if "token_type_ids" in encoding:
-                entry["token_type_ids"] = encoding["token_type_ids"][row]
+                entry["token_type_ids"] = encoding["token_type_ids"][position]
             if tag_ids is not None:
                 entry["labels"] = row_labels
             rows.append(entry)
@@ -572,6 +636,31 @@ class PMNERProcessor(ProcessorMixin):
             mapping["windows"].append(window)
             mapping["query_word"].append(query)
         return rows, mapping
+
+    def _tokenize_rows(self, row_words: list[list[str]], row_contexts: list) -> list[tuple]:
+        """Per row, `(encoding, index in it)`: rows without context in one call, rows with one as text pairs in
+        another, the context truncated (`only_second`) to what the row leaves free."""
+        encoded = [None] * len(row_words)
+        plain = [row for row, context in enumerate(row_contexts) if context is None]
+        paired = [row for row, context in enumerate(row_contexts) if context is not None]
+        if plain:
+            encoding = self.tokenizer(
+                [row_words[row] for row in plain], is_split_into_words=True, add_special_tokens=True, truncation=False
+            )
+            for position, row in enumerate(plain):
+                encoded[row] = (encoding, position)
+        if paired:
+            encoding = self.tokenizer(
+                [row_words[row] for row in paired],
+                [row_contexts[row] for row in paired],
+                is_split_into_words=True,
+                add_special_tokens=True,
+                truncation="only_second",
+                max_length=self._row_limit(),
+            )
+            for position, row in enumerate(paired):
+                encoded[row] = (encoding, position)
+        return encoded
 
     def _pad(self, rows: list[dict], padding: str, mapping: dict, with_labels: bool) -> dict:
         """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors); with

@@ -116,6 +116,31 @@ class DataArguments:
     other_as_misc: bool = field(
         default=True, metadata={"help": "Rename Twitter-2015's OTHER to MISC (false: train and tag OTHER)."}
     )
+    retrieval_context: int = field(
+        default=0,
+        metadata={
+            "help": "Give every tweet its K nearest training tweets (with their gold entities marked) as auxiliary "
+            "context; 0 (default): no retrieval. The index is saved with the model and used by the pipeline."
+        },
+    )
+    retrieval_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sentence encoder of --retrieval_context (any transformers encoder; mean pooling). Default: "
+            "the pretrained --text_model_name_or_path ('offline-minilm' accepted)."
+        },
+    )
+    context_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL or Parquet file of auxiliary context per tweet (fields 'context' and 'id' or 'image_id'), "
+            "e.g. captions or LLM-written knowledge made elsewhere; read into the dataset's 'context' column."
+        },
+    )
+    context_description: str | None = field(
+        default=None,
+        metadata={"help": "What --context_file holds (for the model card), e.g. 'BLIP-2 image captions'."},
+    )
 
 
 @dataclass
@@ -323,6 +348,14 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         raise ArgumentsError(
             f"--feature_cache_dtype must be float32 or float16, got {data_args.feature_cache_dtype!r}"
         )
+    if data_args.retrieval_context < 0:
+        raise ArgumentsError(f"--retrieval_context must be 0 (off) or a number of neighbours, got {data_args.retrieval_context}")
+    if data_args.retrieval_context and data_args.context_file:
+        raise ArgumentsError("--retrieval_context and --context_file both fill the context: pass one of them")
+    if data_args.retrieval_encoder and not data_args.retrieval_context:
+        raise ArgumentsError("--retrieval_encoder is the encoder of --retrieval_context K: pass that too")
+    if data_args.context_description and not data_args.context_file:
+        raise ArgumentsError("--context_description describes --context_file: pass that too")
     if data_args.dataset_name not in ("twitter2015", "twitter2017") and not data_args.dataset_config_name:
         raise ArgumentsError(
             f"--dataset_name {data_args.dataset_name!r} is a Hub dataset repository: also pass --dataset_config_name "

@@ -27,6 +27,8 @@ TEST_PREDICTIONS = "test_predictions.conll"
 TRAINING_ARGS = "training_args.bin"
 # What a model repository holds: weights, configs, tokenizer files, remote code, results, the per-type report.
 PUBLISHED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model")
+RETRIEVAL_INDEX_RECORD = "retrieval_index.json"
+RETRIEVAL_ENCODER_FOLDER = "retrieval_encoder"
 EXCLUDED_FILES = ("experiment.json",)  # a benchmark runner's record, not the model's
 DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
 
@@ -69,6 +71,21 @@ def prepare_hub_repo(training_args, output_dir: str) -> str:
         ) from error
 
 
+def context_summary(source: dict | None) -> str:
+    """The card's line on auxiliary context: none, or what kind the model was trained with (and so expects)."""
+    if not source:
+        return "none: trained on the tweet alone"
+    if source.get("kind") == "retrieval":
+        return (
+            f"retrieval: {source.get('description')}; the pipeline retrieves from the index saved with the model "
+            f"(`retrieval_index.json`, `retrieval_encoder/`)"
+        )
+    return (
+        f"{source.get('description')}: give the same kind of text as `context` at inference "
+        "(`ner(text, context=...)`, a `context` field in the CLI's JSONL)"
+    )
+
+
 def publishable_files(output_dir: str, training_args) -> list[str]:
     """The top-level files of the output folder that a model repository holds (never checkpoints, caches or logs;
     the test predictions and the pickled training arguments only when asked for)."""
@@ -77,7 +94,7 @@ def publishable_files(output_dir: str, training_args) -> list[str]:
         excluded.add(TEST_PREDICTIONS)
     if not training_args.hub_include_training_args:
         excluded.add(TRAINING_ARGS)
-    return sorted(
+    names = sorted(
         name
         for name in os.listdir(output_dir)
         if os.path.isfile(os.path.join(output_dir, name))
@@ -85,6 +102,14 @@ def publishable_files(output_dir: str, training_args) -> list[str]:
         and (name.endswith(PUBLISHED_SUFFIXES) or name in (TEST_PREDICTIONS, TRAINING_ARGS, "README.md"))
         and not name.startswith((".", "_"))
     )
+    encoder = os.path.join(output_dir, RETRIEVAL_ENCODER_FOLDER)  # the encoder of a saved retrieval index
+    if RETRIEVAL_INDEX_RECORD in names and os.path.isdir(encoder):
+        names += sorted(
+            f"{RETRIEVAL_ENCODER_FOLDER}/{name}"
+            for name in os.listdir(encoder)
+            if os.path.isfile(os.path.join(encoder, name)) and name.endswith(PUBLISHED_SUFFIXES)
+        )
+    return names
 
 
 def upload(training_args, repo_id: str, folder: str, files: list[str], message: str, path_in_repo: str | None = None):
@@ -297,6 +322,7 @@ def write_model_card(
         head=model_settings["head"],
         tag_scheme=model_settings["tag_scheme"],
         prompt_mode=model_settings["prompt_mode"],
+        context=context_summary(model_settings.get("context_source")),
         epochs=training_args.num_train_epochs if trained_here else "n/a (not trained in this run)",
         batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
         learning_rate=training_args.learning_rate,
