@@ -16,7 +16,11 @@ Input (`--input-format`, guessed from the extension, else from the first line; s
 Output (`--output-format`, default: JSONL for JSONL input, CoNLL for CoNLL input):
 - JSONL: per tweet `{"line", "id"?, "image_id"?, "text", "entities": [{"entity_group", "score", "word", "start",
   "end"}]}`, offsets into `text` (for pre-split words: the words joined by single spaces); with `--word-tags` also
-  `"tokens"` and `"tags"`.
+  `"tokens"` and `"tags"`; with `--grounding` each entity has a `"grounding"`: the FRR object its words attend to
+  most, `{"slot", "box" [x1, y1, x2, y2] (original image pixels), "label", "score", "weight"}`, or `null` (see the
+  pipeline's `return_grounding`; read from TCFM attention, not supervised). With `--grounding`, tweets with a
+  readable image are encoded from it (the cache holds no boxes; new features are still added to it); a tweet
+  known to the cache only by its `image_id` gets `"box"`, `"label"` and `"score"` `null`.
 - CoNLL: `IMGID:<id>` (when known), then `token<TAB>gold<TAB>predicted` (`token<TAB>predicted` without gold tags).
 
 The output never costs data: an output that is the input (same path, a symlink or a hard link to it, or the shell
@@ -72,6 +76,7 @@ from .predict_output import (  # noqa: F401  (re-exported: the CLI's names stay 
     output_target,
     run_settings,
 )
+from .grounding_pmner import DEFAULT_GROUNDING_THRESHOLD
 from .predict_processes import Processes, batches_of, parse_device  # noqa: F401
 from .predict_reading import (  # noqa: F401
     CONLL_EXTENSIONS,
@@ -166,7 +171,9 @@ class Predictor:
         to_compute = []
         for index, record in enumerate(records):
             key = self.cache_key(record) if self.cache is not None else None
-            if key is not None and key in self.cache:
+            # with --grounding an image is encoded again when it can be: the cache holds no boxes
+            boxes_needed = self.args.grounding and record.image is not None and os.path.isfile(record.image)
+            if key is not None and key in self.cache and not boxes_needed:
                 result[index] = self.cache.get(key)
                 self.cached_features += 1
             elif record.image is not None:
@@ -179,8 +186,8 @@ class Predictor:
         names = [records[index].image for index, _ in to_compute]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadImageWarning)
-            features, masks, _, bad, detections = self.image_processor.extract(
-                images, names, device=self.pipe.device, return_num_detections=True
+            features, masks, boxes, bad, detections, labels, scores = self.image_processor.extract(
+                images, names, device=self.pipe.device, return_num_detections=True, return_detections=True
             )
         for warning in caught:
             if not issubclass(warning.category, BadImageWarning):
@@ -194,10 +201,10 @@ class Predictor:
                 message = messages.get(names[row], f"image {records[index].image} could not be read")
                 self.bad_images.append((line, message))
                 continue
-            result[index] = (features[row], masks[row])
+            result[index] = (features[row], masks[row], boxes[row], labels[row], scores[row])
             self.computed_features += 1
             writable = self.cache is not None and key is not None and not self.args.no_cache_write
-            if writable and key not in self.written_keys:
+            if writable and key not in self.written_keys and key not in self.cache:
                 self.pending[0].append(key)
                 self.pending[1].append(features[row])
                 self.pending[2].append(masks[row])
@@ -235,7 +242,9 @@ class Predictor:
     def pipeline_item(self, record: Record, visual) -> dict:
         item = {"text": record.text} if record.text is not None else {"words": record.words}
         if visual is not None:
-            item["visual_features"], item["visual_mask"] = visual
+            item["visual_features"], item["visual_mask"] = visual[:2]
+            if len(visual) > 2 and self.args.grounding:  # computed here: boxes (M, 4), labels (M,), scores (M,)
+                item["visual_boxes"], item["visual_labels"], item["visual_scores"] = visual[2:]
         return item
 
     def run(self, records: list[Record]) -> list:
@@ -244,7 +253,8 @@ class Predictor:
         try:
             visual = self.visual_inputs(records)
             items = [self.pipeline_item(record, entry) for record, entry in zip(records, visual)]
-            return self.pipe(items, batch_size=len(items), return_words=True)
+            grounding = {"return_grounding": True, "grounding_threshold": self.args.grounding_threshold}
+            return self.pipe(items, batch_size=len(items), return_words=True, **(grounding if self.args.grounding else {}))
         except Exception as error:  # isolated below, record by record; each failure is reported with its line
             if len(records) == 1:
                 return [error]
@@ -339,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--word-tags", action="store_true", help="JSONL output: add 'tokens' and 'tags'.")
     parser.add_argument(
+        "--grounding", action="store_true",
+        help="JSONL output: give each entity the FRR object (box, label, score, attention weight) that its words "
+        "attend to most in TCFM, or null (read from attention, not supervised; visual models).",
+    )
+    parser.add_argument(
+        "--grounding-threshold", type=float, default=DEFAULT_GROUNDING_THRESHOLD,
+        help="With --grounding: the lowest attention weight that grounds an entity.",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="Run the code saved in the model folder instead of this package's classes.",
     )
@@ -413,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pmner-predict: error: {error}", file=sys.stderr)
         return 2
     output_format = input_format if args.output_format == "auto" else args.output_format
+    if args.grounding and output_format != "jsonl":
+        if processes.rank == 0:
+            print("pmner-predict: error: --grounding needs JSONL output (--output-format jsonl)", file=sys.stderr)
+        return 2
     processes.start()
     # one process: SIGTERM as Ctrl-C (processes of a launcher keep the default: one blocked in a collective would
     # not see the exception, and the launcher's SIGTERM must stop it)

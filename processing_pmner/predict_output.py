@@ -18,7 +18,7 @@ PROGRESS_VERSION = 1
 # Arguments that change the output: a resumed run must use the same ones as the interrupted run.
 OUTPUT_SETTINGS = (
     "model", "input_format", "output_format", "image_dir", "image_extension", "batch_size", "aggregation_strategy",
-    "word_tags", "trust_remote_code", "quantize",
+    "word_tags", "trust_remote_code", "quantize", "grounding", "grounding_threshold",
 )
 
 
@@ -56,6 +56,9 @@ def check_arguments(args):
         raise UsageError(f"--image-dir {args.image_dir} is not a folder")
     if args.feature_cache_dir and os.path.exists(args.feature_cache_dir) and not os.path.isdir(args.feature_cache_dir):
         raise UsageError(f"--feature-cache-dir {args.feature_cache_dir} is a file, not a folder")
+    threshold = getattr(args, "grounding_threshold", None)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--grounding-threshold must be in [0, 1], got {threshold}")
 
 
 def check_input(args, world: int) -> str:
