@@ -18,11 +18,13 @@ logger = logging.get_logger(__name__)
 
 INPUT_KEYS = (
     "text", "words", "tokens", "image", "visual_features", "visual_mask", "visual_boxes", "visual_labels", "visual_scores",
+    "context",
 )
+VISUAL_KEYS = INPUT_KEYS[3:9]
 
 
 def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: set) -> dict:
-    """`{"index", "text", "words", "spans"}` and the visual inputs (`INPUT_KEYS[3:]`) of one pipeline input;
+    """`{"index", "text", "words", "spans", "context"}` and the visual inputs (`VISUAL_KEYS`) of one pipeline input;
     `ignored_keys`: the sets of unknown keys already warned about (updated)."""
     if isinstance(item, str):
         item = {"text": item}
@@ -66,12 +68,16 @@ def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: s
     for key in ("visual_mask", "visual_boxes", "visual_labels", "visual_scores"):
         if item.get(key) is not None and item.get("visual_features") is None:
             raise ValueError(f"tweet {index} has '{key}' without 'visual_features'")
+    context = item.get("context")
+    if context is not None and not isinstance(context, str):
+        raise ValueError(f"tweet {index}: 'context' is a {type(context).__name__}; expected a str (or None)")
     return {
         "index": index,
         "text": text,
         "words": words,
         "spans": spans,
-        **{key: item.get(key) for key in INPUT_KEYS[3:]},
+        **{key: item.get(key) for key in VISUAL_KEYS},
+        "context": context or None,
     }
 
 
@@ -149,3 +155,45 @@ def visual_inputs(pipe, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__ = ["INPUT_KEYS", "normalise_input", "visual_inputs"]
+
+
+def load_retrieval_index(pipe, retrieval_index):
+    """The index the pipeline retrieves context from: `retrieval_index` (a `RetrievalIndex`, or a folder / Hub repo
+    holding one), else the one saved with a model trained with `--retrieval_context`; `None` for other models."""
+    from .retrieval_context import RetrievalIndex
+
+    if isinstance(retrieval_index, RetrievalIndex):
+        return retrieval_index
+    if retrieval_index is not None:
+        return RetrievalIndex.from_pretrained(str(retrieval_index))
+    source = getattr(pipe.processor, "context_source", None) or {}
+    if source.get("kind") != "retrieval":
+        return None
+    location = getattr(pipe.model, "name_or_path", None)
+    if not location:
+        raise ValueError(
+            "this model was trained with retrieval context, but where it was loaded from is unknown: pass "
+            "retrieval_index=<folder or Hub repo with retrieval_index.json>"
+        )
+    return RetrievalIndex.from_pretrained(location)
+
+
+def contexts_of(pipe, items: list[dict]) -> list | None:
+    """The context of each tweet: its own `context`, else (with a retrieval index) its retrieved neighbours;
+    `None` when no tweet has any."""
+    contexts = [item["context"] for item in items]
+    index = getattr(pipe, "retrieval_index", None)
+    missing = [row for row, context in enumerate(contexts) if context is None and items[row]["words"]]
+    if index is not None and missing:
+        retrieved = index.contexts([items[row]["words"] for row in missing], device=pipe.device)
+        for row, context in zip(missing, retrieved):
+            contexts[row] = context
+    source = getattr(pipe.processor, "context_source", None)
+    if source and missing and index is None and not getattr(pipe, "_warned_no_context", False):
+        pipe._warned_no_context = True
+        logger.warning(
+            f"this model was trained with auxiliary context ({source.get('description')}); tweets without "
+            "`context` are tagged from the tweet alone"
+        )
+    return contexts if any(context is not None for context in contexts) else None
+

@@ -33,7 +33,13 @@ from transformers.utils import logging
 
 from .entity_aggregation import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
 from .grounding_pmner import DEFAULT_GROUNDING_THRESHOLD, add_grounding, head_mean, slot_objects, word_attentions
-from .pipeline_inputs import INPUT_KEYS, normalise_input, visual_inputs  # noqa: F401  (INPUT_KEYS re-exported)
+from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
+    INPUT_KEYS,
+    contexts_of,
+    load_retrieval_index,
+    normalise_input,
+    visual_inputs,
+)
 from .processing_pmner import bio_to_bioes, bioes_to_bio, check_processor_matches_model, tag_parts
 from .quantization_pmner import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
 
@@ -118,7 +124,7 @@ class PMNERPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, *args, quantize: str | None = None, **kwargs):
+    def __init__(self, *args, quantize: str | None = None, retrieval_index=None, **kwargs):
         if quantize is not None:
             if quantize not in QUANTIZE_OPTIONS:
                 raise ValueError(f"quantize must be one of {QUANTIZE_OPTIONS} or None, got {quantize!r}")
@@ -147,6 +153,8 @@ class PMNERPipeline(Pipeline):
             self.processor = copy.copy(self.processor)
             self.processor.overflow = "window"
         self.use_visual = bool(getattr(self.model.config, "use_visual", True))
+        # a model trained with --retrieval_context retrieves each tweet's context from its saved training index
+        self.retrieval_index = load_retrieval_index(self, retrieval_index)
         self._warned_text_only = False
         self._ignored_keys = set()
 
@@ -199,13 +207,15 @@ class PMNERPipeline(Pipeline):
 
     # -- calling -------------------------------------------------------------------------------------------------
 
-    def __call__(self, inputs, image=None, **kwargs):
+    def __call__(self, inputs, image=None, context=None, **kwargs):
         """Entities of one tweet or of a list of tweets.
 
         Args:
             inputs: a tweet (`str`, or a dict, see the class docstring) or a list of them; a `datasets.Dataset` or a
                 generator streams results.
             image: with one tweet, its image (path, PIL image, ...); with a list, one image (or `None`) per tweet.
+            context: with one tweet, its auxiliary text (`str`); with a list, one (or `None`) per tweet. Without it,
+                a model trained with retrieval context retrieves it from its saved training index.
 
         Returns:
             Per tweet, a list of entities `{"entity_group", "score", "word", "start", "end"}`
@@ -231,6 +241,8 @@ class PMNERPipeline(Pipeline):
                 inputs = self._with_image(inputs, image, 0, split)
             else:
                 raise ValueError("image= can be given with a tweet or a list of tweets, not with a dataset or generator")
+        if context is not None:
+            inputs = self._with_context(inputs, context, batched, split)
         if batched:
             inputs = list(inputs)
             if not inputs:
@@ -255,6 +267,34 @@ class PMNERPipeline(Pipeline):
             f"tweet {index} is a {type(item).__name__}; expected a str, a dict, or a list of words with "
             "is_split_into_words=True"
         )
+
+    @staticmethod
+    def _with_context(inputs, context, batched: bool, split: bool):
+        def one(item, text, index):
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"context of tweet {index} is a {type(text).__name__}; expected a str or None")
+            if text is None:
+                return item
+            if isinstance(item, dict):
+                if item.get("context") is not None:
+                    raise ValueError(f"tweet {index} has a context in its dict and in context=")
+                return {**item, "context": text}
+            if isinstance(item, str):
+                return {"text": item, "context": text}
+            if isinstance(item, (list, tuple)) and split:
+                return {"words": list(item), "context": text}
+            raise ValueError(f"tweet {index} is a {type(item).__name__}; expected a str, a dict or a list of words")
+
+        if batched:
+            if not isinstance(context, (list, tuple)) or len(context) != len(inputs):
+                raise ValueError(
+                    f"context must be a list of one text (or None) per tweet: got {type(context).__name__} for "
+                    f"{len(inputs)} tweets"
+                )
+            return [one(item, text, index) for index, (item, text) in enumerate(zip(inputs, context))]
+        if not isinstance(inputs, (str, dict)):
+            raise ValueError("context= can be given with a tweet or a list of tweets, not with a dataset or generator")
+        return one(inputs, context, 0)
 
     def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
         model_inputs = self.preprocess(inputs, **preprocess_params)
@@ -352,7 +392,9 @@ class PMNERPipeline(Pipeline):
             # exceeds model_max_length; the windows fit it, so the warning is marked as given for this call only
             if isinstance(flags, dict):
                 flags[LENGTH_WARNING] = True
-            encoding = self.processor([item["words"] for item in items], return_tensors="pt", **visual)
+            encoding = self.processor(
+                [item["words"] for item in items], return_tensors="pt", context=contexts_of(self, items), **visual
+            )
         finally:
             if isinstance(flags, dict):
                 if already is None:
@@ -500,6 +542,8 @@ class PMNERPipeline(Pipeline):
         self.model.config.custom_pipelines = custom
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory, **kwargs)
+        if self.retrieval_index is not None:
+            self.retrieval_index.save_pretrained(save_directory)  # the folder retrieves as this pipeline does
         add_pipeline_to_folder(save_directory)
 
 

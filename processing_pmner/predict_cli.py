@@ -99,13 +99,16 @@ from .predict_reading import (  # noqa: F401
 
 
 def load_pipeline(
-    model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool, quantize: str | None = None
+    model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool, quantize: str | None = None,
+    retrieval_index: str | None = None,
 ):
     """The `multimodal-ner` pipeline of a P-MNER folder or Hub id, with this package's classes (or, with
     `trust_remote_code`, with the code saved in the folder); `quantize="int8"`: int8 linear layers (CPU only)."""
     from transformers import pipeline
 
     options = {"quantize": quantize} if quantize is not None else {}
+    if retrieval_index is not None:
+        options["retrieval_index"] = retrieval_index
     if trust_remote_code:
         return pipeline(
             "multimodal-ner", model=model, device=device, trust_remote_code=True,
@@ -241,6 +244,8 @@ class Predictor:
 
     def pipeline_item(self, record: Record, visual) -> dict:
         item = {"text": record.text} if record.text is not None else {"words": record.words}
+        if record.context is not None:
+            item["context"] = record.context
         if visual is not None:
             item["visual_features"], item["visual_mask"] = visual[:2]
             if len(visual) > 2 and self.args.grounding:  # computed here: boxes (M, 4), labels (M,), scores (M,)
@@ -348,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         "unchanged); CPU only: without --device the CPU is used.",
     )
     parser.add_argument("--word-tags", action="store_true", help="JSONL output: add 'tokens' and 'tags'.")
+    parser.add_argument(
+        "--retrieval-index", default=None,
+        help="Folder or Hub repo of the retrieval index to take context from (default: the one saved with a model "
+        "trained with --retrieval_context). A JSONL line's own 'context' field is used as given.",
+    )
     parser.add_argument(
         "--grounding", action="store_true",
         help="JSONL output: give each entity the FRR object (box, label, score, attention weight) that its words "
@@ -495,7 +505,9 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
     if isinstance(device, str) and device.startswith("cuda:"):
         torch.cuda.set_device(device)
     try:
-        pipe = load_pipeline(args.model, device, args.aggregation_strategy, args.trust_remote_code, args.quantize)
+        pipe = load_pipeline(
+            args.model, device, args.aggregation_strategy, args.trust_remote_code, args.quantize, args.retrieval_index
+        )
         failure = None
     except Exception as load_error:  # reported below with the model name; nothing can be tagged without it
         pipe, failure = None, f"{type(load_error).__name__}: {load_error}"

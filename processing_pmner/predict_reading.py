@@ -25,6 +25,7 @@ class Record:
     gold: list | None = None
     image: str | None = None
     image_id: str | None = None
+    context: str | None = None
     record_id: object = None
     has_id: bool = False
 
@@ -110,6 +111,10 @@ def read_jsonl(handle, image_dir: str | None, image_extension: str):
             if image_id is not None and not isinstance(image_id, (str, int)):
                 raise InputError(f"'image_id' must be a string, got {type(image_id).__name__}")
             record.image_id = None if image_id is None else str(image_id)
+            context = data.get("context")
+            if context is not None and not isinstance(context, str):
+                raise InputError(f"'context' must be a string or null, got {type(context).__name__}")
+            record.context = context or None
             record.image = _image_path(image, image_dir)
             if record.image is None and record.image_id is not None and image_dir:
                 record.image = os.path.join(image_dir, record.image_id + image_extension)

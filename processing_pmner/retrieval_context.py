@@ -98,8 +98,11 @@ class SentenceEncoder:
         if self._identity is None:
             digest = hashlib.sha256(tensors_sha256(self.model.state_dict()).encode())
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            vocab = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
-            digest.update(vocab.encode())
+            if backend is not None:  # its truncation and padding state changes with every call: not part of it
+                spec = {key: value for key, value in json.loads(backend.to_str()).items() if key not in ("truncation", "padding")}
+            else:
+                spec = self.tokenizer.get_vocab()
+            digest.update(json.dumps(spec, sort_keys=True).encode())
             digest.update(str(self.max_length).encode())
             self._identity = digest.hexdigest()
         return self._identity
