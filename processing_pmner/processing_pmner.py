@@ -10,8 +10,9 @@ tags through the verbalizer. Two prompt modes use the same model:
 
 An optional auxiliary text per tweet (`context`: retrieved neighbours, a caption, LLM-written knowledge) follows the
 prompt-wrapped tweet as the second text of a pair (separated as the tokenizer separates a pair). It is never
-labelled, counts in the length budget and is cut first: the tweet's words are never dropped for it, and every window
-of a long tweet keeps it (as much of it as fits).
+labelled, counts in the length budget and is cut first: the tweet's words are never dropped for it (a tweet that
+fits a row alone leaves the context what remains). A tweet too long for one row is windowed with up to half of each
+row kept for the context, so every window holds the context's first words.
 
 Sentences longer than `max_length` are split into overlapping word windows (`overflow="window"`, default) whose
 predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
@@ -554,11 +555,14 @@ class PMNERProcessor(ProcessorMixin):
             max_pieces = max((len(p) for p in pieces), default=0)
             budget = base - max_pieces if self.prompt_mode == "cloze" else base
             counts = [len(p) for p in pieces]
-            windows = word_windows(counts, budget, self.stride)
             context_pieces = None
             if contexts[index] is not None:
                 context_pieces = [len(p) or 1 for p in self._word_pieces(contexts[index])]
                 taken = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=True) - self._template_pieces()
+                if sum(counts) > budget and self.overflow == "window":
+                    # a tweet that needs windows: each window leaves up to half the row to the context
+                    budget -= min(sum(context_pieces), budget // 2)
+            windows = word_windows(counts, budget, self.stride)
             dropped = 0
             if self.overflow == "truncate" and len(windows) > 1:
                 windows = windows[:1]

@@ -68,6 +68,8 @@ from typing import Optional, Union
 import datasets
 from datasets.builder import Key
 
+from .context_files import file_sha256, read_context_file
+
 
 logger = datasets.utils.logging.get_logger(__name__)
 
@@ -335,6 +337,9 @@ class TwitterMNERConfig(datasets.BuilderConfig):
             Where to download `<name>/<file>` from when no `data_dir` is given.
         encoding (`str`, defaults to `"utf-8"`):
             Encoding of the text files.
+        context_file (`str`, *optional*):
+            JSONL or Parquet file of auxiliary text per tweet (`context`, keyed by `id` or `image_id`; see
+            `context_files.py`): adds a `context` column (`None` for tweets the file does not name).
     """
 
     image_dir: Optional[str] = None
@@ -345,6 +350,7 @@ class TwitterMNERConfig(datasets.BuilderConfig):
     blank_token_replacement: str = "_"
     base_url: str = DEFAULT_BASE_URL
     encoding: str = "utf-8"
+    context_file: Optional[str] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -391,13 +397,19 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
 
     def __init__(self, *args, **kwargs):
         # Absolute paths, so that the cache key does not depend on the working directory.
-        for key in ("data_dir", "image_dir"):
+        for key in ("data_dir", "image_dir", "context_file"):
             if kwargs.get(key) is not None:
                 kwargs[key] = os.path.abspath(os.path.expanduser(os.fspath(kwargs[key])))
-        kwargs.setdefault("hash", _source_hash())
+        source_hash = _source_hash()
+        if kwargs.get("context_file") is not None:  # a changed context file is a new dataset
+            if not os.path.isfile(kwargs["context_file"]):
+                raise FileNotFoundError(f"context_file={kwargs['context_file']!r} is not a file")
+            source_hash += "-" + file_sha256(kwargs["context_file"])[:16]
+        kwargs.setdefault("hash", source_hash)
         super().__init__(*args, **kwargs)
         self.split_stats: dict[str, TwitterMNERSplitStats] = {}
         self._parsed: dict[str, tuple[list[ParsedTweet], TwitterMNERSplitStats]] = {}
+        self._contexts: Optional[tuple[dict, dict]] = None
 
     def _info(self) -> datasets.DatasetInfo:
         features = datasets.Features(
@@ -407,6 +419,7 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
                 "tokens": datasets.List(datasets.Value("string")),
                 "ner_tags": datasets.List(datasets.ClassLabel(names=self.config.label_names)),
                 "image": datasets.Image(),
+                **({"context": datasets.Value("string")} if self.config.context_file else {}),
             }
         )
         return datasets.DatasetInfo(
@@ -443,6 +456,7 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
             raise FileNotFoundError(f"image_dir={self.config.image_dir!r} is not a folder")
         # Parse every file here, before any split is written: a format error is raised as is (naming
         # file and line) rather than wrapped in a DatasetGenerationError, and no split is half-built.
+        self._contexts = read_context_file(self.config.context_file) if self.config.context_file else None
         self._parsed = {}
         for split in SPLIT_FILES:
             stats = TwitterMNERSplitStats(file=files[split])
@@ -480,6 +494,7 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self, filepath: str, split: str) -> Iterator[tuple[Key, dict]]:
         tweets, stats = self._parsed[filepath]
+        with_context = 0
         for index, tweet in enumerate(tweets):
             image = None
             if self.config.image_dir:
@@ -491,13 +506,21 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
                         stats.missing_image_examples.append(f"{tweet.image_id}: {expected}")
                 else:
                     stats.num_images += 1
-            yield Key(0, index), {
+            example = {
                 "id": f"{self.config.name}-{split}-{index}",
                 "image_id": tweet.image_id,
                 "tokens": tweet.tokens,
                 "ner_tags": [self.config.map_tag(tag) for tag in tweet.tags],
                 "image": image,
             }
+            if self._contexts is not None:
+                by_id, by_image_id = self._contexts
+                example["context"] = by_id.get(example["id"], by_image_id.get(tweet.image_id))
+                with_context += example["context"] is not None
+            yield Key(0, index), example
+        if self._contexts is not None:
+            logger.info(f"{self.config.name} {split}: {with_context} of {len(tweets)} tweets have a context in "
+                        f"{self.config.context_file}")
         if stats.num_missing_images:
             logger.warning(
                 f"{self.config.name} {split}: {stats.num_missing_images} of {stats.num_tweets} images missing "

@@ -354,6 +354,11 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         raise ArgumentsError("--retrieval_context and --context_file both fill the context: pass one of them")
     if data_args.retrieval_encoder and not data_args.retrieval_context:
         raise ArgumentsError("--retrieval_encoder is the encoder of --retrieval_context K: pass that too")
+    if data_args.context_file and data_args.dataset_name not in ("twitter2015", "twitter2017"):
+        raise ArgumentsError(
+            f"--context_file fills the context column of the CoNLL benchmarks; the Hub dataset "
+            f"{data_args.dataset_name!r} needs a 'context' column in its own files"
+        )
     if data_args.context_description and not data_args.context_file:
         raise ArgumentsError("--context_description describes --context_file: pass that too")
     if data_args.dataset_name not in ("twitter2015", "twitter2017") and not data_args.dataset_config_name:

@@ -84,6 +84,7 @@ def load_raw_data(data_args) -> tuple[datasets.DatasetDict, str | None]:
             data_dir=resolve_data_dir(data_args.data_dir, data_args.dataset_name),
             image_dir=None if data_args.text_only else data_args.image_dir,
             other_as_misc=data_args.other_as_misc,
+            **({"context_file": data_args.context_file} if getattr(data_args, "context_file", None) else {}),
         )
     else:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
