@@ -1,0 +1,142 @@
+"""`train_pmner.py` with auxiliary context: `--retrieval_context K` (the index and its encoder saved with the model,
+used by the pipeline, the CLI and an evaluation of the folder) and `--context_file` (text made elsewhere, PGIM-style),
+and the refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("context")
+    write_tiny_masked_lm(tmp_path / "tiny-bert")
+    write_twitter_fixture(tmp_path / "data", sizes=(32, 8, 8))
+    return tmp_path
+
+
+def train(workspace, output_dir, *extra, text_model=None):
+    command = [
+        sys.executable, os.path.join(PROJECT, "train_pmner.py"),
+        "--dataset_name", "twitter2017", "--data_dir", str(workspace / "data"), "--text_only",
+        "--text_model_name_or_path", str(text_model or workspace / "tiny-bert"), "--fusion_num_heads", "4",
+        "--num_train_epochs", "2", "--learning_rate", "3e-3", "--max_seq_length", "48",
+        "--use_cpu", "--seed", "7", "--output_dir", str(output_dir), "--report_to", "none", *extra,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(workspace / "datasets-cache"))
+    return subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(workspace):
+    output_dir = workspace / "retrieval"
+    result = train(workspace, output_dir, "--do_train", "--do_eval", "--do_predict", "--retrieval_context", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return output_dir
+
+
+def test_retrieval_run_saves_its_index_and_says_so_in_the_card(retrieval_run):
+    for name in ("retrieval_index.json", "retrieval_index.safetensors", "retrieval_encoder/model.safetensors",
+                 "retrieval_encoder/config.json", "retrieval_context.py"):
+        assert (retrieval_run / name).is_file(), name
+    source = json.loads((retrieval_run / "processor_config.json").read_text())["context_source"]
+    assert source["kind"] == "retrieval" and source["k"] == 2
+    card = (retrieval_run / "README.md").read_text()
+    assert "| auxiliary context | retrieval: the 2 nearest training tweets" in card
+    record = json.loads((retrieval_run / "retrieval_index.json").read_text())
+    assert record["size"] == 32 and record["k"] == 2
+
+
+def test_published_files_include_the_retrieval_encoder(retrieval_run):
+    from types import SimpleNamespace
+
+    from training_pmner.publishing import publishable_files
+
+    files = publishable_files(str(retrieval_run), SimpleNamespace(hub_include_test_predictions=False,
+                                                                  hub_include_training_args=False))
+    assert {"retrieval_index.json", "retrieval_index.safetensors", "retrieval_encoder/model.safetensors",
+            "retrieval_encoder/tokenizer.json"} <= set(files)
+
+
+def test_pipeline_of_the_folder_retrieves_from_its_saved_index(retrieval_run):
+    from transformers import pipeline
+
+    ner = pipeline("multimodal-ner", model=str(retrieval_run), trust_remote_code=True)
+    assert ner.retrieval_index is not None and ner.retrieval_index.k == 2
+    tweets = ["trump visits london today", "rt @user : google meets kawhi leonard"]
+    retrieved = ner.retrieval_index.contexts([tweet.split() for tweet in tweets])
+    assert all(" ; " in context and "(" in context for context in retrieved)
+    automatic = ner(tweets, return_words=True)
+    explicit = ner(tweets, context=retrieved, return_words=True)
+    assert [r["words"] for r in automatic] == [r["words"] for r in explicit]
+    encoding = ner.preprocess({"text": tweets[0]})["model_inputs"]
+    assert int(encoding["token_type_ids"].sum()) > 0  # the retrieved context is in the row
+
+
+def test_evaluating_the_folder_reuses_its_index_and_scores_the_same(workspace, retrieval_run, tmp_path):
+    result = train(workspace, tmp_path / "eval", "--do_eval", text_model=retrieval_run)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Retrieval context from the index saved in" in result.stdout + result.stderr
+    trained = json.loads((retrieval_run / "eval_results.json").read_text())
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert again["eval_f1"] == pytest.approx(trained["eval_f1"], abs=1e-9)
+    refused = train(workspace, tmp_path / "eval-k5", "--do_eval", "--retrieval_context", "5", text_model=retrieval_run)
+    assert refused.returncode == 2 and "trained with --retrieval_context 2" in refused.stderr
+
+
+def test_cli_takes_a_context_field_and_retrieves_without_one(retrieval_run, tmp_path):
+    source = tmp_path / "tweets.jsonl"
+    source.write_text(
+        json.dumps({"text": "trump visits london", "context": "trump (person) is a politician"}) + "\n"
+        + json.dumps({"text": "obama visits paris"}) + "\n"
+        + json.dumps({"text": "x", "context": ["not", "a", "string"]}) + "\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "processing_pmner.predict_cli", str(retrieval_run), str(source),
+         "-o", str(tmp_path / "out.jsonl")],
+        cwd=PROJECT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tweets.jsonl:3: error: 'context' must be a string or null, got list" in result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["line"] for line in lines] == [1, 2]
+
+
+def test_context_file_run_records_what_the_context_is(workspace, tmp_path):
+    """PGIM-style: knowledge written elsewhere (here by hand) for some tweets, keyed by tweet id or image id."""
+    knowledge = tmp_path / "knowledge.jsonl"
+    knowledge.write_text(
+        json.dumps({"id": "twitter2017-train-0", "context": "trump is a person ; london is a location"}) + "\n"
+        + json.dumps({"image_id": "valid_0", "context": "google is an organization"}) + "\n"
+    )
+    result = train(workspace, tmp_path / "file", "--do_train", "--do_eval", "--context_file", str(knowledge),
+                   "--context_description", "hand-written knowledge (PGIM-style)")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    source = json.loads((tmp_path / "file" / "processor_config.json").read_text())["context_source"]
+    assert source == {"kind": "column", "description": "hand-written knowledge (PGIM-style)"}
+    card = (tmp_path / "file" / "README.md").read_text()
+    assert "hand-written knowledge (PGIM-style): give the same kind of text as `context` at inference" in card
+    assert not (tmp_path / "file" / "retrieval_index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--retrieval_context", "2", "--context_file", "{missing}"], "--retrieval_context and --context_file both"),
+        (["--context_file", "{missing}"], "--context_file '{missing}' is not a file"),
+        (["--retrieval_context", "-1"], "--retrieval_context must be 0 (off)"),
+        (["--retrieval_encoder", "x"], "--retrieval_encoder is the encoder of --retrieval_context K"),
+    ],
+)
+def test_context_arguments_are_refused_clearly(workspace, tmp_path, extra, message):
+    missing = str(tmp_path / "missing.jsonl")
+    extra = [value.format(missing=missing) for value in extra]
+    result = train(workspace, tmp_path / "out", "--do_train", *extra)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message.format(missing=missing) in result.stderr
+    assert not (tmp_path / "out").exists()
