@@ -301,7 +301,7 @@ def build_page(demo: Demo, title: str = "P-MNER"):
                 submit = gr.Button("Find entities", variant="primary", elem_id="pmner-submit")
             with gr.Column():
                 tweet = gr.HTML(elem_id="pmner-output")
-                picture = gr.Image(label="FRR objects", type="pil", interactive=False, elem_id="pmner-picture")
+                picture = gr.Image(label="FRR objects", type="pil", format="png", interactive=False, elem_id="pmner-picture")
                 details = gr.HTML(elem_id="pmner-details")
         submit.click(demo.answer, inputs=[text, image], outputs=[tweet, picture, details])
         text.submit(demo.answer, inputs=[text, image], outputs=[tweet, picture, details])
