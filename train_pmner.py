@@ -336,9 +336,11 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     )
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     # Auxiliary context (beyond the paper): retrieved training tweets, or a context column of the data.
-    retrieval_index = prepare_context(
-        raw, data_args, processor, text_model, trained_folder, training_args.device, model_args.text_model_name_or_path
-    )
+    with training_args.main_process_first(desc="auxiliary context"):  # one process writes the cached columns
+        retrieval_index = prepare_context(
+            raw, data_args, processor, text_model, trained_folder, training_args.device,
+            model_args.text_model_name_or_path,
+        )
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if training_args.do_train and isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         check_same_model(f"checkpoint {checkpoint}", read_config(checkpoint), model.config.to_dict())

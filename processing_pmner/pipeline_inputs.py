@@ -189,6 +189,10 @@ def contexts_of(pipe, items: list[dict]) -> list | None:
         for row, context in zip(missing, retrieved):
             contexts[row] = context
     source = getattr(pipe.processor, "context_source", None)
+    given = any(item["context"] is not None for item in items)
+    if not source and given and not getattr(pipe, "_warned_unexpected_context", False):
+        pipe._warned_unexpected_context = True
+        logger.warning("this model was trained without auxiliary context; the `context` given is used anyway")
     if source and missing and index is None and not getattr(pipe, "_warned_no_context", False):
         pipe._warned_no_context = True
         logger.warning(
