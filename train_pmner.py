@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
+from processing_pmner.context_files import ContextFileError
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
 from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
@@ -290,9 +291,9 @@ def main(argv: list[str] | None = None):
         sys.exit(2)
     try:
         run(model_args, data_args, training_args, text_model, trained_folder, argv)
-    except (ArgumentsError, PushError) as error:
+    except (ArgumentsError, PushError, ContextFileError) as error:
         print(f"train_pmner.py: error: {error}", file=sys.stderr)
-        sys.exit(2 if isinstance(error, ArgumentsError) else 1)
+        sys.exit(1 if isinstance(error, PushError) else 2)
 
 
 def run(model_args, data_args, training_args, text_model: str, trained_folder: bool, argv: list[str]):

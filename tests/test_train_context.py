@@ -131,12 +131,15 @@ def test_context_file_run_records_what_the_context_is(workspace, tmp_path):
         (["--context_file", "{missing}"], "--context_file '{missing}' is not a file"),
         (["--retrieval_context", "-1"], "--retrieval_context must be 0 (off)"),
         (["--retrieval_encoder", "x"], "--retrieval_encoder is the encoder of --retrieval_context K"),
+        (["--retrieval_context", "1", "--retrieval_encoder", "{missing}"], "--retrieval_encoder '{missing}': cannot load"),
+        (["--context_file", "{bad}"], "{bad}:2: invalid JSON"),
     ],
 )
 def test_context_arguments_are_refused_clearly(workspace, tmp_path, extra, message):
-    missing = str(tmp_path / "missing.jsonl")
-    extra = [value.format(missing=missing) for value in extra]
+    missing, bad = str(tmp_path / "missing.jsonl"), str(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"id": "twitter2017-train-0", "context": "x"}\n{oops\n')
+    extra = [value.format(missing=missing, bad=bad) for value in extra]
     result = train(workspace, tmp_path / "out", "--do_train", *extra)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message.format(missing=missing) in result.stderr
+    assert message.format(missing=missing, bad=bad) in result.stderr
     assert not (tmp_path / "out").exists()

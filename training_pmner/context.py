@@ -57,7 +57,11 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
                 "replace it; drop one of them"
             )
         name = data_args.retrieval_encoder or text_model_name or text_model
-        encoder = SentenceEncoder.from_pretrained(resolve_encoder(name))
+        try:
+            encoder = SentenceEncoder.from_pretrained(resolve_encoder(name))
+        except (OSError, ImportError) as error:
+            given = "--retrieval_encoder" if data_args.retrieval_encoder else "--text_model_name_or_path (the default encoder)"
+            raise ArgumentsError(f"{given} {name!r}: {error}") from error
         encoder.name = hub_name(name)
         index = build_training_index(raw, encoder, data_args.retrieval_context, device)
         add_retrieved_context(raw, index, device, trained_here=True)
