@@ -55,6 +55,11 @@ def parse_args():
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--text-model", default="offline-minilm")
     parser.add_argument("--variants", default="", help="comma list of extra arms: cloze, bioes, trainable, retrieval1, retrieval3")
+    parser.add_argument(
+        "--order", choices=("arm", "seed"), default="arm",
+        help="'seed': every arm of seed 1, then of seed 2, ... (a cut-short sweep still compares the arms on the "
+        "seeds it finished)",
+    )
     parser.add_argument("--arms", default=None, help="comma list of the arms to run instead of prompt, linear and --variants")
     parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N tweets only")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="select on the first N validation tweets")
@@ -120,9 +125,13 @@ def main():
     print(f"command: python {' '.join(sys.argv)}")
     table = {}
     for dataset in args.datasets.split(","):
+        pairs = [(arm, seed) for arm in arms for seed in range(1, args.seeds + 1)]
+        if args.order == "seed":
+            pairs.sort(key=lambda pair: pair[1])
         for arm in arms:
-            for seed in range(1, args.seeds + 1):
-                table.setdefault((dataset, arm), []).append(run(args, dataset, arm, seed))
+            table[(dataset, arm)] = []
+        for arm, seed in pairs:
+            table[(dataset, arm)].append(run(args, dataset, arm, seed))
 
     subset = f", first {args.max_train_samples} training tweets" if args.max_train_samples else ""
     subset += f", first {args.max_eval_samples} validation tweets" if args.max_eval_samples else ""
