@@ -39,7 +39,7 @@ PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 TYPE_COLOURS = {"PER": "#ffd6d6", "LOC": "#d6f5d6", "ORG": "#d6e4ff", "MISC": "#fff0c2", "OTHER": "#fff0c2"}
 CSS = """
 .pmner-tweet { font-size: 1.15em; line-height: 2.2em; }
-.pmner-entity { border-radius: 4px; padding: 2px 4px; margin: 0 1px; }
+.pmner-entity { border-radius: 4px; padding: 2px 4px; margin: 0 1px; white-space: nowrap; }
 .pmner-type { font-size: 0.7em; font-weight: bold; margin-left: 4px; }
 .pmner-box { font-size: 0.7em; color: white; border-radius: 3px; padding: 0 3px; margin-left: 3px; }
 .pmner-message { border-left: 4px solid #f58231; padding: 4px 10px; background: #fff7ef; }
@@ -259,21 +259,22 @@ def _details_html(entities: list[dict], objects: list[dict], notes: list[str], w
 def _draw(image, objects: list[dict], entities: list[dict]):
     """A copy of `image` with each FRR object boxed and numbered, with the entities grounded to it (boxes, in the
     original image's pixels, scaled by `image.info["pmner_scale"]`)."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
     scale = image.info.get("pmner_scale", 1.0)
     picture = image.copy()
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 250))
+    font = ImageFont.load_default(size=max(10, round(max(picture.size) / 45)))
     for item in objects:
         x1, y1, x2, y2 = (value * scale for value in item["box"])
         colour = _slot_colour(item["slot"])
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=width)
         names = [entity["word"] for entity in entities if (entity.get("grounding") or {}).get("slot") == item["slot"]]
         caption = f'{item["slot"] + 1} {item["label"] or ""}' + (f' <- {", ".join(names)}' if names else "")
-        left, top, right, bottom = draw.textbbox((x1 + width, y1 + width), caption)
+        left, top, right, bottom = draw.textbbox((x1 + width, y1 + width), caption, font=font)
         draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
-        draw.text((x1 + width, y1 + width), caption, fill="white")
+        draw.text((x1 + width, y1 + width), caption, fill="white", font=font)
     return picture
 
 
