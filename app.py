@@ -31,8 +31,6 @@ logger = logging.getLogger("pmner.app")
 
 # A tweet is at most 280 characters; longer text is tagged (in overlapping windows) up to this many characters.
 MAX_CHARACTERS = 20_000
-# Images larger than this many pixels are refused (decompression-bomb guard, as the image processor's).
-MAX_IMAGE_PIXELS = 89_478_485
 # The boxed image is shown at most this wide / high (boxes scaled with it).
 DISPLAY_SIDE = 800
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990", "#808000"]
@@ -83,8 +81,6 @@ class Demo:
     def __init__(self, pipe, grounding_threshold: float | None = None):
         self.pipe = pipe
         self.use_visual = bool(getattr(pipe, "use_visual", False))
-        image_processor = pipe.processor.image_processor
-        self.max_image_pixels = getattr(image_processor, "max_image_pixels", None) or MAX_IMAGE_PIXELS
         self.grounding_threshold = grounding_threshold
 
     def answer(self, text, image_path=None):
