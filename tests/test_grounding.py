@@ -300,7 +300,7 @@ def test_precomputed_features_ground_with_and_without_their_boxes(grounding_pipe
         assert bare["grounding"] == {**known["grounding"], "box": None, "label": None, "score": None}
 
 
-def test_grounding_travels_with_the_saved_folder_as_remote_code(grounding_folder, tmp_path):
+def test_grounding_travels_with_the_saved_folder_as_remote_code(grounding_folder, grounding_pipe, tmp_path):
     assert {"grounding_pmner.py", "pipeline_inputs.py", "entity_aggregation.py", "quantization_pmner.py"} <= set(
         os.listdir(grounding_folder)
     )
@@ -314,17 +314,14 @@ def test_grounding_travels_with_the_saved_folder_as_remote_code(grounding_folder
     completed = run_without_project(script, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = json.loads(completed.stdout.split("RESULT ", 1)[1])
-    from transformers import pipeline
-
-    local = pipeline("multimodal-ner", model=grounding_folder, pipeline_class=PMNERPipeline, device="cpu")
-    expected = json.loads(json.dumps(local(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)))
+    expected = json.loads(json.dumps(grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)))
     assert [e["word"] for e in remote] == [e["word"] for e in expected]
     for got, want in zip(remote, expected):
         assert got["grounding"]["slot"] == want["grounding"]["slot"] and got["grounding"]["label"] == want["grounding"]["label"]
         assert got["grounding"]["box"] == pytest.approx(want["grounding"]["box"], abs=0.11)
 
 
-def test_cli_grounding_writes_boxes_in_jsonl(grounding_folder, tmp_path, capsys):
+def test_cli_grounding_writes_boxes_in_jsonl(grounding_folder, grounding_pipe, tmp_path, capsys):
     blocks_image().save(tmp_path / "photo.png")
     source = tmp_path / "tweets.jsonl"
     source.write_text(
@@ -339,10 +336,7 @@ def test_cli_grounding_writes_boxes_in_jsonl(grounding_folder, tmp_path, capsys)
     assert all(len(entity["grounding"]["box"]) == 4 and entity["grounding"]["label"] for entity in first["entities"])
     assert second["entities"] and all(entity["grounding"] is None for entity in second["entities"])
     # the same as the pipeline's own grounding of that image
-    from transformers import pipeline
-
-    local = pipeline("multimodal-ner", model=grounding_folder, pipeline_class=PMNERPipeline, device="cpu")
-    expected = local(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)
+    expected = grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)
     assert [e["grounding"]["box"] for e in first["entities"]] == [e["grounding"]["box"] for e in expected]
     # without --grounding: no grounding key; CoNLL output cannot carry it
     plain = tmp_path / "plain.jsonl"
