@@ -8,6 +8,7 @@ installed (`.ci/run` installs them).
 """
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import PROJECT
+from fixtures import PROJECT, run_without_project
 from test_grounding import TEXT, blocks_image, write_tiny_grounding_folder
 
 
@@ -109,6 +110,33 @@ def test_a_failing_model_gives_a_message_not_an_exception(demo, monkeypatch):
     monkeypatch.setattr(demo, "pipe", broken)
     tweet, picture, details = demo.answer(TEXT, None)
     assert (tweet, picture) == ("", None) and "Something went wrong: RuntimeError: out of memory" in details
+
+
+def test_the_space_runs_the_page_from_the_model_folder_code_alone(demo_folder, tmp_path):
+    """As on a Space: app.py copied beside nothing of this project, the model's own code loaded
+    (`--trust-remote-code`); without that flag a clear error says what to pass."""
+    shutil.copy(os.path.join(PROJECT, "app.py"), tmp_path / "app.py")
+    blocks_image(320, 240).save(tmp_path / "photo.png")
+    script = f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import app
+        try:
+            app.load_model({demo_folder!r})
+        except SystemExit as error:
+            refusal = str(error)
+        demo = app.Demo(app.load_model({demo_folder!r}, trust_remote_code=True))
+        tweet, picture, details = demo.answer({TEXT!r}, {str(tmp_path / "photo.png")!r})
+        print("RESULT " + json.dumps({{"refusal": refusal, "tweet": tweet, "size": picture.size, "details": details,
+                                      "class": type(demo.pipe).__module__}}))
+    """
+    completed = run_without_project(script, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.split("RESULT ", 1)[1])
+    assert "pass --trust-remote-code" in result["refusal"]
+    assert result["class"].startswith("transformers_modules.")  # the folder's code
+    assert result["tweet"].count('class="pmner-entity"') == len(TEXT.split()) and "box " in result["tweet"]
+    assert result["size"] == [320, 240] and "attention" in result["details"]
 
 
 def test_bad_command_lines_exit_2(capsys, monkeypatch):
@@ -203,11 +231,13 @@ def browser():
 
 
 def wait_for(driver, condition, what: str):
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # the page re-renders its blocks while it answers: an element found a moment ago may be gone, so look again
+    ignored = (NoSuchElementException, StaleElementReferenceException)
     try:
-        return WebDriverWait(driver, WAIT, poll_frequency=0.2).until(condition)
+        return WebDriverWait(driver, WAIT, poll_frequency=0.2, ignored_exceptions=ignored).until(condition)
     except TimeoutException:
         pytest.fail(f"the page did not show {what} within {WAIT} s; it shows:\n{driver.find_element('tag name', 'body').text[-2000:]}")
 
@@ -229,11 +259,14 @@ def submit(driver, text: str, image: str | None):
         driver.find_element(By.CSS_SELECTOR, "#pmner-image input[type=file]").send_keys(image)
         name = os.path.basename(image)
         wait_for(driver, lambda d: name in d.find_element(By.CSS_SELECTOR, "#pmner-image").text.replace("\n", ""), f"{name} attached")
-    details = driver.find_element(By.CSS_SELECTOR, "#pmner-details")
-    before = details.text
+    before = driver.find_element(By.CSS_SELECTOR, "#pmner-details").text
     driver.find_element(By.CSS_SELECTOR, "#pmner-submit").click()
     # every answer ends with its time; the page's loading indicator changes the block too, so wait for that line
-    wait_for(driver, lambda d: (text := details.text) != before and "answered in" in text, "an answer")
+    wait_for(
+        driver,
+        lambda d: (text := d.find_element(By.CSS_SELECTOR, "#pmner-details").text) != before and "answered in" in text,
+        "an answer",
+    )
 
 
 def test_the_page_tags_a_tweet_with_its_image_in_a_real_browser(served, browser, tmp_path):
@@ -256,9 +289,15 @@ def test_the_page_tags_a_tweet_with_its_image_in_a_real_browser(served, browser,
     assert len(rows) == len(marks) and all("attention" in row.text for row in rows)
 
     # the boxed image: shown, loaded, and holding the colour of the box that the first entity is linked to
-    picture = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#pmner-picture img"), "the boxed image")[0]
-    wait_for(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", picture), "the image loaded")
-    with urllib.request.urlopen(picture.get_attribute("src"), timeout=10) as response:
+    source = wait_for(
+        browser,
+        lambda d: d.execute_script(
+            "const image = document.querySelector('#pmner-picture img');"
+            "return image && image.complete && image.naturalWidth > 0 && image.src"
+        ),
+        "the boxed image, loaded",
+    )
+    with urllib.request.urlopen(source, timeout=10) as response:
         shown = Image.open(io.BytesIO(response.read())).convert("RGB")
     assert shown.size == (320, 240)
     slot = int(links[0].text.split()[1]) - 1
