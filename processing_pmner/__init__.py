@@ -2,9 +2,12 @@
 
 Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
 `AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
-`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`tag_schemes.py`,
-`word_start_spaces.py`, `sentence_windows.py`, `image_loading.py`, `frr_models.py`, `feature_cache.py`) into the
-folder, and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
+`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`prompt_rows.py`, `tag_schemes.py`,
+`word_start_spaces.py`, `sentence_windows.py`, `image_loading.py`, `frr_models.py`, `feature_cache.py`, ...) into
+the folder, and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
+`train_pmner.py` adds the pipeline (`pipeline_pmner.py` with `pipeline_inputs.py`, `entity_aggregation.py`,
+`grounding_pmner.py`, `quantization_pmner.py`, `retrieval_context.py`, `tweet_tokenizer.py`) the same way: the
+files travel because they are imported relatively.
 """
 
 from transformers import AutoImageProcessor, AutoProcessor
