@@ -131,13 +131,18 @@ def bench_page(args) -> None:
             f"{statistics.median(handler):.3f} s, max {max(handler):.3f} s"
         )
     finally:
-        if driver is not None:
-            driver.quit()
-        app.terminate()
-        try:
-            app.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop(driver, app)
+
+
+def stop(driver, app) -> None:
+    """Closes the browser (when one was started) and the app process (killed after 10 s)."""
+    if driver is not None:
+        driver.quit()
+    app.terminate()
+    try:
+        app.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        app.kill()
 
 
 def write_illustration_folder(text_model: str, folder: str) -> str:
@@ -248,13 +253,7 @@ def screenshot(args) -> None:
         small.save(args.screenshot, optimize=True)
         print(f"wrote {args.screenshot}")
     finally:
-        if driver is not None:
-            driver.quit()
-        app.terminate()
-        try:
-            app.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop(driver, app)
 
 
 def bench_frr(args) -> None:
