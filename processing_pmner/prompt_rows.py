@@ -112,10 +112,11 @@ class PromptRowsMixin:
             return [None] * batch_size
         if single and (isinstance(context, str) or context is None):
             context = [context]
-        if isinstance(context, str) or not isinstance(context, (list, tuple)):
+        if isinstance(context, (str, bytes, dict)) or not hasattr(context, "__iter__"):
             raise ValueError(
                 f"context must be a string (or None) per sentence, a list for a batch; got {type(context).__name__}"
             )
+        context = list(context)  # a list, tuple, array or `datasets` column
         if len(context) != batch_size:
             raise ValueError(f"context has {len(context)} entries for {batch_size} sentences")
         contexts = []

@@ -103,6 +103,14 @@ def test_context_with_other_tokenizer_families(family):
     assert set(encoding["labels"][0, length:].tolist()) == {-100}
 
 
+def test_context_column_of_a_dataset_is_taken_as_is(tokenizer):
+    processor = make_processor(tokenizer, max_length=40)
+    column = datasets.Dataset.from_dict({"context": ["obama london", None]})["context"]
+    from_column = processor([WORDS, WORDS], context=column)
+    from_list = processor([WORDS, WORDS], context=["obama london", None])
+    assert torch.equal(from_column["input_ids"], from_list["input_ids"])
+
+
 def test_bad_context_arguments_are_refused(tokenizer):
     processor = make_processor(tokenizer)
     with pytest.raises(ValueError, match="context has 1 entries for 2 sentences"):
