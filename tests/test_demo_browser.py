@@ -316,11 +316,14 @@ def test_the_page_tags_a_tweet_with_its_image_in_a_real_browser(served, browser,
     submit(browser, TEXT, str(broken))
     details = browser.find_element(By.CSS_SELECTOR, "#pmner-details").text
     assert "broken.jpg could not be used" in details and "text alone" in details
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == len(TEXT.split())
+    # the page updates its output blocks one after the other: wait for the entities, bounded
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == len(TEXT.split()),
+             f"{len(TEXT.split())} entities of the text alone")
     submit(browser, "", None)
     assert "the text is empty" in browser.find_element(By.CSS_SELECTOR, "#pmner-details").text
     submit(browser, "trump visits london", None)
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == 3
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == 3,
+             "the 3 entities of 'trump visits london'")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     assert served["process"].poll() is None, "the app stopped serving"
     # nothing but the app was fetched by the page (no web fonts, no analytics)
