@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets.fingerprint import Hasher
 
-from processing_pmner.retrieval_context import ENCODER_FOLDER, RetrievalIndex, SentenceEncoder
+from processing_pmner.retrieval_context import RetrievalIndex, SentenceEncoder
 
 from .arguments import ArgumentsError
 
@@ -162,4 +162,4 @@ def add_retrieved_context(raw: datasets.DatasetDict, index: RetrievalIndex, devi
     logger.info(f"Retrieval context, e.g. validation tweet {' '.join(examples['tokens'])!r} -> {examples['context']!r}")
 
 
-__all__ = ["ENCODER_FOLDER", "prepare_context"]
+__all__ = ["prepare_context"]

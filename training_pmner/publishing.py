@@ -15,6 +15,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 from transformers import TrainerCallback
 
+from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD
+
 from .arguments import ARGUMENT_FILE_SUFFIXES
 from .data import hub_id_of_text_model
 
@@ -27,8 +29,6 @@ TEST_PREDICTIONS = "test_predictions.conll"
 TRAINING_ARGS = "training_args.bin"
 # What a model repository holds: weights, configs, tokenizer files, remote code, results, the per-type report.
 PUBLISHED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model")
-RETRIEVAL_INDEX_RECORD = "retrieval_index.json"
-RETRIEVAL_ENCODER_FOLDER = "retrieval_encoder"
 EXCLUDED_FILES = ("experiment.json",)  # a benchmark runner's record, not the model's
 DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
 
@@ -102,10 +102,10 @@ def publishable_files(output_dir: str, training_args) -> list[str]:
         and (name.endswith(PUBLISHED_SUFFIXES) or name in (TEST_PREDICTIONS, TRAINING_ARGS, "README.md"))
         and not name.startswith((".", "_"))
     )
-    encoder = os.path.join(output_dir, RETRIEVAL_ENCODER_FOLDER)  # the encoder of a saved retrieval index
-    if RETRIEVAL_INDEX_RECORD in names and os.path.isdir(encoder):
+    encoder = os.path.join(output_dir, ENCODER_FOLDER)  # the encoder of a saved retrieval index
+    if INDEX_RECORD in names and os.path.isdir(encoder):
         names += sorted(
-            f"{RETRIEVAL_ENCODER_FOLDER}/{name}"
+            f"{ENCODER_FOLDER}/{name}"
             for name in os.listdir(encoder)
             if os.path.isfile(os.path.join(encoder, name)) and name.endswith(PUBLISHED_SUFFIXES)
         )
