@@ -105,7 +105,10 @@ def hub_name(name: str) -> str:
 
 
 def embed_split(split: datasets.Dataset, encoder: SentenceEncoder, device) -> datasets.Dataset:
-    """The split with an `EMBEDDING_COLUMN` (cached by `datasets` under split and encoder)."""
+    """The split with an `EMBEDDING_COLUMN` (cached by `datasets` under split and encoder); a split that has it
+    already is returned as it is."""
+    if EMBEDDING_COLUMN in split.column_names:
+        return split
 
     def embed(batch):
         return {EMBEDDING_COLUMN: encoder.encode([" ".join(words) for words in batch["tokens"]], device=device).numpy()}
@@ -120,12 +123,14 @@ def embed_split(split: datasets.Dataset, encoder: SentenceEncoder, device) -> da
 
 
 def build_training_index(raw: datasets.DatasetDict, encoder: SentenceEncoder, k: int, device) -> RetrievalIndex:
-    train = embed_split(raw["train"], encoder, device)
+    """The index over the training split; `raw["train"]` keeps its embeddings for `add_retrieved_context`."""
+    fingerprint = Hasher.hash([raw["train"]._fingerprint, encoder.identity, k, CONTEXT_VERSION])
+    train = raw["train"] = embed_split(raw["train"], encoder, device)
     names = train.features["ner_tags"].feature.names
     tags = [[names[tag] for tag in sentence] for sentence in train["ner_tags"]]
     embeddings = as_matrix(train.with_format("numpy", columns=[EMBEDDING_COLUMN])[EMBEDDING_COLUMN])
     index = RetrievalIndex.build(encoder, train["tokens"], tags, k, embeddings=embeddings)
-    index.fingerprint = Hasher.hash([raw["train"]._fingerprint, encoder.identity, k, CONTEXT_VERSION])
+    index.fingerprint = fingerprint
     return index
 
 
