@@ -50,6 +50,10 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="twitter2017,twitter2015")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seed-list", default=None,
+        help="comma list of seeds to run instead of 1..--seeds (e.g. 2,3 to add seeds to a finished seed 1)",
+    )
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -66,6 +70,15 @@ def parse_args():
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
     args = parser.parse_args()
     args.output_dir = os.path.abspath(args.output_dir)
+    if args.seed_list:
+        try:
+            args.seed_values = [int(seed) for seed in args.seed_list.split(",") if seed.strip()]
+        except ValueError:
+            parser.error(f"--seed-list: expected comma-separated integers, got {args.seed_list!r}")
+        if not args.seed_values:
+            parser.error("--seed-list: no seed given")
+    else:
+        args.seed_values = list(range(1, args.seeds + 1))
     return args
 
 
@@ -125,7 +138,7 @@ def main():
     print(f"command: python {' '.join(sys.argv)}")
     table = {}
     for dataset in args.datasets.split(","):
-        pairs = [(arm, seed) for arm in arms for seed in range(1, args.seeds + 1)]
+        pairs = [(arm, seed) for arm in arms for seed in args.seed_values]
         if args.order == "seed":
             pairs.sort(key=lambda pair: pair[1])
         for arm in arms:
@@ -137,7 +150,7 @@ def main():
     subset += f", first {args.max_eval_samples} validation tweets" if args.max_eval_samples else ""
     print(
         f"\n## Text-only test F1 (%), MiniLM-L6, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.learning_rate:g}"
-        f"{subset}, {args.seeds} seeds (mean ± std; model chosen on validation)\n"
+        f"{subset}, seeds {', '.join(map(str, args.seed_values))} (mean ± std; model chosen on validation)\n"
     )
     print(
         "| dataset | arm | validation F1 | test P | test R | test F1 | per-seed test F1 | train tweets "
