@@ -117,14 +117,22 @@ class Demo:
                 item.update(objects.pop("inputs"))
         words = len(text.split())
         if words > 100:
-            notes.append(f"A long text ({words:,} words): tagged in overlapping windows of the model's length.")
+            notes.append(
+                f"A long text ({words:,} words): a text longer than the model's input is tagged in overlapping "
+                "windows."
+            )
         options = {"return_grounding": True} if objects is not None else {}
         if objects is not None and self.grounding_threshold is not None:
             options["grounding_threshold"] = self.grounding_threshold
         entities = self.pipe(item, **options)
         slots = objects["slots"] if objects is not None else []
         if picture is not None:
-            picture = _draw(picture, slots, entities)
+            try:
+                picture = _draw(picture, slots, entities)
+            except Exception as error:  # the entities are still shown; the drawing failure is logged and noted
+                logger.exception("drawing the boxes failed")
+                notes.append(f"The boxes could not be drawn ({type(error).__name__}: {error}); the entities are below.")
+                picture = None
         return _tweet_html(text, entities), picture, _details_html(entities, slots, notes, objects is not None)
 
     def _objects(self, image_path):
@@ -132,13 +140,18 @@ class Demo:
         score}, None)`, or `(None, message)` for an image the image processor could not read."""
         image_processor = self.pipe.processor.image_processor
         image_processor.reset_bad_images()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the BadImageWarning: its text is read from bad_images below
-            output = image_processor([image_path], return_boxes=True)
+        name = os.path.basename(str(image_path))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the BadImageWarning: its text is read from bad_images below
+                output = image_processor([image_path], return_boxes=True, device=self.pipe.device)
+        except ValueError as error:  # BadImageError (a processor saved with on_bad_image="error"), a bad size
+            image_processor.reset_bad_images()
+            return None, f"The image {name} could not be used: {error}."
         if image_processor.bad_images:
             reason = image_processor.bad_images[-1][1]
             image_processor.reset_bad_images()
-            return None, f"The image {os.path.basename(str(image_path))} could not be used: {reason}."
+            return None, f"The image {name} could not be used: {reason}."
         slots = []
         for slot, present in enumerate(output["visual_mask"][0].tolist()):
             if not present:
@@ -221,7 +234,7 @@ def _details_html(entities: list[dict], objects: list[dict], notes: list[str], w
     for entity in entities:
         grounding = entity.get("grounding")
         if grounding is None:
-            linked = "-" if not with_image else "not grounded (no object, or attention below the threshold)"
+            linked = "-" if not with_image else "not grounded (no object, or attention not clearly above uniform)"
         else:
             label = grounding["label"] or "object"
             linked = f'box {grounding["slot"] + 1} ({html.escape(label)}), attention {grounding["weight"]:.2f}'
@@ -265,7 +278,8 @@ def _draw(image, objects: list[dict], entities: list[dict]):
     for item in objects:
         x1, y1, x2, y2 = (value * scale for value in item["box"])
         colour = _slot_colour(item["slot"])
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=colour, width=width)
+        # a box under 1 display pixel wide or high is still drawn (PIL refuses x2 < x1)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
         names = [entity["word"] for entity in entities if (entity.get("grounding") or {}).get("slot") == item["slot"]]
         caption = f'{item["slot"] + 1} {item["label"] or ""}' + (f' <- {", ".join(names)}' if names else "")
         left, top, right, bottom = draw.textbbox((x1 + width, y1 + width), caption, font=font)
@@ -327,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--grounding-threshold", type=float, default=None,
-                        help="Lowest attention weight that links an entity to a box (default: the pipeline's).")
+                        help="How far above uniform attention (1/n over n objects) an entity's top weight must be to "
+                        "link it to a box: weight >= (1 + this) / n (default: the pipeline's, 0.25; 0 links every "
+                        "entity of an image with objects).")
     parser.add_argument("--max-file-size", default="25mb", help="Largest upload Gradio accepts.")
     return parser
 
@@ -337,8 +353,8 @@ def main(argv=None) -> int:
     if not args.model:
         print("app.py: error: pass --model FOLDER_OR_HUB_ID (or set PMNER_MODEL)", file=sys.stderr)
         return 2
-    if args.grounding_threshold is not None and not 0.0 <= args.grounding_threshold <= 1.0:
-        print(f"app.py: error: --grounding-threshold must be in [0, 1], got {args.grounding_threshold}", file=sys.stderr)
+    if args.grounding_threshold is not None and not 0.0 <= args.grounding_threshold < float("inf"):
+        print(f"app.py: error: --grounding-threshold must be a number >= 0, got {args.grounding_threshold}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -348,18 +364,25 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         pipe = load_model(args.model, args.trust_remote_code, args.device)
-    except (OSError, ValueError) as error:
-        print(f"app.py: error: cannot load the model {args.model}: {error}", file=sys.stderr)
+    except Exception as error:  # not a folder, not a P-MNER model, missing remote-code imports, ...: one line
+        logger.debug("loading the model failed", exc_info=True)
+        print(f"app.py: error: --model {args.model}: cannot load it ({type(error).__name__}: {error})", file=sys.stderr)
         return 2
     demo = Demo(pipe, args.grounding_threshold)
     demo.answer("warm up", None)  # the first forward pass is slower: done before the page is served
+    if demo.use_visual:  # FRR's detector and backbone are built now, not on the first image
+        pipe.processor.image_processor.load_models(pipe.device)
     logger.info(f"model {args.model} loaded in {time.perf_counter() - started:.1f} s")
     page = build_page(demo, title="P-MNER")
     page.queue(default_concurrency_limit=1)  # one request at a time on the one model
-    page.launch(
-        server_name=args.host, server_port=args.port, share=False, ssr_mode=False, max_file_size=args.max_file_size,
-        theme=theme(), css=CSS, footer_links=[], quiet=False,
-    )
+    try:
+        page.launch(
+            server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
+            max_file_size=args.max_file_size, theme=theme(), css=CSS, footer_links=[], quiet=False,
+        )
+    except OSError as error:  # e.g. the port is taken
+        print(f"app.py: error: cannot serve on --host {args.host} --port {args.port}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -35,7 +35,8 @@ logger = logging.get_logger(__name__)
 class PMNERModelOutput(ModelOutput):
     r"""
     Output of [`PMNERModel`]. The `*_attentions` fields are filled when `output_attentions=True` (the fusion ones
-    only with objects and `fusion="tcfm"`); `fusion_num_heads` heads each.
+    also with `output_fusion_attentions=True`, and only with objects and `fusion="tcfm"`); `fusion_num_heads` heads
+    each.
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
@@ -201,6 +202,7 @@ class PMNERModel(PMNERPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_fusion_attentions: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | PMNERModelOutput:
         r"""
@@ -217,6 +219,10 @@ class PMNERModel(PMNERPreTrainedModel):
         output_attentions, output_hidden_states (`bool`, *optional*):
             Return the attention weights (text encoder and fusion layers) / the text encoder's hidden states.
             Default to the config's values.
+        output_fusion_attentions (`bool`, *optional*):
+            Return the fusion layers' attention weights only (`text_to_object_attentions`, ...), leaving the text
+            encoder's attention implementation (sdpa, flash) and its outputs as they are; `output_attentions=True`
+            implies it.
         return_dict (`bool`, *optional*):
             `False` returns a tuple of the non-`None` fields. Defaults to `config.return_dict`.
         kwargs: `TransformersKwargs`; only `num_items_in_batch` is accepted here (it only matters for the loss).
@@ -279,7 +285,7 @@ class PMNERModel(PMNERPreTrainedModel):
             visual, visual_attention = self.visual_self_attention(visual, visual_mask)  # V: (B, objects, hidden), eq. 3
             fused, fusion_attentions = self.fusion(text, text_mask, visual, visual_mask)  # H: (B, L, hidden), eq. 4-8
         attentions = {}
-        if output_attentions:
+        if output_attentions or output_fusion_attentions:
             attentions = dict(fusion_attentions, text_self_attentions=text_attention)
             attentions["object_self_attentions"] = visual_attention
         return PMNERModelOutput(
@@ -324,6 +330,7 @@ class PMNERForTokenClassification(PMNERPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_fusion_attentions: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | PMNERTokenClassifierOutput:
         r"""
@@ -346,6 +353,7 @@ class PMNERForTokenClassification(PMNERPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_fusion_attentions=output_fusion_attentions,
             return_dict=True,
             **kwargs,
         )

@@ -9,8 +9,12 @@ that attention, not a trained prediction:
   the word's tag (its first sub-word, in the window that owns it), so it sums to 1 over the image's objects;
 - an entity's attention is the mean of its words' attentions (every word counts equally);
 - the entity is grounded to the object with the highest attention, with that attention as `weight`, unless the image
-  has no object (no image, an unreadable one, a text-only or T+V-concat model: no attention) or the weight is below
-  `threshold` (then `None`).
+  has no object (no image, an unreadable one, a text-only or T+V-concat model: no attention) or the weight is not
+  clearly above uniform attention: with n objects, uniform attention gives each 1/n, and the entity is grounded only
+  when `weight >= (1 + threshold) / n` (then `None`). The bar is relative because the top weight of a softmax over n
+  objects is never below 1/n: with 2 or 3 objects any fixed bar under 1/2 or 1/3 would ground every entity, and an
+  image with a single object (for example only the whole-image filler, when the detector found nothing) has
+  attention 1 on it whatever the text says, so it grounds nothing unless `threshold` is 0.
 
 This file is copied flat into saved model folders with the pipeline (remote code): it imports only torch, numpy
 and the standard library.
@@ -22,8 +26,24 @@ import numpy as np
 import torch
 
 
-# With 5 objects, uniform attention gives each 0.2: the default asks for a clear preference above that.
+# How far above uniform (1/n over n objects) the top weight must be: 0.25 asks for 25 % more than uniform (5
+# objects: 0.25, 3: 0.417, 2: 0.625; 1: never). 0 grounds every entity of an image with objects.
 DEFAULT_GROUNDING_THRESHOLD = 0.25
+
+
+def check_grounding_threshold(value, name: str = "grounding_threshold") -> float:
+    """`value` as a float, or `ValueError` naming `name` when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a number >= 0 (how far above uniform attention, 1/n over n objects, the chosen object's "
+            f"weight must be: grounded when weight >= (1 + {name}) / n), got {value!r}"
+        )
+    return float(value)
+
+
+def required_weight(threshold: float, num_objects: int) -> float:
+    """The lowest weight that grounds an entity in an image with `num_objects` objects."""
+    return (1.0 + threshold) / num_objects
 
 
 def head_mean(text_to_object: torch.Tensor) -> np.ndarray:
@@ -76,10 +96,11 @@ def ground_entity(
         object_mask: (objects,) true for the slots holding an object.
         objects: per slot, `{"box", "label", "score"}` (box x1, y1, x2, y2 in the original image's pixels) or `None`
             where unknown (precomputed features given without boxes).
-        threshold: an entity whose highest attention is below this is not grounded.
+        threshold: an entity is grounded when its highest attention is at least `(1 + threshold) / n`, n the
+            objects present (`required_weight`).
 
     Returns:
-        `{"slot", "box", "label", "score", "weight"}` or `None` (no object, no word, or weight below `threshold`).
+        `{"slot", "box", "label", "score", "weight"}` or `None` (no object, no word, or weight below the bar).
     """
     mask = np.asarray(object_mask, dtype=bool)[: attention.shape[1]] if attention.ndim == 2 else np.zeros(0, bool)
     if not words or not mask.any():
@@ -88,7 +109,8 @@ def ground_entity(
     weights = np.where(mask, weights, -np.inf)
     slot = int(np.argmax(weights))
     weight = float(weights[slot])
-    if not math.isfinite(weight) or weight < threshold:
+    # a float32 softmax can fall a hair under exactly uniform (threshold 0): a tolerance of 1e-6
+    if not math.isfinite(weight) or weight < required_weight(threshold, int(mask.sum())) - 1e-6:
         return None
     found = objects[slot] if objects is not None and slot < len(objects) and objects[slot] is not None else {}
     return {
@@ -146,9 +168,11 @@ def add_grounding(
 __all__ = [
     "DEFAULT_GROUNDING_THRESHOLD",
     "add_grounding",
+    "check_grounding_threshold",
     "entity_words",
     "ground_entity",
     "head_mean",
+    "required_weight",
     "slot_objects",
     "word_attentions",
 ]

@@ -32,7 +32,14 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 from .entity_aggregation import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
-from .grounding_pmner import DEFAULT_GROUNDING_THRESHOLD, add_grounding, head_mean, slot_objects, word_attentions
+from .grounding_pmner import (
+    DEFAULT_GROUNDING_THRESHOLD,
+    add_grounding,
+    check_grounding_threshold,
+    head_mean,
+    slot_objects,
+    word_attentions,
+)
 from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
     INPUT_KEYS,
     contexts_of,
@@ -101,11 +108,13 @@ class PMNERPipeline(Pipeline):
         return_grounding (`bool`, defaults to `False`): give each entity a `"grounding"`: the FRR object that TCFM's
             text-to-object attention of its words points to most, `{"slot", "box" (x1, y1, x2, y2 in the original
             image's pixels), "label" (detector category, or "whole image"), "score" (detector score), "weight"
-            (attention)}`, or `None` (no object, or weight below `grounding_threshold`). It is read from attention:
+            (attention)}`, or `None` (no object, or weight not clearly above uniform, see `grounding_threshold`). It is read from attention:
             the model has no grounding supervision (see `grounding_pmner.py`). For precomputed `visual_features`,
             give `visual_boxes` (objects, 4), `visual_labels` and `visual_scores` (objects,) to get boxes; without
             them `box`, `label` and `score` are `None`.
-        grounding_threshold (`float`, defaults to 0.25): the lowest attention weight that grounds an entity.
+        grounding_threshold (`float`, defaults to 0.25): how far above uniform attention an entity's top weight
+            must be: with n objects it is grounded when `weight >= (1 + grounding_threshold) / n` (5 objects: 0.25;
+            2: 0.625; one object: never, unless 0). 0 grounds every entity of an image with objects.
 
     Batches (`batch_size=` at creation or call) are encoded together: one processor call and one forward per batch
     of tweets (long tweets add window rows). Unreadable images give a `BadImageWarning` naming them and the tweet is
@@ -177,11 +186,7 @@ class PMNERPipeline(Pipeline):
         if return_grounding is not None:
             forward["return_grounding"] = postprocess["return_grounding"] = bool(return_grounding)
         if grounding_threshold is not None:
-            if isinstance(grounding_threshold, bool) or not isinstance(grounding_threshold, (int, float)) or not (
-                0.0 <= grounding_threshold <= 1.0
-            ):
-                raise ValueError(f"grounding_threshold must be a number in [0, 1], got {grounding_threshold!r}")
-            postprocess["grounding_threshold"] = float(grounding_threshold)
+            postprocess["grounding_threshold"] = check_grounding_threshold(grounding_threshold)
         if aggregation_strategy is not None:
             strategy = str(aggregation_strategy).lower()
             if hasattr(aggregation_strategy, "value"):  # transformers' AggregationStrategy enum
@@ -418,7 +423,9 @@ class PMNERPipeline(Pipeline):
             self.model.eval()
         grounding = return_grounding and "visual_features" in model_inputs["model_inputs"]
         try:
-            outputs = self.model(**model_inputs["model_inputs"], **({"output_attentions": True} if grounding else {}))
+            # TCFM's attention only: the text encoder keeps its attention kernel (sdpa) and its outputs
+            fusion = {"output_fusion_attentions": True} if grounding else {}
+            outputs = self.model(**model_inputs["model_inputs"], **fusion)
         finally:
             if training:
                 self.model.train()

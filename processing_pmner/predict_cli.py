@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grounding-threshold", type=float, default=DEFAULT_GROUNDING_THRESHOLD,
-        help="With --grounding: the lowest attention weight that grounds an entity.",
+        help="With --grounding: how far above uniform attention (1/n over n objects) an entity's top weight must be: "
+        "grounded when weight >= (1 + this) / n (default 0.25; 0 grounds every entity of an image with objects).",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true",

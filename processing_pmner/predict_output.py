@@ -9,6 +9,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
+from .grounding_pmner import check_grounding_threshold
 from .predict_reading import guess_format
 
 
@@ -57,8 +58,11 @@ def check_arguments(args):
     if args.feature_cache_dir and os.path.exists(args.feature_cache_dir) and not os.path.isdir(args.feature_cache_dir):
         raise UsageError(f"--feature-cache-dir {args.feature_cache_dir} is a file, not a folder")
     threshold = getattr(args, "grounding_threshold", None)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--grounding-threshold must be in [0, 1], got {threshold}")
+    if threshold is not None:
+        try:
+            check_grounding_threshold(threshold, "--grounding-threshold")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def check_input(args, world: int) -> str:

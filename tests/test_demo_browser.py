@@ -39,9 +39,19 @@ def demo_folder(tmp_path_factory):
     return write_tiny_grounding_folder(tmp_path_factory.mktemp("demo"))
 
 
+# The tiny model's TCFM attention is untrained (close to uniform), so the default bar (25 % above uniform) links
+# no entity to a box: the page tests ask for every entity to be linked (threshold 0), as the screenshot's app does.
 @pytest.fixture(scope="module")
 def demo(demo_folder):
-    return app.Demo(app.load_model(demo_folder))
+    return app.Demo(app.load_model(demo_folder), grounding_threshold=0.0)
+
+
+def test_the_default_threshold_links_nothing_on_untrained_attention(demo, demo_folder, tmp_path):
+    photo = tmp_path / "photo.png"
+    blocks_image(320, 240).save(photo)
+    tweet, picture, details = app.Demo(demo.pipe).answer(TEXT, str(photo))
+    assert tweet.count('class="pmner-entity"') == len(TEXT.split()) and picture is not None  # boxes still drawn
+    assert "box " not in tweet and details.count("not grounded") == len(TEXT.split())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,6 +99,40 @@ def test_unreadable_and_huge_images_are_reported_and_the_text_is_still_tagged(de
     assert "gone.png could not be used" in demo.answer(TEXT, str(missing))[2]
 
 
+def test_a_processor_that_raises_on_bad_images_still_gives_the_text_result(demo, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    monkeypatch.setattr(demo.pipe.processor.image_processor, "on_bad_image", "error")
+    tweet, picture, details = demo.answer(TEXT, str(broken))
+    assert picture is None and "broken.jpg could not be used" in details and "text alone" in details
+    assert tweet.count('class="pmner-entity"') == len(TEXT.split())
+
+
+def test_boxes_thinner_than_a_pixel_are_drawn_and_a_drawing_failure_keeps_the_entities(demo, tmp_path, monkeypatch):
+    image = Image.new("RGB", (4000, 3000), "white")
+    image.info["pmner_scale"] = 0.2  # shown at 800 x 600: a 3-pixel box is 0.6 display pixels wide
+    thin = [{"slot": 0, "box": [100.0, 100.0, 103.0, 900.0], "label": "person", "score": 0.99}]
+    drawn = app._draw(image, thin, [])
+    assert drawn.size == (4000, 3000) and drawn.tobytes() != image.tobytes()
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(app, "_draw", broken)
+    photo = tmp_path / "photo.png"
+    blocks_image(320, 240).save(photo)
+    tweet, picture, details = demo.answer(TEXT, str(photo))
+    assert picture is None and "The boxes could not be drawn (ValueError: cannot draw)" in details
+    assert tweet.count('class="pmner-entity"') == len(TEXT.split()) and "box " in tweet
+
+
+def test_a_folder_that_is_not_a_model_exits_2_naming_the_argument(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert app.main(["--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"--model {tmp_path}: cannot load it" in error and "Traceback" not in error
+
+
 def test_a_text_only_model_says_the_image_is_not_used(tmp_path):
     from fixtures import write_tiny_masked_lm
     from test_pipeline_pmner import build_model, build_processor, force_tag, save_folder
@@ -125,7 +169,7 @@ def test_the_space_runs_the_page_from_the_model_folder_code_alone(demo_folder, t
             app.load_model({demo_folder!r})
         except SystemExit as error:
             refusal = str(error)
-        demo = app.Demo(app.load_model({demo_folder!r}, trust_remote_code=True))
+        demo = app.Demo(app.load_model({demo_folder!r}, trust_remote_code=True), grounding_threshold=0.0)
         tweet, picture, details = demo.answer({TEXT!r}, {str(tmp_path / "photo.png")!r})
         print("RESULT " + json.dumps({{"refusal": refusal, "tweet": tweet, "size": picture.size, "details": details,
                                       "class": type(demo.pipe).__module__}}))
@@ -143,8 +187,10 @@ def test_bad_command_lines_exit_2(capsys, monkeypatch):
     monkeypatch.delenv("PMNER_MODEL", raising=False)
     assert app.main([]) == 2
     assert "pass --model" in capsys.readouterr().err
-    assert app.main(["--model", "x", "--grounding-threshold", "3"]) == 2
-    assert "--grounding-threshold must be in [0, 1]" in capsys.readouterr().err
+    assert app.main(["--model", "x", "--grounding-threshold", "-1"]) == 2
+    assert "--grounding-threshold must be a number >= 0" in capsys.readouterr().err
+    assert app.main(["--model", "x", "--grounding-threshold", "nan"]) == 2
+    assert "--grounding-threshold must be a number >= 0" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,7 +226,7 @@ def served(demo_folder, tmp_path):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         [sys.executable, os.path.join(PROJECT, "app.py"), "--model", demo_folder, "--host", "127.0.0.1",
-         "--port", str(port), "--threads", "1"],
+         "--port", str(port), "--threads", "1", "--grounding-threshold", "0"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
     )
     url = f"http://127.0.0.1:{port}/"

@@ -15,6 +15,7 @@ from fixtures import run_without_project, write_tiny_masked_lm
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.grounding_pmner import (
     add_grounding,
+    required_weight,
     entity_words,
     ground_entity,
     head_mean,
@@ -53,14 +54,31 @@ def test_a_multi_word_entity_averages_its_words_attention():
     assert grounding["slot"] == 0 and grounding["weight"] == pytest.approx(0.4)
 
 
-def test_weights_below_the_threshold_and_images_without_objects_ground_nothing():
+def test_weights_not_clearly_above_uniform_and_images_without_objects_ground_nothing():
     attention = np.array([[0.3, 0.35, 0.35]], dtype=np.float32)
-    assert ground_entity([0], attention, [True, True, True], OBJECTS, threshold=0.5) is None
-    assert ground_entity([0], attention, [True, True, True], OBJECTS, threshold=0.34)["weight"] == pytest.approx(0.35)
+    # 3 objects: uniform is 1/3; the bar is (1 + threshold) / 3
+    assert ground_entity([0], attention, [True, True, True], OBJECTS) is None  # 0.35 < 1.25 / 3
+    assert ground_entity([0], attention, [True, True, True], OBJECTS, threshold=0.06) is None  # 0.35 < 0.3533
+    assert ground_entity([0], attention, [True, True, True], OBJECTS, threshold=0.04)["weight"] == pytest.approx(0.35)
+    # exactly uniform attention (float32) is grounded at threshold 0 and not above it
+    uniform = np.full((1, 3), 1 / 3, dtype=np.float32)
+    assert ground_entity([0], uniform, [True, True, True], OBJECTS, threshold=0.0)["slot"] == 0
+    assert ground_entity([0], uniform, [True, True, True], OBJECTS, threshold=0.01) is None
+    # the bar follows the number of objects present: 0.6 over 2 objects (bar 0.625) is not enough, over 5 it is
+    two = np.array([[0.6, 0.4, 0.0, 0.0, 0.0]], dtype=np.float32)
+    assert ground_entity([0], two, [True, True, False, False, False], None) is None
+    five = np.array([[0.6, 0.1, 0.1, 0.1, 0.1]], dtype=np.float32)
+    assert ground_entity([0], five, [True] * 5, None)["weight"] == pytest.approx(0.6)
+    # a single object (e.g. the whole-image filler alone: the detector found nothing) has attention 1 whatever the
+    # text says: nothing is grounded, unless threshold 0 asks for every entity to be
+    alone = np.array([[1.0]], dtype=np.float32)
+    assert ground_entity([0], alone, [True], OBJECTS[2:]) is None
+    assert ground_entity([0], alone, [True], OBJECTS[2:], threshold=0.0)["label"] == "whole image"
+    assert required_weight(0.25, 5) == pytest.approx(0.25) and required_weight(0.25, 2) == pytest.approx(0.625)
     assert ground_entity([0], attention, [False, False, False], OBJECTS, threshold=0.0) is None  # no object
     assert ground_entity([], attention, [True, True, True], OBJECTS, threshold=0.0) is None  # no word
     # an empty slot is never chosen, even where its (meaningless) attention is highest
-    masked = np.array([[0.2, 0.1, 0.7]], dtype=np.float32)
+    masked = np.array([[0.6, 0.4, 0.9]], dtype=np.float32)  # the real softmax gives the present slots sum 1
     assert ground_entity([0], masked, [True, True, False], OBJECTS, threshold=0.0)["slot"] == 0
 
 
@@ -215,13 +233,13 @@ def test_pipeline_grounds_entities_to_boxes_in_original_image_pixels(grounding_p
     blocks_image(256, 192).save(large)
     plain = grounding_pipe(TEXT, image=str(small))
     assert plain and all("grounding" not in entity for entity in plain)  # unchanged without return_grounding
-    entities = grounding_pipe(TEXT, image=str(small), return_grounding=True)
+    entities = grounding_pipe(TEXT, image=str(small), return_grounding=True, grounding_threshold=0)
     assert [entity["word"] for entity in entities] == TEXT.split()
     assert [{key: e[key] for key in e if key != "grounding"} for e in entities] == plain
     output = grounding_pipe.processor.image_processor(str(small), return_boxes=True)
     for entity in entities:
         grounding = entity["grounding"]
-        assert grounding is not None  # 3 objects: the highest of 3 weights is at least 1/3 > 0.25
+        assert grounding is not None  # threshold 0: the highest of 3 weights is at least uniform, 1/3
         slot = grounding["slot"]
         assert grounding["box"] == pytest.approx(output["visual_boxes"][0, slot].tolist(), abs=0.06)
         assert grounding["label"] == grounding_pipe.processor.image_processor.label_name(int(output["visual_labels"][0, slot]))
@@ -230,12 +248,13 @@ def test_pipeline_grounds_entities_to_boxes_in_original_image_pixels(grounding_p
         x1, y1, x2, y2 = grounding["box"]
         assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 48
     # a high threshold grounds nothing; no image grounds nothing; other outputs carry the grounding too
-    assert all(e["grounding"] is None for e in grounding_pipe(TEXT, image=str(small), return_grounding=True, grounding_threshold=1.0))
+    # (the bar (1 + 2) / 3 = 1 is above any weight but exactly 1, which 3 seeded random objects never give)
+    assert all(e["grounding"] is None for e in grounding_pipe(TEXT, image=str(small), return_grounding=True, grounding_threshold=2.0))
     assert all(e["grounding"] is None for e in grounding_pipe(TEXT, return_grounding=True))
-    words = grounding_pipe(TEXT, image=str(small), return_grounding=True, return_words=True)
+    words = grounding_pipe(TEXT, image=str(small), return_grounding=True, grounding_threshold=0, return_words=True)
     assert [e["grounding"] for e in words["entities"]] == [e["grounding"] for e in entities]
     with pytest.raises(ValueError, match="grounding_threshold"):
-        grounding_pipe(TEXT, return_grounding=True, grounding_threshold=2)
+        grounding_pipe(TEXT, return_grounding=True, grounding_threshold=-0.5)
 
 
 class ColourBlockDetector(torch.nn.Module):
@@ -270,8 +289,8 @@ def test_boxes_are_in_the_original_image_pixels_whatever_its_size(grounding_pipe
     image_processor.load_models("cpu")
     image_processor.set_modules(image_processor._backbone_module, image_processor.feature_dim, detector=ColourBlockDetector())
     pipe = PMNERPipeline(model=grounding_pipe.model, processor=processor, device="cpu")
-    small = pipe(TEXT, image=blocks_image(64, 48), return_grounding=True)
-    large = pipe(TEXT, image=blocks_image(256, 192), return_grounding=True)
+    small = pipe(TEXT, image=blocks_image(64, 48), return_grounding=True, grounding_threshold=0)
+    large = pipe(TEXT, image=blocks_image(256, 192), return_grounding=True, grounding_threshold=0)
     red, blue = [0, 0, 16, 16], [16, 32, 32, 48]  # blocks (1 x 1 of the 4 x 3 grid) of the 64 x 48 image
     # an injected detector has no category names: its labels are "class <index>"
     known = {"class 18": (red, 0.99), "class 1": (blue, 0.9), "whole image": ([0, 0, 64, 48], None)}
@@ -287,14 +306,14 @@ def test_boxes_are_in_the_original_image_pixels_whatever_its_size(grounding_pipe
 
 def test_precomputed_features_ground_with_and_without_their_boxes(grounding_pipe, tmp_path):
     image = blocks_image()
-    from_image = grounding_pipe(TEXT, image=image, return_grounding=True)
+    from_image = grounding_pipe(TEXT, image=image, return_grounding=True, grounding_threshold=0)
     output = grounding_pipe.processor.image_processor(image, return_boxes=True)
     features = {key: output[key][0] for key in output}
-    with_boxes = grounding_pipe(dict(text=TEXT, **features), return_grounding=True)
+    with_boxes = grounding_pipe(dict(text=TEXT, **features), return_grounding=True, grounding_threshold=0)
     assert [e["grounding"] for e in with_boxes] == [e["grounding"] for e in from_image]
     without = grounding_pipe(
         {"text": TEXT, "visual_features": features["visual_features"], "visual_mask": features["visual_mask"]},
-        return_grounding=True,
+        return_grounding=True, grounding_threshold=0,
     )
     for known, bare in zip(from_image, without):
         assert bare["grounding"] == {**known["grounding"], "box": None, "label": None, "score": None}
@@ -309,12 +328,12 @@ def test_grounding_travels_with_the_saved_folder_as_remote_code(grounding_folder
         import json
         from transformers import pipeline
         ner = pipeline(model={grounding_folder!r}, trust_remote_code=True, device="cpu")
-        print("RESULT " + json.dumps(ner({TEXT!r}, image={str(tmp_path / "photo.png")!r}, return_grounding=True)))
+        print("RESULT " + json.dumps(ner({TEXT!r}, image={str(tmp_path / "photo.png")!r}, return_grounding=True, grounding_threshold=0)))
     """
     completed = run_without_project(script, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     remote = json.loads(completed.stdout.split("RESULT ", 1)[1])
-    expected = json.loads(json.dumps(grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)))
+    expected = json.loads(json.dumps(grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True, grounding_threshold=0)))
     assert [e["word"] for e in remote] == [e["word"] for e in expected]
     for got, want in zip(remote, expected):
         assert got["grounding"]["slot"] == want["grounding"]["slot"] and got["grounding"]["label"] == want["grounding"]["label"]
@@ -329,14 +348,14 @@ def test_cli_grounding_writes_boxes_in_jsonl(grounding_folder, grounding_pipe, t
     )
     output = tmp_path / "tagged.jsonl"
     code = predict_main([grounding_folder, str(source), "-o", str(output), "--image-dir", str(tmp_path), "--grounding",
-                         "--no-progress", "--device", "cpu"])
+                         "--grounding-threshold", "0", "--no-progress", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     first, second = [json.loads(line) for line in output.read_text().splitlines()]
     assert first["entities"] and all(entity["grounding"]["box"] is not None for entity in first["entities"])
     assert all(len(entity["grounding"]["box"]) == 4 and entity["grounding"]["label"] for entity in first["entities"])
     assert second["entities"] and all(entity["grounding"] is None for entity in second["entities"])
     # the same as the pipeline's own grounding of that image
-    expected = grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True)
+    expected = grounding_pipe(TEXT, image=str(tmp_path / "photo.png"), return_grounding=True, grounding_threshold=0)
     assert [e["grounding"]["box"] for e in first["entities"]] == [e["grounding"]["box"] for e in expected]
     # without --grounding: no grounding key; CoNLL output cannot carry it
     plain = tmp_path / "plain.jsonl"

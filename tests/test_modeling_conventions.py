@@ -253,6 +253,27 @@ def test_output_attentions_returns_encoder_and_fusion_weights(implementation):
     torch.testing.assert_close(plain.logits, outputs.logits)
 
 
+def test_output_fusion_attentions_keeps_the_encoder_kernel_and_returns_tcfm_weights_only(monkeypatch):
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")
+    inputs = tester.get_inputs(with_labels=False)
+    seen = []
+    forward = model.pmner.text_model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((model.pmner.text_model.config._attn_implementation, kwargs.get("output_attentions")))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.pmner.text_model, "forward", spy)
+    fusion_only = model(**inputs, output_fusion_attentions=True)
+    full = model(**inputs, output_attentions=True)
+    assert seen == [("sdpa", False), ("eager", True)]  # the encoder ran with sdpa and returned no attention
+    assert fusion_only.attentions is None
+    for name in ("text_to_object_attentions", "text_to_fused_object_attentions", "object_to_text_attentions"):
+        torch.testing.assert_close(getattr(fusion_only, name), getattr(full, name))
+    torch.testing.assert_close(fusion_only.logits, full.logits)
+
+
 def test_encoder_attentions_agree_between_sdpa_and_eager():
     model = tiny_model()
     inputs = tester.get_inputs(with_labels=False)
