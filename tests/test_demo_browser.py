@@ -360,13 +360,15 @@ def test_the_page_tags_a_tweet_with_its_image_in_a_real_browser(served, browser,
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image at all")
     submit(browser, TEXT, str(broken))
-    details = browser.find_element(By.CSS_SELECTOR, "#pmner-details").text
-    assert "broken.jpg could not be used" in details and "text alone" in details
+    # the details block may still show the previous answer for a moment (the page re-renders it): wait, bounded
+    wait_for(browser, lambda d: "broken.jpg could not be used" in (text := d.find_element(By.CSS_SELECTOR, "#pmner-details").text)
+             and "text alone" in text, "the unreadable image's message")
     # the page updates its output blocks one after the other: wait for the entities, bounded
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == len(TEXT.split()),
              f"{len(TEXT.split())} entities of the text alone")
     submit(browser, "", None)
-    assert "the text is empty" in browser.find_element(By.CSS_SELECTOR, "#pmner-details").text
+    wait_for(browser, lambda d: "the text is empty" in d.find_element(By.CSS_SELECTOR, "#pmner-details").text,
+             "the empty tweet's message")
     submit(browser, "trump visits london", None)
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pmner-output mark.pmner-entity")) == 3,
              "the 3 entities of 'trump visits london'")
