@@ -361,6 +361,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        print(f"app.py: error: --model {args.model}: no such folder", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         pipe = load_model(args.model, args.trust_remote_code, args.device)

@@ -131,6 +131,8 @@ def test_a_folder_that_is_not_a_model_exits_2_naming_the_argument(tmp_path, caps
     assert app.main(["--model", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert f"--model {tmp_path}: cannot load it" in error and "Traceback" not in error
+    assert app.main(["--model", str(tmp_path / "missing")]) == 2
+    assert f"--model {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
 
 
 def test_a_text_only_model_says_the_image_is_not_used(tmp_path):
