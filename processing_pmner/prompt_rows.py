@@ -184,9 +184,17 @@ class PromptRowsMixin:
             max_pieces = max((len(p) for p in pieces), default=0)
             budget = base - max_pieces if self.prompt_mode == "cloze" else base
             counts = [len(p) for p in pieces]
+            context = contexts[index]
+            if context is not None and sum(counts) > budget:
+                # the pair's own separators (1-2 tokens) must not cost the tweet a word: a tweet that fits a row
+                # alone, or one cut to one row anyway (overflow="truncate"), is encoded without its context
+                alone = self._budget(max_word_pieces=0, pair=False)
+                alone = alone - max_pieces if self.prompt_mode == "cloze" else alone
+                if sum(counts) <= alone or self.overflow == "truncate":
+                    context, budget = None, alone
             context_pieces = None
-            if contexts[index] is not None:
-                context_pieces = [len(p) or 1 for p in self._word_pieces(contexts[index])]
+            if context is not None:
+                context_pieces = [len(p) or 1 for p in self._word_pieces(context)]
                 taken = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=True) - self._template_pieces()
                 if sum(counts) > budget and self.overflow == "window":
                     # a tweet that needs windows: each window leaves up to half the row to the context
@@ -213,7 +221,7 @@ class PromptRowsMixin:
                     row_meta.append((index, window, None, window_index, owners, tag_ids))
                     if context_pieces is not None:
                         free = taken - sum(counts[window[0] : window[1]])
-                        row_contexts.append(_fit(contexts[index], context_pieces, free))
+                        row_contexts.append(_fit(context, context_pieces, free))
                     else:
                         row_contexts.append(None)
             else:
@@ -225,7 +233,7 @@ class PromptRowsMixin:
                     row_meta.append((index, window, word, owners[word], owners, tag_ids))
                     if context_pieces is not None:
                         free = taken - sum(counts[window[0] : window[1]]) - counts[word]
-                        row_contexts.append(_fit(contexts[index], context_pieces, free))
+                        row_contexts.append(_fit(context, context_pieces, free))
                     else:
                         row_contexts.append(None)
 

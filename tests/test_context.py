@@ -78,6 +78,27 @@ def test_every_window_of_a_long_tweet_keeps_the_context_and_no_word_is_dropped(t
     assert processor.post_process_token_classification(encoding["labels"].clamp(min=0), encoding) == [tags]
 
 
+@pytest.mark.parametrize("overflow", ["truncate", "window"])
+def test_a_tweet_that_fills_a_row_alone_loses_no_word_to_its_context(tokenizer, overflow):
+    """The pair's separators cost 1-2 tokens: a tweet that fits one row alone but not beside them is encoded
+    without its context (no word dropped, no extra window); a longer one in truncate mode too."""
+    processor = make_processor(tokenizer, max_length=24, overflow=overflow)
+    words = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
+    fits = max(n for n in range(1, len(words)) if processor(words[:n], return_mapping=True)["input_ids"].shape[0] == 1
+               and processor(words[:n], return_mapping=True).mapping["num_dropped_words"] == [0])
+    plain = processor(words[:fits], return_mapping=True)
+    with_context = processor(words[:fits], context="obama london", return_mapping=True)
+    assert with_context["input_ids"].tolist() == plain["input_ids"].tolist()
+    assert with_context.mapping["num_dropped_words"] == [0]
+    # one word fewer leaves room for the separators: the context is kept (cut to what fits)
+    shorter = processor(words[: fits - 3], context="obama london", return_mapping=True)
+    assert shorter["input_ids"].shape[0] == 1 and "obama" in tokenizer.convert_ids_to_tokens(shorter["input_ids"][0])
+    if overflow == "truncate":  # too long for a row anyway: the same words are kept as without context
+        long_plain = processor(words, return_mapping=True)
+        long_context = processor(words, context="obama london", return_mapping=True)
+        assert long_context.mapping["num_dropped_words"] == long_plain.mapping["num_dropped_words"]
+
+
 def test_context_in_cloze_mode_and_a_batch_with_and_without(tokenizer):
     processor = make_processor(tokenizer, max_length=40, prompt_mode="cloze")
     encoding = processor([WORDS, WORDS], labels=[TAGS, TAGS], context=["obama london", None], return_mapping=True)
