@@ -17,6 +17,7 @@ trained P-MNER folder given as --text_model_name_or_path.
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -29,6 +30,7 @@ from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
+from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
 from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
 from training_pmner.arguments import (
@@ -361,6 +363,14 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         for name in RESULT_FILES:
             if os.path.isfile(os.path.join(training_args.output_dir, name)):
                 os.remove(os.path.join(training_args.output_dir, name))  # this run writes its own
+        if training_args.do_train:
+            # an earlier run's retrieval index (training tweets with gold entities) must not be saved or pushed
+            # beside a model trained without it, nor mix with another encoder's files: this run saves its own
+            for name in (INDEX_WEIGHTS, INDEX_RECORD):
+                if os.path.isfile(os.path.join(training_args.output_dir, name)):
+                    os.remove(os.path.join(training_args.output_dir, name))
+            if os.path.isdir(os.path.join(training_args.output_dir, ENCODER_FOLDER)):
+                shutil.rmtree(os.path.join(training_args.output_dir, ENCODER_FOLDER))
     missing_types = sorted({name.split("-", 1)[1] for name in bio_names if name != "O"} - set(model.config.entity_types))
     if missing_types:
         raise ArgumentsError(

@@ -122,6 +122,26 @@ def test_context_file_run_records_what_the_context_is(workspace, tmp_path):
     card = (tmp_path / "file" / "README.md").read_text()
     assert "hand-written knowledge (PGIM-style): give the same kind of text as `context` at inference" in card
     assert not (tmp_path / "file" / "retrieval_index.json").exists()
+    # the folder keeps its kind of context: retrieval cannot be put on it
+    refused = train(workspace, tmp_path / "eval-retrieval", "--do_eval", "--retrieval_context", "1",
+                    text_model=tmp_path / "file")
+    assert refused.returncode == 2 and "trained with auxiliary context (hand-written knowledge" in refused.stderr
+    assert "--retrieval_context 1 would give it another kind of context" in refused.stderr
+
+
+def test_a_run_without_retrieval_in_an_earlier_retrieval_folder_leaves_no_index(workspace, retrieval_run, tmp_path):
+    """The earlier run's index (training tweets with their gold entities) is neither kept nor published beside a
+    model trained without it."""
+    import shutil
+
+    folder = tmp_path / "reused"
+    shutil.copytree(retrieval_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))  # a new run, not a resume
+    assert (folder / "retrieval_index.json").exists() and (folder / "retrieval_encoder").is_dir()
+    result = train(workspace, folder, "--do_train")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert not (folder / "retrieval_index.json").exists() and not (folder / "retrieval_index.safetensors").exists()
+    assert not (folder / "retrieval_encoder").exists()
+    assert json.loads((folder / "processor_config.json").read_text()).get("context_source") is None
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,11 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
         logger.info(f"Retrieval context from the index saved in {text_model} (k={index.k}, {len(index)} tweets)")
         add_retrieved_context(raw, index, device, trained_here=False)
         return index
+    if trained_folder and saved and data_args.retrieval_context:  # saved kind "column": context from a file
+        raise ArgumentsError(
+            f"{text_model} was trained with {describe(saved)}; --retrieval_context {data_args.retrieval_context} would "
+            "give it another kind of context: the model expects at inference what it was trained with"
+        )
     if trained_folder and bool(saved) != bool(data_args.retrieval_context or has_column):
         expected = describe(saved) if saved else "no context"
         raise ArgumentsError(
@@ -143,7 +148,7 @@ def add_retrieved_context(raw: datasets.DatasetDict, index: RetrievalIndex, devi
     """Adds the `context` column to every split, in place. With `trained_here`, the training split is the index
     itself: each tweet's own row is excluded too (identical texts are excluded for every query)."""
     fingerprint = getattr(index, "fingerprint", None) or Hasher.hash(
-        [index.record(), index.encoder.identity, CONTEXT_VERSION]
+        [index.record(), index.texts, index.keys, index.encoder.identity, CONTEXT_VERSION]  # texts: rendered gold
     )
     for name in list(raw):
         split = embed_split(raw[name], index.encoder, device)
