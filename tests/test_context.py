@@ -249,17 +249,20 @@ def test_dataset_contexts_come_from_training_tweets_only_never_the_tweet_itself(
         )
 
     # validation and test tweets: some with the text of training tweets, some with words no training tweet has
-    other = [(["kawhi", "visits", "london"], ["B-PER", "O", "B-LOC"]), (["zzz", "qqq"], ["O", "O"])]
+    other = [(["kawhi", "visits", "london"], ["B-PER", "O", "B-LOC"]), (["zzz", "qqq"], ["O", "O"]),
+             ([word.upper() for word in train[0][0]], train[0][1])]  # a training tweet's text in capitals
     raw = datasets.DatasetDict({"train": split(train), "validation": split(other), "test": split(other[::-1])})
     index = build_training_index(raw, encoder, 3, "cpu")
     add_retrieved_context(raw, index, "cpu", trained_here=True)
-    rendered = {render_with_entities(w, t) for w, t in train}
+    keys_of = {}  # rendered training tweet -> the text keys (casefolded words) of the training tweets it renders
+    for w, t in train:
+        keys_of.setdefault(render_with_entities(w, t), set()).add(text_key(w))
     for name in raw:
         for row in raw[name]:
             parts = row["context"].split(" ; ")
-            assert 1 <= len(parts) <= 3 and all(part in rendered for part in parts), (name, row)
-            own = render_with_entities(row["tokens"], [names[t] for t in row["ner_tags"]])
-            assert own not in parts  # never the tweet itself, nor a training tweet with its text
+            assert 1 <= len(parts) <= 3 and all(part in keys_of for part in parts), (name, row)  # training tweets
+            own = text_key(row["tokens"])
+            assert all(own not in keys_of[part] for part in parts), (name, row)  # never its own text, in any case
     # the embedding and context columns are cached under a fingerprint: the same call gives the same column
     again = datasets.DatasetDict({"train": split(train), "validation": split(other), "test": split(other[::-1])})
     add_retrieved_context(again, index, "cpu", trained_here=True)
