@@ -162,11 +162,15 @@ def load_retrieval_index(pipe, retrieval_index):
     holding one), else the one saved with a model trained with `--retrieval_context`; `None` for other models."""
     from .retrieval_context import RetrievalIndex
 
-    if isinstance(retrieval_index, RetrievalIndex):
-        return retrieval_index
-    if retrieval_index is not None:
-        return RetrievalIndex.from_pretrained(str(retrieval_index))
     source = getattr(pipe.processor, "context_source", None) or {}
+    if isinstance(retrieval_index, RetrievalIndex) or retrieval_index is not None:
+        index = retrieval_index if isinstance(retrieval_index, RetrievalIndex) else RetrievalIndex.from_pretrained(str(retrieval_index))
+        if source.get("kind") == "retrieval" and source.get("k") not in (None, index.k):
+            logger.warning(
+                f"retrieval_index has k={index.k}; the model was trained with k={source.get('k')} neighbours: it "
+                "expects at inference what it was trained with"
+            )
+        return index
     if source.get("kind") != "retrieval":
         return None
     location = getattr(pipe.model, "name_or_path", None)
@@ -175,7 +179,17 @@ def load_retrieval_index(pipe, retrieval_index):
             "this model was trained with retrieval context, but where it was loaded from is unknown: pass "
             "retrieval_index=<folder or Hub repo with retrieval_index.json>"
         )
-    return RetrievalIndex.from_pretrained(location)
+    # a Hub model: the index of the very commit the model was loaded from (None for a local folder)
+    revision = getattr(pipe.model.config, "_commit_hash", None)
+    index = RetrievalIndex.from_pretrained(location, revision=revision)
+    expected = source.get("embeddings_sha256")
+    if expected is not None and index.record()["embeddings_sha256"] != expected:
+        raise ValueError(
+            f"the retrieval index in {location} is not the one this model was trained with (embeddings sha256 "
+            f"differs from processor_config.json's context_source): save the model and its index again, or pass "
+            "retrieval_index="
+        )
+    return index
 
 
 def contexts_of(pipe, items: list[dict]) -> list | None:

@@ -78,6 +78,22 @@ def test_pipeline_of_the_folder_retrieves_from_its_saved_index(retrieval_run):
     assert int(encoding["token_type_ids"].sum()) > 0  # the retrieved context is in the row
 
 
+def test_a_folder_whose_index_is_not_the_trained_one_is_refused(retrieval_run, tmp_path):
+    import shutil
+
+    from transformers import pipeline
+
+    folder = tmp_path / "swapped"
+    shutil.copytree(retrieval_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "processor_config.json").read_text())
+    record = json.loads((folder / "retrieval_index.json").read_text())
+    assert config["context_source"]["embeddings_sha256"] == record["embeddings_sha256"]
+    config["context_source"]["embeddings_sha256"] = "0" * 64  # as if another run's index had replaced it
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is not the one this model was trained with"):
+        pipeline("multimodal-ner", model=str(folder), trust_remote_code=True)
+
+
 def test_evaluating_the_folder_reuses_its_index_and_scores_the_same(workspace, retrieval_run, tmp_path):
     result = train(workspace, tmp_path / "eval", "--do_eval", text_model=retrieval_run)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

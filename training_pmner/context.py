@@ -75,6 +75,7 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
             "k": index.k,
             "encoder": encoder.name,
             "index": "retrieval_index.json",
+            "embeddings_sha256": index.record()["embeddings_sha256"],  # ties the saved index to this model
             "description": f"the {index.k} nearest training tweets (by {encoder.name} mean-pooled embeddings), their "
             "gold entities marked",
         }
