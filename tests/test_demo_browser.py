@@ -29,8 +29,9 @@ sys.path.insert(0, PROJECT)
 import app  # noqa: E402  (the top-level demo script)
 
 
-CHROMIUM = os.environ.get("PMNER_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("PMNER_CHROMEDRIVER", "/usr/bin/chromedriver")
+# where .ci/run finds them (on PATH), else Debian's paths; PMNER_CHROMIUM / PMNER_CHROMEDRIVER override
+CHROMIUM = os.environ.get("PMNER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = os.environ.get("PMNER_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT = 60  # seconds: the longest wait for the app to serve, or for one answer in the page
 
 
