@@ -275,17 +275,51 @@ def _draw(image, objects: list[dict], entities: list[dict]):
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 250))
     font = ImageFont.load_default(size=max(10, round(max(picture.size) / 45)))
+    for item in objects:  # boxes first, then captions over them (a later box's line never crosses a caption)
+        x1, y1, x2, y2 = (value * scale for value in item["box"])
+        # a box under 1 display pixel wide or high is still drawn (PIL refuses x2 < x1)
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=_slot_colour(item["slot"]), width=width)
+    taken = []  # caption rectangles drawn so far: a caption never covers another
     for item in objects:
         x1, y1, x2, y2 = (value * scale for value in item["box"])
         colour = _slot_colour(item["slot"])
-        # a box under 1 display pixel wide or high is still drawn (PIL refuses x2 < x1)
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
         names = [entity["word"] for entity in entities if (entity.get("grounding") or {}).get("slot") == item["slot"]]
         caption = f'{item["slot"] + 1} {item["label"] or ""}' + (f' <- {", ".join(names)}' if names else "")
-        left, top, right, bottom = draw.textbbox((x1 + width, y1 + width), caption, font=font)
+        # at most the box's width (or a third of the picture for a narrow box): the table below lists every entity
+        caption = _fit(draw, font, caption, max(x2 - x1 - 2 * width, picture.size[0] / 3))
+        x, y = _caption_place(draw, font, caption, (x1 + width, y1 + width), taken, picture.size)
+        left, top, right, bottom = draw.textbbox((x, y), caption, font=font)
         draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
-        draw.text((x1 + width, y1 + width), caption, fill="white", font=font)
+        draw.text((x, y), caption, fill="white", font=font)
+        taken.append((left - 1, top - 1, right + 1, bottom + 1))
     return picture
+
+
+def _fit(draw, font, caption: str, room: float) -> str:
+    """`caption`, cut with an ellipsis to at most `room` pixels wide (its slot number always kept)."""
+    if draw.textlength(caption, font=font) <= room:
+        return caption
+    number = caption.split(" ", 1)[0]
+    while len(caption) > len(number) and draw.textlength(caption + "...", font=font) > room:
+        caption = caption[:-1]
+    return caption.rstrip() + "..."
+
+
+def _caption_place(draw, font, caption: str, start: tuple, taken: list, size: tuple) -> tuple:
+    """Where `caption` goes: at `start` (a box's top left corner), kept inside the picture, moved down below any
+    caption it would cover (a bounded number of steps; the last place is kept if the picture is full)."""
+    x, y = start
+    left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+    x = max(0.0, min(x, size[0] - (right - left) - 2))
+    y = max(0.0, min(y, size[1] - (bottom - top) - 2))
+    for _ in range(len(taken) + 1):
+        box = (x + left - 1, y + top - 1, x + right + 1, y + bottom + 1)
+        covered = [other for other in taken if box[0] < other[2] and other[0] < box[2] and box[1] < other[3]
+                   and other[1] < box[3]]
+        if not covered or max(other[3] for other in covered) + (bottom - top) + 2 > size[1]:
+            break
+        y = max(other[3] for other in covered) + 1 - top
+    return x, y
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from training_pmner.arguments import (
     parse_arguments,
     set_file_defaults,
 )
-from training_pmner.context import prepare_context
+from training_pmner.context import check_same_context, prepare_context
 from training_pmner.data import (
     OFFLINE_MINILM,
     PMNERDataCollator,
@@ -347,6 +347,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if training_args.do_train and isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         check_same_model(f"checkpoint {checkpoint}", read_config(checkpoint), model.config.to_dict())
+        check_same_context(checkpoint, processor.context_source)
     random_frr = frr_weights_are_random(image_processor) if use_visual else []
     if training_args.push_to_hub and random_frr and not training_args.hub_allow_random_frr_weights:
         raise ArgumentsError(

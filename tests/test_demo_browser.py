@@ -127,6 +127,32 @@ def test_boxes_thinner_than_a_pixel_are_drawn_and_a_drawing_failure_keeps_the_en
     assert tweet.count('class="pmner-entity"') == len(TEXT.split()) and "box " in tweet
 
 
+def test_long_captions_are_cut_to_their_box_and_never_cover_each_other():
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.new("RGB", (800, 600), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=18)
+    names = ", ".join(f"Entity number {index} of a long tweet" for index in range(12))
+    caption = app._fit(draw, font, f"3 person <- {names}", 200)
+    assert caption.startswith("3 person <- Entity") and caption.endswith("...")
+    assert draw.textlength(caption, font=font) <= 200
+    assert app._fit(draw, font, "1 dog", 200) == "1 dog"
+    taken = []
+    for _ in range(4):  # four objects with the same top-left corner, near the bottom right of the picture
+        x, y = app._caption_place(draw, font, caption, (700.0, 500.0), taken, image.size)
+        left, top, right, bottom = draw.textbbox((x, y), caption, font=font)
+        assert 0 <= left and right <= 800 and 0 <= top and bottom <= 600
+        assert not any(left - 1 < other[2] and other[0] < right + 1 and top - 1 < other[3] and other[1] < bottom + 1
+                       for other in taken)
+        taken.append((left - 1, top - 1, right + 1, bottom + 1))
+    objects = [{"slot": slot, "box": [10.0, 10.0, 90.0, 90.0], "label": "person", "score": 0.99} for slot in range(5)]
+    entities = [{"word": f"Entity {slot} with a long name", "grounding": {"slot": slot}} for slot in range(5)]
+    pixels = np.asarray(app._draw(image, objects, entities))
+    for slot in range(5):  # each caption's colour is still visible: none was drawn over
+        colour = [int(app._slot_colour(slot)[i:i + 2], 16) for i in (1, 3, 5)]
+        assert int((pixels == colour).all(axis=-1).sum()) > 200, slot
+
+
 def test_a_folder_that_is_not_a_model_exits_2_naming_the_argument(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a model")
     assert app.main(["--model", str(tmp_path)]) == 2

@@ -160,6 +160,24 @@ def test_a_run_without_retrieval_in_an_earlier_retrieval_folder_leaves_no_index(
     assert json.loads((folder / "processor_config.json").read_text()).get("context_source") is None
 
 
+def test_resuming_a_retrieval_checkpoint_with_other_context_is_refused(workspace, retrieval_run, tmp_path):
+    """The Trainer would go on training a model on another input than the one it was trained with so far."""
+    checkpoint = sorted(retrieval_run.glob("checkpoint-*"))[0]
+    assert json.loads((checkpoint / "processor_config.json").read_text())["context_source"]["k"] == 2
+    for extra, given in ((), "this run gives no context"), (("--retrieval_context", "1"), "this run gives retrieval "
+                                                                                          "context (k=1"):
+        result = train(workspace, tmp_path / "resumed", "--do_train", "--resume_from_checkpoint", str(checkpoint), *extra)
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"checkpoint {checkpoint} was trained with retrieval context (k=2" in result.stderr
+        assert given in result.stderr
+        assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    # the same context resumes
+    result = train(workspace, tmp_path / "resumed", "--do_train", "--resume_from_checkpoint", str(checkpoint),
+                   "--retrieval_context", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (tmp_path / "resumed" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -8,6 +8,7 @@ a split under (split, encoder), the contexts under (split, training split, encod
 retrieves from the training split only; a training tweet never retrieves itself or a tweet with its text.
 """
 
+import json
 import logging
 import os
 
@@ -89,6 +90,31 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
         filled = {split: sum(1 for text in raw[split]["context"] if text) for split in raw}
         logger.info(f"Auxiliary context ({description}); tweets with context: {filled}")
     return None
+
+
+def context_identity(source: dict | None) -> dict | None:
+    """What makes a model's context another kind of input: none, retrieval (k, encoder) or a context column."""
+    if not source:
+        return None
+    if source.get("kind") == "retrieval":
+        return {"kind": "retrieval", "k": source.get("k"), "encoder": source.get("encoder")}
+    return {"kind": source.get("kind")}
+
+
+def check_same_context(checkpoint: str, context_source: dict | None) -> None:
+    """Refuses to resume from `checkpoint` when it was trained with another context than this run gives (the
+    Trainer would go on training it on other input). A checkpoint without a processor file is not checked."""
+    path = os.path.join(checkpoint, "processor_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        saved = json.load(handle).get("context_source")
+    if context_identity(saved) != context_identity(context_source):
+        raise ArgumentsError(
+            f"checkpoint {checkpoint} was trained with {describe(saved) if saved else 'no context'}; this run gives "
+            f"{describe(context_source) if context_source else 'no context'} (use the same context arguments, or "
+            "another --output_dir to start over)"
+        )
 
 
 def describe(source: dict) -> str:
@@ -173,4 +199,4 @@ def add_retrieved_context(raw: datasets.DatasetDict, index: RetrievalIndex, devi
     logger.info(f"Retrieval context, e.g. validation tweet {' '.join(examples['tokens'])!r} -> {examples['context']!r}")
 
 
-__all__ = ["prepare_context"]
+__all__ = ["check_same_context", "prepare_context"]
