@@ -275,13 +275,12 @@ def _draw(image, objects: list[dict], entities: list[dict]):
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 250))
     font = ImageFont.load_default(size=max(10, round(max(picture.size) / 45)))
-    for item in objects:  # boxes first, then captions over them (a later box's line never crosses a caption)
-        x1, y1, x2, y2 = (value * scale for value in item["box"])
+    boxes = [[value * scale for value in item["box"]] for item in objects]
+    for item, (x1, y1, x2, y2) in zip(objects, boxes):  # boxes first, then captions (no line crosses a caption)
         # a box under 1 display pixel wide or high is still drawn (PIL refuses x2 < x1)
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=_slot_colour(item["slot"]), width=width)
     taken = []  # caption rectangles drawn so far: a caption never covers another
-    for item in objects:
-        x1, y1, x2, y2 = (value * scale for value in item["box"])
+    for item, (x1, y1, x2, y2) in zip(objects, boxes):
         colour = _slot_colour(item["slot"])
         names = [entity["word"] for entity in entities if (entity.get("grounding") or {}).get("slot") == item["slot"]]
         caption = f'{item["slot"] + 1} {item["label"] or ""}' + (f' <- {", ".join(names)}' if names else "")

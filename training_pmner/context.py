@@ -51,9 +51,8 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
             "give it another kind of context: the model expects at inference what it was trained with"
         )
     if trained_folder and bool(saved) != bool(data_args.retrieval_context or has_column):
-        expected = describe(saved) if saved else "no context"
         raise ArgumentsError(
-            f"{text_model} was trained with {expected}, but this run gives "
+            f"{text_model} was trained with {describe(saved)}, but this run gives "
             f"{'a context column' if has_column else 'no context'}: the model expects at inference what it was trained with"
         )
     if data_args.retrieval_context:
@@ -111,13 +110,14 @@ def check_same_context(checkpoint: str, context_source: dict | None) -> None:
         saved = json.load(handle).get("context_source")
     if context_identity(saved) != context_identity(context_source):
         raise ArgumentsError(
-            f"checkpoint {checkpoint} was trained with {describe(saved) if saved else 'no context'}; this run gives "
-            f"{describe(context_source) if context_source else 'no context'} (use the same context arguments, or "
+            f"checkpoint {checkpoint} was trained with {describe(saved)}; this run gives {describe(context_source)} (use the same context arguments, or "
             "another --output_dir to start over)"
         )
 
 
-def describe(source: dict) -> str:
+def describe(source: dict | None) -> str:
+    if not source:
+        return "no context"
     if source.get("kind") == "retrieval":
         return f"retrieval context (k={source.get('k')}, encoder {source.get('encoder')})"
     return f"auxiliary context ({source.get('description')})"
