@@ -19,8 +19,8 @@ def layer_norm_eps(config: PMNERConfig) -> float:
 class PMNERAttention(nn.Module):
     """Multi-head attention of queries over keys/values with a key mask.
 
-    A query with no valid key (a tweet whose image has no object) gets an all-zero output instead of the NaN of
-    a softmax over nothing.
+    A query with no valid key (a tweet whose image has no object) gets an all-zero output, bias included, instead
+    of the NaN of a softmax over nothing: so a tweet without objects has V' = C = 0 and H = T at any weights.
     """
 
     def __init__(self, config: PMNERConfig):
@@ -47,11 +47,12 @@ class PMNERAttention(nn.Module):
         value = self._split_heads(self.value(keys))  # (B, heads, Lk, d)
         scores = query @ key.transpose(-1, -2) / self.head_dim**0.5  # (B, heads, Lq, Lk)
         key_mask = key_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+        has_key = key_mask.any(dim=-1, keepdim=True)  # (B, 1, 1, 1)
         scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1) * key_mask.any(dim=-1, keepdim=True)  # (B, heads, Lq, Lk); 0 with no key
+        probs = scores.softmax(dim=-1) * has_key  # (B, heads, Lq, Lk); 0 with no key
         context = self.dropout(probs) @ value  # (B, heads, Lq, d)
         context = context.transpose(1, 2).reshape(queries.shape)  # (B, Lq, hidden)
-        return self.output(context), probs
+        return self.output(context) * has_key[:, 0], probs  # (B, Lq, hidden); 0 (no bias) with no key
 
 
 class PMNERSelfAttentionLayer(nn.Module):

@@ -141,12 +141,16 @@ def _resolve_weights(builder_name: str, weights, setting: str):
         return None, None, seed
     if _is_weights_file(weights):
         path = os.fspath(weights)
-        path = path[len(FILE_PREFIX) :] if path.startswith(FILE_PREFIX) else path
-        if not os.path.isfile(path):
+        if path.startswith(FILE_PREFIX):
+            # provenance recorded by save_pretrained, never a path: a file of that name wherever the user stands
+            # is not the saved weights
             raise FileNotFoundError(
-                f"{setting}={weights!r}: no such weights file (a folder saved with its FRR weights is loaded with "
-                "from_pretrained, which reads them from the folder)"
+                f"{setting}={weights!r} records where saved weights came from; it is not a file to read. A folder "
+                "saved with its FRR weights is loaded with PMNERProcessor / AutoProcessor / "
+                "PMNERImageProcessor.from_pretrained, which read its frr_*.safetensors files"
             )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{setting}={weights!r}: no such weights file")
         return None, path, None
     enum = _weights_enum(builder_name)
     if enum is None:
@@ -383,6 +387,40 @@ def locate_frr_weights(path_or_repo, record: dict, **hub_kwargs) -> dict[str, st
     return files
 
 
+def unattached_weights_message(component: str, entry: dict) -> str:
+    return (
+        f"these image-processor settings record saved {component} weights ({entry.get('file')}, sha256 "
+        f"{entry.get('sha256')}), but no folder was given to read them from, so no features are computed (the "
+        f"recorded origin {entry.get('origin')!r} is provenance, never rebuilt). This happens when the settings are "
+        "loaded without their folder, e.g. by AutoImageProcessor.from_pretrained on transformers releases that build "
+        "image processors through from_dict. Load the folder with AutoProcessor.from_pretrained(folder) (its "
+        "image_processor), PMNERImageProcessor.from_pretrained(folder), or call "
+        "image_processor.attach_frr_weights(folder)"
+    )
+
+
+def resolve_revision_once(pretrained_model_name_or_path, kwargs: dict) -> dict:
+    """`kwargs` with `revision` resolved to a commit of a Hub repo, so that the settings and the weights files come
+    from the same state of the repo (as transformers resolves it for a processor's parts); unchanged for a folder."""
+    revision = kwargs.get("revision")
+    if revision is None or os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+        return kwargs
+    try:
+        from transformers.utils.hub import resolve_revision
+    except ImportError:  # older transformers: cached_file resolves the branch on each call
+        return kwargs
+    resolved = resolve_revision(
+        os.fspath(pretrained_model_name_or_path), revision, token=kwargs.get("token"),
+        local_files_only=bool(kwargs.get("local_files_only")), cache_dir=kwargs.get("cache_dir"),
+    )
+    return {**kwargs, "revision": resolved}
+
+
+def hub_kwargs_of(kwargs: dict) -> dict:
+    """The `from_pretrained` arguments that locate files of a folder or Hub repo, for `cached_file`."""
+    return {key: kwargs[key] for key in HUB_KWARGS if kwargs.get(key) is not None}
+
+
 def write_frr_weights(processor, folder: str) -> dict | None:
     """Writes the detector and backbone weights of `processor` into `folder` (building the models if needed) and
     returns the record saved as its `frr_weights`; `None` when `save_frr_weights` is off."""
@@ -456,9 +494,10 @@ class FRRModelsMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Loads the settings and locates the FRR weights files saved with them (nothing is built yet)."""
+        kwargs = resolve_revision_once(pretrained_model_name_or_path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         processor = loaded[0] if isinstance(loaded, tuple) else loaded
-        processor.attach_frr_weights(pretrained_model_name_or_path, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        processor.attach_frr_weights(pretrained_model_name_or_path, **hub_kwargs_of(kwargs))
         return loaded
 
     def attach_frr_weights(self, pretrained_model_name_or_path, **hub_kwargs) -> "FRRModelsMixin":
@@ -483,8 +522,16 @@ class FRRModelsMixin:
         return self._weights_sha256[component]
 
     def _saved_state(self, component: str) -> dict | None:
+        """The verified tensors of the saved weights file of `component`; `None` when the settings record no saved
+        weights for it (a fresh processor: built from its weights setting). Settings that record saved weights are
+        never rebuilt from their origin: without the located file this is an error naming it."""
+        entry = (self.frr_weights or {}).get(component)
+        if not entry:
+            return None
         path = self._weights_files.get(component)
-        return None if path is None else read_weights_file(path, self.frr_weights[component]["sha256"])
+        if path is None:
+            raise OSError(unattached_weights_message(component, entry))
+        return read_weights_file(path, entry["sha256"])
 
     @property
     def feature_dim(self) -> int:

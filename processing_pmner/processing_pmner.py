@@ -36,7 +36,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .frr_models import HUB_KWARGS, save_with_frr_weights
+from .frr_models import hub_kwargs_of, resolve_revision_once, save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
 from .prompt_rows import PromptRowsMixin, TruncationWarning
 from .sentence_windows import window_owner, word_windows
@@ -287,12 +287,21 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Loads a saved processor (folder or Hub repo). When the same folder or repo holds a P-MNER model
         (`config.json` with `model_type` "pmner"), a processor whose tags or tag scheme differ from the model's is
-        refused with a `ValueError` naming both: the model's logits would be read as other tags."""
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        refused with a `ValueError` naming both: the model's logits would be read as other tags.
+
+        The FRR weights files saved with the image processor (`frr_weights`) are located here, in the folder or Hub
+        repo at the same revision as the settings, whatever route transformers takes to build the image processor
+        (its own `from_pretrained`, or `from_dict` from the nested settings); an `image_processor` passed in is used
+        as it is."""
         # ProcessorMixin.from_pretrained's positional parameters, after the path
-        given = {**dict(zip(("cache_dir", "force_download", "local_files_only", "token", "revision"), args)), **kwargs}
-        hub_kwargs = {key: given[key] for key in HUB_KWARGS if key in given}
+        kwargs = {**dict(zip(("cache_dir", "force_download", "local_files_only", "token", "revision"), args)), **kwargs}
+        kwargs = resolve_revision_once(pretrained_model_name_or_path, kwargs)
+        given_image_processor = kwargs.get("image_processor") is not None
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = loaded[0] if isinstance(loaded, tuple) else loaded
+        hub_kwargs = hub_kwargs_of(kwargs)
+        if not given_image_processor and hasattr(processor.image_processor, "attach_frr_weights"):
+            processor.image_processor.attach_frr_weights(pretrained_model_name_or_path, **hub_kwargs)
         location, model_config = _model_config_beside(pretrained_model_name_or_path, hub_kwargs)
         if model_config is not None:
             try:

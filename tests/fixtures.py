@@ -52,6 +52,27 @@ def write_tiny_masked_lm(folder, seed: int = 0) -> str:
     return str(folder)
 
 
+def write_unrebuildable_weights(path, builder: str = "resnet18", seed: int = 0, **builder_kwargs) -> str:
+    """A torchvision model's weights that no setting can rebuild: drawn from `seed`, then every floating tensor
+    perturbed by noise from another generator, saved as safetensors at `path`. A processor built from this file
+    and saved, with the file then deleted, can only give its features by reading the folder's own weights file."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(builder, weights=None, **builder_kwargs)
+    noise = torch.Generator().manual_seed(10_000 + seed)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            tensor = tensor + 0.05 * tensor.std().nan_to_num(1.0) * torch.randn(tensor.shape, generator=noise)
+        state[name] = tensor.contiguous()
+    save_file(state, str(path))
+    return str(path)
+
+
 def make_tweet(rng: random.Random) -> tuple[list[str], list[str]]:
     """A tweet with a learnable pattern: '<PER> visits <LOC>' or 'rt @user : <ORG> meets <PER> today'."""
     if rng.random() < 0.5:

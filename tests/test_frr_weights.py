@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures import run_without_project, write_tiny_tokenizer
+from fixtures import run_without_project, write_tiny_tokenizer, write_unrebuildable_weights
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoProcessor
@@ -105,87 +105,186 @@ def test_saved_config_records_origin_file_and_sha256(tmp_path):
     assert config_of(tmp_path / "torchvision")["frr_weights"]["backbone"]["origin"] == "ResNet18_Weights.IMAGENET1K_V1"
 
 
+def unrebuildable_processor(folder, **settings) -> PMNERImageProcessor:
+    """A processor whose backbone weights come from a perturbed file under `folder`: once saved and the file
+    deleted, no setting can rebuild them."""
+    return small_processor(backbone_weights=write_unrebuildable_weights(folder / "resnet18.safetensors", seed=3), **settings)
+
+
 def test_save_then_load_gives_identical_features_with_a_detector(images, tmp_path):
-    processor = with_detector()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    detector = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    processor = with_detector(
+        backbone_weights=write_unrebuildable_weights(weights / "resnet18.safetensors", seed=3),
+        detector_weights=write_unrebuildable_weights(weights / "detector.safetensors", detector, seed=4, weights_backbone=None),
+    )
     expected = processor(images, return_boxes=True)
     assert expected["visual_mask"].all()  # threshold 0: random detections fill every slot
     processor.save_pretrained(tmp_path / "saved")
-    loaded = AutoImageProcessor.from_pretrained(tmp_path / "saved")
+    shutil.rmtree(weights)  # the source files are gone: only the folder's own weights can do
+    loaded = PMNERImageProcessor.from_pretrained(tmp_path / "saved")
     assert not loaded.models_built  # still lazy
-    assert loaded.to_dict() == processor.to_dict()
+    origins = {"backbone_weights": "file:resnet18.safetensors", "detector_weights": "file:detector.safetensors"}
+    assert loaded.to_dict() == {**processor.to_dict(), **origins}  # the saved folder names no local path
     output = loaded(images, return_boxes=True)
     for key in ("visual_features", "visual_mask", "visual_boxes"):
         assert torch.equal(output[key], expected[key]), key
     assert loaded.fingerprint() == processor.fingerprint()
 
 
-REMOTE_SCRIPT = """
-import json
-from transformers import AutoProcessor
-processor = AutoProcessor.from_pretrained({folder!r}, trust_remote_code=True)
-image_processor = processor.image_processor
-assert not image_processor.models_built
-output = processor([["a", "b"], ["c"]], images={images!r})
-print(json.dumps({{"class": type(image_processor).__module__, "features": output["visual_features"].tolist(),
-                  "mask": output["visual_mask"].tolist(), "files": sorted(image_processor._weights_files)}}))
+LOADERS_SCRIPT = """
+import json, sys
+import torchvision
+from transformers import AutoImageProcessor, AutoProcessor
+
+def no_download(*args, **kwargs):
+    raise SystemExit("a torchvision download was attempted")
+torchvision.models._api.WeightsEnum.get_state_dict = no_download
+import torch.hub
+torch.hub.load_state_dict_from_url = no_download
+
+result = {{}}
+auto = AutoProcessor.from_pretrained({folder!r}, trust_remote_code=True)
+remote_class = type(auto)
+loaders = {{
+    "AutoProcessor": lambda: auto.image_processor,
+    "PMNERProcessor.from_pretrained": lambda: remote_class.from_pretrained({folder!r}, trust_remote_code=True).image_processor,
+    "PMNERImageProcessor.from_pretrained": lambda: type(auto.image_processor).from_pretrained({folder!r}),
+    "AutoImageProcessor": lambda: AutoImageProcessor.from_pretrained({folder!r}, trust_remote_code=True),
+}}
+for name, load in loaders.items():
+    image_processor = load()
+    try:
+        output = image_processor({images!r})
+    except OSError as error:
+        result[name] = {{"error": str(error)}}
+        continue
+    result[name] = {{"module": type(image_processor).__module__, "features": output["visual_features"].tolist(),
+                     "files": sorted(image_processor._weights_files)}}
+print("RESULT " + json.dumps(result))
 """
 
 
-def test_save_then_load_in_a_fresh_process_without_the_project(images, tmp_path):
-    import torchvision
+def run_loaders(folder, images, cwd, env=None) -> dict:
+    result = run_without_project(LOADERS_SCRIPT.format(folder=str(folder), images=images), cwd, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
-    torch.manual_seed(3)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
-    image_processor = small_processor(backbone_weights=str(tmp_path / "resnet18.pth"))
+
+def check_loaders(remote: dict, expected: torch.Tensor):
+    """Every loader gives the features computed before saving; `AutoImageProcessor`, which transformers 5.25 and
+    later build from the settings alone (`from_dict`, no folder), gives them too or refuses naming the weights file,
+    never other features."""
+    for name, outcome in remote.items():
+        if name == "AutoImageProcessor" and "error" in outcome:
+            assert BACKBONE_FILE in outcome["error"] and "AutoProcessor.from_pretrained(folder)" in outcome["error"]
+            continue
+        assert "error" not in outcome, (name, outcome)
+        assert outcome["module"].startswith("transformers_modules"), name
+        assert "backbone" in outcome["files"], name
+        np.testing.assert_array_equal(np.asarray(outcome["features"], dtype=np.float32), expected.numpy(), err_msg=name)
+
+
+def test_every_loader_in_a_fresh_process_reads_the_folder_weights_and_ignores_a_decoy(images, tmp_path):
+    (tmp_path / "weights").mkdir()
+    image_processor = unrebuildable_processor(tmp_path / "weights")
     processor = PMNERProcessor(image_processor, write_tiny_tokenizer(tmp_path / "tokenizer"))
-    expected = processor([["a", "b"], ["c"]], images=images)
+    expected = processor([["a", "b"], ["c"]], images=images)["visual_features"]
     processor.save_pretrained(tmp_path / "saved")
     assert {BACKBONE_FILE, "frr_models.py", "image_loading.py", "feature_cache.py"} <= set(os.listdir(tmp_path / "saved"))
+    record = config_of(tmp_path / "saved", "processor_config.json")["image_processor"]
+    assert record["backbone_weights"] == "file:resnet18.safetensors"
     folder = tmp_path / "elsewhere" / "model"
     shutil.copytree(tmp_path / "saved", folder)
-    os.remove(tmp_path / "resnet18.pth")  # the user's file is gone: the folder alone must do
-
-    result = run_without_project(REMOTE_SCRIPT.format(folder=str(folder), images=images), tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
-    assert remote["class"].startswith("transformers_modules") and remote["files"] == ["backbone"]
-    assert remote["mask"] == expected["visual_mask"].tolist()
-    np.testing.assert_array_equal(np.asarray(remote["features"], dtype=np.float32), expected["visual_features"].numpy())
+    shutil.rmtree(tmp_path / "weights")  # the user's file is gone: the folder alone must do
+    # a decoy of the recorded origin's name where the user stands: never read
+    decoy = tmp_path / "cwd"
+    decoy.mkdir()
+    write_unrebuildable_weights(decoy / "resnet18.safetensors", seed=8)
+    check_loaders(run_loaders(folder, images, decoy), expected)
 
 
-def test_missing_truncated_or_altered_weights_fail_naming_the_file(images, tmp_path):
-    small_processor().save_pretrained(tmp_path / "saved")
+def test_a_torchvision_origin_is_never_downloaded_on_load(images, tmp_path):
+    # the origin names torchvision's ImageNet weights; the module in use (put in place by hand, as load_models would
+    # after a download) holds other weights: on load, only the saved file may give the features
+    pretrained = small_processor(backbone_weights="DEFAULT")
+    file = write_unrebuildable_weights(tmp_path / "weights.safetensors", seed=5)
+    pretrained._backbone_module = small_processor(backbone_weights=file).load_models("cpu")._backbone_module
+    processor = PMNERProcessor(pretrained, write_tiny_tokenizer(tmp_path / "tokenizer"))
+    expected = processor([["a", "b"], ["c"]], images=images)["visual_features"]
+    processor.save_pretrained(tmp_path / "saved")
+    os.remove(file)
+    assert config_of(tmp_path / "saved", "processor_config.json")["image_processor"]["backbone_weights"] == (
+        "ResNet18_Weights.IMAGENET1K_V1"
+    )
+    check_loaders(run_loaders(tmp_path / "saved", images, tmp_path, env={"HF_HUB_OFFLINE": "1"}), expected)
 
-    missing = tmp_path / "missing"
-    shutil.copytree(tmp_path / "saved", missing)
-    os.remove(missing / BACKBONE_FILE)
-    with pytest.raises(OSError, match=f"{BACKBONE_FILE} is missing from {missing}"):
-        AutoImageProcessor.from_pretrained(missing)
 
-    truncated = tmp_path / "truncated"
-    shutil.copytree(tmp_path / "saved", truncated)
-    data = (truncated / BACKBONE_FILE).read_bytes()
-    (truncated / BACKBONE_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(OSError, match=f"{truncated / BACKBONE_FILE} is truncated"):
-        AutoImageProcessor.from_pretrained(truncated)
+def damaged_folders(tmp_path) -> dict:
+    """A saved processor folder (tokenizer included) and copies damaged in each way a download or a hand can."""
+    processor = PMNERProcessor(small_processor(), write_tiny_tokenizer(tmp_path / "tokenizer"))
+    processor.save_pretrained(tmp_path / "saved")
+    folders = {}
 
-    altered = tmp_path / "altered"
-    shutil.copytree(tmp_path / "saved", altered)
-    data = bytearray((altered / BACKBONE_FILE).read_bytes())
-    data[-3] ^= 0x55  # one byte of the last tensor: same size, other weights
-    (altered / BACKBONE_FILE).write_bytes(bytes(data))
-    loaded = AutoImageProcessor.from_pretrained(altered)  # cheap checks pass; the checksum is checked on first use
-    with pytest.raises(ValueError, match=f"{altered / BACKBONE_FILE} has sha256 .* but the processor config records"):
-        loaded(images[0])
-    assert not loaded.models_built  # no fallback to other weights
+    def copy(name):
+        folders[name] = tmp_path / name
+        shutil.copytree(tmp_path / "saved", folders[name])
+        return folders[name]
 
-    relabelled = tmp_path / "relabelled"
-    shutil.copytree(tmp_path / "saved", relabelled)
-    config = config_of(relabelled)
-    config["frr_weights"]["backbone"]["sha256"] = "0" * 64
-    (relabelled / "preprocessor_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{relabelled / BACKBONE_FILE} has sha256"):
-        AutoImageProcessor.from_pretrained(relabelled).load_models("cpu")
+    def edit_record(folder, change):
+        config = config_of(folder, "processor_config.json")
+        change(config["image_processor"])
+        (folder / "processor_config.json").write_text(json.dumps(config))
+
+    os.remove(copy("missing") / BACKBONE_FILE)
+    data = (tmp_path / "saved" / BACKBONE_FILE).read_bytes()
+    (copy("truncated") / BACKBONE_FILE).write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x55  # one byte of the last tensor: same size, other weights
+    (copy("flipped") / BACKBONE_FILE).write_bytes(bytes(flipped))
+    edit_record(copy("other-sha256"), lambda record: record["frr_weights"]["backbone"].update(sha256="0" * 64))
+    edit_record(copy("path-parts"), lambda record: record["frr_weights"]["backbone"].update(file="../../etc/passwd"))
+    return folders
+
+
+DAMAGE_MESSAGES = {
+    "missing": f"{BACKBONE_FILE} is missing from",
+    "truncated": f"{BACKBONE_FILE} is truncated",
+    "flipped": f"{BACKBONE_FILE} has sha256 .* but the processor config records",
+    "other-sha256": f"{BACKBONE_FILE} has sha256 .* but the processor config records",
+    "path-parts": r"frr_weights\['backbone'\] = .*expected a file name",
+}
+
+
+@pytest.mark.parametrize("loader", ["PMNERImageProcessor", "AutoProcessor", "PMNERProcessor"])
+def test_damaged_weights_fail_naming_the_file_from_every_loader(images, tmp_path, loader):
+    load = {
+        "PMNERImageProcessor": PMNERImageProcessor.from_pretrained,
+        "AutoProcessor": lambda folder: AutoProcessor.from_pretrained(folder).image_processor,
+        "PMNERProcessor": lambda folder: PMNERProcessor.from_pretrained(folder).image_processor,
+    }[loader]
+    for name, folder in damaged_folders(tmp_path).items():
+        with pytest.raises((OSError, ValueError), match=DAMAGE_MESSAGES[name]):
+            load(folder)(images[0])  # at load (cheap checks) or at the first image (the checksum)
+
+
+def test_a_file_origin_is_provenance_never_a_path(images, tmp_path, monkeypatch):
+    # settings that name a file origin but record no saved weights (edited by hand): an error, not a decoy read
+    monkeypatch.chdir(tmp_path)
+    write_unrebuildable_weights(tmp_path / "resnet18.safetensors", seed=8)
+    with pytest.raises(FileNotFoundError, match="records where saved weights came from; it is not a file to read"):
+        small_processor(backbone_weights="file:resnet18.safetensors")(images[0])
+    # settings with a record but no folder (as transformers' from_dict builds them): refused, never rebuilt
+    saved = small_processor()
+    saved.save_pretrained(tmp_path / "saved")
+    settings = {key: value for key, value in config_of(tmp_path / "saved").items() if key != "image_processor_type"}
+    unattached = PMNERImageProcessor.from_dict(settings)
+    with pytest.raises(OSError, match=f"record saved backbone weights \\({BACKBONE_FILE}.*attach_frr_weights"):
+        unattached(images[0])
+    assert torch.equal(
+        unattached.attach_frr_weights(tmp_path / "saved")(images)["visual_features"], saved(images)["visual_features"]
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -198,7 +297,7 @@ def test_half_precision_weights_load_as_float32_with_close_features(images, tmp_
     assert {str(tensor.dtype) for tensor in stored.values() if tensor.is_floating_point()} == {f"torch.{dtype}"}
     ratio = os.path.getsize(tmp_path / dtype / BACKBONE_FILE) / os.path.getsize(tmp_path / "float32" / BACKBONE_FILE)
     assert 0.49 < ratio < 0.51
-    loaded = AutoImageProcessor.from_pretrained(tmp_path / dtype)
+    loaded = PMNERImageProcessor.from_pretrained(tmp_path / dtype)
     assert config_of(tmp_path / dtype)["frr_weights"]["dtype"] == dtype
     expected = full(images)["visual_features"]
     output = loaded(images)["visual_features"]
@@ -208,7 +307,7 @@ def test_half_precision_weights_load_as_float32_with_close_features(images, tmp_
     assert (output - expected).abs().max() < 0.05 * scale
     # other stored weights, another cache
     assert loaded.fingerprint() != full.fingerprint()
-    assert AutoImageProcessor.from_pretrained(tmp_path / "float32").fingerprint() == full.fingerprint()
+    assert PMNERImageProcessor.from_pretrained(tmp_path / "float32").fingerprint() == full.fingerprint()
 
 
 def test_cache_fingerprint_follows_the_weights_checksum(images, tmp_path):
@@ -261,11 +360,11 @@ def test_none_weights_are_a_clear_error_pointing_at_random(images, tmp_path):
 
 HUB_SCRIPT = """
 import json, os
-from transformers import AutoImageProcessor
+from transformers import AutoProcessor
 result = {{}}
 for name, revision in (("main", None), ("first", {first!r})):
     kwargs = {{"revision": revision}} if revision else {{}}
-    processor = AutoImageProcessor.from_pretrained("user/frr", trust_remote_code=True, cache_dir={cache!r}, **kwargs)
+    processor = AutoProcessor.from_pretrained("user/frr", trust_remote_code=True, cache_dir={cache!r}, **kwargs).image_processor
     result[name] = {{"features": processor({images!r})["visual_features"].tolist(),
                     "files": {{k: os.path.relpath(v, {cache!r}) for k, v in processor._weights_files.items()}}}}
 print("RESULT " + json.dumps(result))
@@ -275,10 +374,13 @@ print("RESULT " + json.dumps(result))
 def test_weights_come_from_the_hub_repo_at_the_requested_revision(hub_server, images, tmp_path):
     expected = {}
     commits = {}
+    tokenizer = write_tiny_tokenizer(tmp_path / "tokenizer")
     for seed in (1, 2):
-        processor = small_processor(backbone_weights=f"random:{seed}")
-        expected[seed] = processor(images)["visual_features"]
+        weights = write_unrebuildable_weights(tmp_path / "resnet18.safetensors", seed=seed)
+        processor = PMNERProcessor(small_processor(backbone_weights=weights), tokenizer)
+        expected[seed] = processor.image_processor(images)["visual_features"]
         processor.save_pretrained(tmp_path / f"seed{seed}")
+        os.remove(weights)
         api = hub_server.api()
         api.create_repo("user/frr", exist_ok=True)
         commits[seed] = api.upload_folder(folder_path=str(tmp_path / f"seed{seed}"), repo_id="user/frr").oid
