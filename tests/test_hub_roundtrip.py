@@ -2,7 +2,7 @@
 process that cannot import this project, and the Twitter MNER dataset read back with `load_dataset`.
 
 Reusable helpers (for other tests, e.g. an end-to-end `train_pmner.py --push_to_hub` case):
-- `write_tiny_visual_pmner_folder(root)`: a tiny visual P-MNER folder (seeded random FRR backbone saved in it).
+- `write_tiny_visual_pmner_folder(root)`: a tiny visual P-MNER folder (an unrebuildable FRR backbone saved in it).
 - `upload_model_folder(hub, folder, repo_id)`: uploads a saved folder with `HfApi.upload_folder`.
 - `compare_hub_and_local(hub, repo_id, folder, workdir, texts, image=None)`: in a fresh process without the project,
   an empty HF_HOME and HF_ENDPOINT at the test Hub, loads the local folder and the Hub repo with `AutoProcessor`,
@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture, write_unrebuildable_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,9 +246,10 @@ def test_hub_server_protocol_details(hub_server):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_tiny_visual_pmner_folder(root) -> str:
-    """A tiny visual P-MNER folder whose FRR backbone (resnet18, seeded random weights, no detector) is saved in the
-    processor folder, so that every load gives the same image features."""
+def write_tiny_visual_pmner_folder(root, image=None):
+    """A tiny visual P-MNER folder whose FRR backbone (resnet18, no detector) comes from a perturbed weights file that
+    is deleted once saved: no setting rebuilds it, so the same features after a reload prove the folder's own
+    `frr_backbone.safetensors` was read."""
     from transformers import AutoTokenizer
 
     from processing_pmner import PMNERImageProcessor, PMNERProcessor
@@ -256,27 +257,33 @@ def write_tiny_visual_pmner_folder(root) -> str:
 
     text_model = write_tiny_masked_lm(root / "tiny-bert")
     model = build_model(text_model, use_visual=True)
+    weights = write_unrebuildable_weights(root / "resnet18.safetensors", seed=6)
     image_processor = PMNERImageProcessor(
-        detector=None, backbone="resnet18", backbone_weights="random:0", crop_size=32, max_objects=3,
+        detector=None, backbone="resnet18", backbone_weights=weights, crop_size=32, max_objects=3,
         frr_weights_dtype="bfloat16",
     )
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     processor = PMNERProcessor(image_processor, AutoTokenizer.from_pretrained(text_model), label_names=labels, max_length=32)
-    return save_folder(root / "tiny-visual-pmner", model, processor)
+    expected = None if image is None else image_processor(image)["visual_features"]  # (1, objects, D)
+    folder = save_folder(root / "tiny-visual-pmner", model, processor)
+    os.remove(weights)
+    return folder if image is None else (folder, expected)
 
 
 def test_visual_model_round_trip_with_an_image(hub_server, tmp_path):
-    folder = write_tiny_visual_pmner_folder(tmp_path)
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    folder, expected = write_tiny_visual_pmner_folder(tmp_path, image=str(image))
     assert "frr_backbone.safetensors" in os.listdir(folder)
     before = tree_digest(folder)
     upload_model_folder(hub_server, folder, "user/tiny-visual")
     assert tree_digest(folder) == before
-    image = tmp_path / "photo.jpg"
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
     texts = ["trump visits london today", "rt @user : apple meets obama"]
     result = compare_hub_and_local(hub_server, "user/tiny-visual", folder, tmp_path, texts, image=str(image))
     features = torch.tensor(result["hub"]["encoding"]["visual_features"])
-    assert features.abs().sum() > 0 and result["hub"]["encoding"]["visual_mask"][0][0]  # the image was used
+    assert result["hub"]["encoding"]["visual_mask"][0][0]  # the image was used
+    # bfloat16 weights: the features computed before saving, to the precision the folder keeps
+    torch.testing.assert_close(features[0], expected[0], atol=0.05 * float(expected.abs().max()), rtol=0)
     assert any(f"/user/tiny-visual/resolve/" in r and r.endswith("frr_backbone.safetensors") for r in hub_server.server.requests)
     assert any(result["local"]["pipeline"]), "the tiny model predicts no entity at all: nothing compared"
 

@@ -108,8 +108,13 @@ def test_text_only_inputs_and_hidden_states():
 
 
 def test_no_objects_equals_no_image_for_tcfm():
-    """With every object masked, TCFM adds nothing (V' = C = 0) and H = T: same as no visual input at all."""
+    """With every object masked, TCFM adds nothing (V' = C = 0) and H = T: same as no visual input at all, at any
+    weights (the fusion biases, zero at initialisation, are drawn at random as training would move them)."""
     model = PMNERForTokenClassification(tester.get_config()).eval()
+    with torch.no_grad():
+        for name, parameter in model.pmner.named_parameters():
+            if name.startswith(("fusion.", "visual_self_attention.")) and name.endswith("bias"):
+                parameter.normal_()
     inputs = tester.get_inputs(with_labels=False)
     inputs["visual_mask"] = torch.zeros_like(inputs["visual_mask"])
     with_empty = model(**inputs).logits
