@@ -47,10 +47,12 @@ from training_pmner.data import (
     OFFLINE_MINILM,
     PMNERDataCollator,
     entity_types_of,
+    hub_id_of_text_model,
     is_pmner_folder,
     load_raw_data,
     resolve_data_dir,
     resolve_text_model,
+    no_object_message,
     visual_statistics,
 )
 from training_pmner.publishing import (
@@ -247,6 +249,7 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
     image_processor = PMNERImageProcessor(
         detector=none_if_none(model_args.detector),
         detector_weights=model_args.detector_weights,
+        detector_kwargs=model_args.detector_kwargs,
         backbone=model_args.backbone,
         backbone_weights=model_args.backbone_weights,
         score_threshold=model_args.score_threshold,
@@ -267,6 +270,10 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
         fusion_num_heads=model_args.fusion_num_heads,
         visual_feature_dim=image_processor.feature_dim,
         max_objects=image_processor.max_objects,
+    )
+    # config.json names the encoder by its Hub id or its folder's base name, never a path of this machine
+    model.config.text_config._name_or_path = hub_id_of_text_model(text_model) or os.path.basename(
+        os.path.normpath(text_model)
     )
     template = model_args.prompt_template or (DEFAULT_PROMPT_TEMPLATE if model_args.head == "verbalizer" else "{sentence}")
     processor = PMNERProcessor(
@@ -395,6 +402,13 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
             stats = visual_statistics(raw[split], image_processor.max_objects, image_processor.add_whole_image)
             visual_stats.update({f"visual_{split}_{key}": value for key, value in stats.items()})
         logger.info(f"FRR features of {sum(len(raw[split]) for split in raw)} tweets ready in {cache_dir}: {visual_stats}")
+        if image_processor.detector is not None and "train" in raw:
+            train_stats = {key[len("visual_train_") :]: value for key, value in visual_stats.items() if key.startswith("visual_train_")}
+            message = no_object_message(train_stats, image_processor.score_threshold)
+            if message and model_args.require_objects:
+                raise ArgumentsError(f"--require_objects: {message}")
+            if message and training_args.process_index == 0:
+                print(f"train_pmner.py: warning: {message}", file=sys.stderr)
 
     # 4. Tokenise with the prompt template; labels aligned to the first sub-word of each word. Long tweets become
     #    overlapping windows, cloze mode one row per word; the mapping columns lead predictions back to words.
@@ -500,6 +514,8 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         metrics = dict(train_result.metrics, train_samples=len(raw["train"]))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
+        if trainer.state.best_model_checkpoint:  # published: relative to the output folder, no local path
+            trainer.state.best_model_checkpoint = os.path.relpath(trainer.state.best_model_checkpoint, training_args.output_dir)
         trainer.save_state()
         if trainer.is_world_process_zero():
             add_pipeline_to_folder(training_args.output_dir)  # pipeline(model=folder, trust_remote_code=True)

@@ -251,6 +251,34 @@ def build_backbone(name: str, weights, state: dict | None = None) -> torch.nn.Mo
     return model.eval()
 
 
+def check_detector_kwargs(name: str, kwargs: dict) -> None:
+    """Builds the detector's architecture on the meta device (no weights, no memory) with `kwargs`: a `TypeError`
+    naming an argument the builder does not take, a `ValueError` for a builder torchvision does not know."""
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as error:
+        raise ValueError(f"detector={name!r}: {error}") from None
+    with torch.device("meta"):
+        try:
+            model = builder(weights=None, weights_backbone=None, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"the builder {name} does not take these arguments: {error}") from None
+    # torchvision's detection models take **kwargs and drop the names they do not know: check them against the
+    # named parameters of the builder, the model's classes and its transform's
+    import inspect
+
+    known = set(inspect.signature(builder).parameters)
+    for owner in [*type(model).__mro__, type(getattr(model, "transform", None))]:
+        init = owner.__dict__.get("__init__")
+        if init is not None:
+            known |= set(inspect.signature(init).parameters)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"the builder {name} does not take the argument(s) {unknown}")
+
+
 def backbone_feature_dim(name: str) -> int:
     """Width of the backbone's pooled features, read from an architecture built on the meta device (no memory)."""
     import torchvision

@@ -493,3 +493,58 @@ def test_an_output_folder_with_other_files_is_refused(workspace, tmp_path):
                                      "--do_train", "--output_dir", str(folder)])
     assert "is not empty and holds no earlier train_pmner.py run" in message
     assert (folder / "README.md").read_text() == "my own readme"
+
+
+def run_failing(workspace, tmp_path, *extra):
+    command = training_command(workspace, "--output_dir", str(tmp_path / "refused"), *extra)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), **ENV)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[1, 2]", "--detector_kwargs must be a JSON object, got list"),
+        ("{box_score_thresh: 0}", "--detector_kwargs must be a JSON object"),
+        ('{"box_score_thres": 0.0}', "does not take the argument(s) ['box_score_thres']"),
+    ],
+)
+def test_bad_detector_kwargs_exit_2_naming_the_argument(workspace, tmp_path, value, message):
+    result = run_failing(
+        workspace, tmp_path, "--image_dir", str(workspace / "images"), "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "--detector_kwargs", value,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+DETECTOR_RUN = (
+    "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector_weights", "random:1",
+    "--backbone", "resnet18", "--backbone_weights", "random:3", "--crop_size", "32", "--max_objects", "2",
+    "--num_train_epochs", "1",
+)
+
+
+def test_a_detector_that_finds_nothing_is_never_a_silent_text_only_run(workspace, tmp_path):
+    # a random detector at the paper's threshold detects nothing: the run warns, and the card says so
+    images = ("--image_dir", str(workspace / "images"))
+    output_dir, log = run_training(workspace, *images, *DETECTOR_RUN, name=f"{tmp_path.name}-nothing")
+    assert "train_pmner.py: warning: 100.0% of the 47 training images have no object detected above score_threshold=0.95" in log
+    card = (output_dir / "README.md").read_text()
+    assert "0.0% of the 47 training images have an object above the threshold; 47 use the whole-image fallback" in card
+    assert "**warning**: 100.0% have no detected object" in card
+    # --require_objects makes it an error; --detector_kwargs reaches the builder, so that the same detector finds
+    # objects once torchvision's own 0.05 floor is lifted
+    refused = run_failing(workspace, tmp_path, *images, *DETECTOR_RUN, "--require_objects")
+    assert refused.returncode == 2 and "--require_objects: 100.0% of the 47 training images" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    found, log = run_training(
+        workspace, *images, *DETECTOR_RUN, "--score_threshold", "0", "--detector_kwargs", '{"box_score_thresh": 0.0}',
+        "--require_objects", name=f"{tmp_path.name}-found",
+    )
+    assert "have no object detected" not in log
+    results = json.loads((found / "all_results.json").read_text())
+    assert results["visual_train_share_with_object_above_threshold"] == 1.0
+    saved = json.loads((found / "processor_config.json").read_text())["image_processor"]
+    assert saved["detector_kwargs"] == {"box_score_thresh": 0.0}

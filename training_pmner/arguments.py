@@ -62,7 +62,21 @@ class ModelArguments:
     backbone_weights: str | None = field(
         default="DEFAULT", metadata={"help": "ResNet weights, as --detector_weights (DEFAULT: ImageNet)."}
     )
+    detector_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra arguments of the torchvision detector builder, as a JSON object, e.g. "
+            "'{\"box_score_thresh\": 0.0}' (torchvision drops boxes under its own 0.05 before --score_threshold)."
+        },
+    )
     score_threshold: float = field(default=0.95, metadata={"help": "FRR keeps detections scoring above this."})
+    require_objects: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse a visual run in which at least 5%% of the training images have no detected object "
+            "(whole-image fallbacks apart); without it such a run warns."
+        },
+    )
     max_objects: int = field(default=5, metadata={"help": "FRR objects per image."})
     crop_size: int | None = field(
         default=None, metadata={"help": "Side of each object crop (default: the backbone weights' own, 224)."}
@@ -314,6 +328,34 @@ def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
     return set(settings)
 
 
+def none_detector(detector) -> bool:
+    return detector is None or str(detector).lower() == "none"
+
+
+def parse_detector_kwargs(value, detector) -> dict | None:
+    """`--detector_kwargs` as a dict (a JSON object; a dict from a YAML/JSON argument file is taken as it is), checked
+    against the torchvision builder on the meta device (no weights, no memory): an argument it does not take is an
+    `ArgumentsError` naming it."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ArgumentsError(f"--detector_kwargs must be a JSON object, e.g. '{{\"box_score_thresh\": 0.0}}': {error}") from None
+    if not isinstance(value, dict):
+        raise ArgumentsError(f"--detector_kwargs must be a JSON object, got {type(value).__name__} {value!r}")
+    if none_detector(detector):
+        raise ArgumentsError("--detector_kwargs are arguments of the detector builder; --detector none builds none")
+    from processing_pmner.frr_models import check_detector_kwargs
+
+    try:
+        check_detector_kwargs(detector, value)
+    except (TypeError, ValueError) as error:
+        raise ArgumentsError(f"--detector_kwargs {json.dumps(value)}: {error}") from None
+    return value
+
+
 def check_arguments(model_args, data_args, training_args, resumes_trained_folder: bool) -> None:
     """Refuses runs that would silently produce an untrained model, or that cannot run; the message names the
     arguments. `resumes_trained_folder`: --text_model_name_or_path is a P-MNER folder written by this script."""
@@ -344,6 +386,9 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         raise ArgumentsError(
             f"--frr_weights_dtype must be float32, bfloat16 or float16, got {model_args.frr_weights_dtype!r}"
         )
+    model_args.detector_kwargs = parse_detector_kwargs(model_args.detector_kwargs, model_args.detector)
+    if model_args.require_objects and none_detector(model_args.detector):
+        raise ArgumentsError("--require_objects needs a detector: --detector none makes the whole image the only object")
     if data_args.feature_cache_dtype not in ("float32", "float16"):
         raise ArgumentsError(
             f"--feature_cache_dtype must be float32 or float16, got {data_args.feature_cache_dtype!r}"

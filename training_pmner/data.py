@@ -176,3 +176,27 @@ class PMNERDataCollator:
                     mask[row, :count] = torch.as_tensor(feature["visual_mask"], dtype=torch.bool)
             batch["visual_features"], batch["visual_mask"] = visual, mask
         return batch
+
+
+NO_OBJECT_SHARE_LIMIT = 0.05  # a visual run warns (or, with --require_objects, stops) at this share of training images
+
+
+def no_object_message(stats: dict, score_threshold: float) -> str | None:
+    """What a visual run must be told when at least `NO_OBJECT_SHARE_LIMIT` of its training images have no detected
+    object above the threshold (from the train split's `visual_statistics`); `None` when it need not be."""
+    share_with = stats.get("share_with_object_above_threshold")
+    images = stats.get("images_given", 0)
+    if share_with is None or not images:
+        return None
+    share = 1.0 - share_with
+    if share < NO_OBJECT_SHARE_LIMIT:
+        return None
+    fallbacks = stats.get("whole_image_fallbacks", 0)
+    return (
+        f"{share:.1%} of the {images} training images have no object detected above score_threshold={score_threshold} "
+        f"(at least {NO_OBJECT_SHARE_LIMIT:.0%} is flagged; whole-image fallbacks counted apart: {fallbacks} images "
+        "use the whole image as an object), so their visual input is the whole image or nothing. Check "
+        "--detector_weights, lower --score_threshold, or pass --detector_kwargs '{\"box_score_thresh\": 0.0}' "
+        "(torchvision drops boxes under 0.05 first); --require_objects makes this an error"
+    )
+

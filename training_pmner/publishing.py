@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD
 
 from .arguments import ARGUMENT_FILE_SUFFIXES
-from .data import hub_id_of_text_model
+from .data import NO_OBJECT_SHARE_LIMIT, hub_id_of_text_model
 
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,57 @@ def frr_weights_summary(settings: dict, use_visual: bool) -> str:
     return "; ".join(parts)
 
 
+def detections_summary(results: dict, use_visual: bool, detector) -> str:
+    """The training split's detections as the card states them, with the warning `train_pmner.py` gave."""
+    if not use_visual:
+        return "n/a (text-only model)"
+    if detector is None:
+        return "no detector: the whole image is the only object"
+    share_with = results.get("visual_train_share_with_object_above_threshold")
+    if share_with is None:
+        return "not measured in this run"
+    text = (
+        f"{share_with:.1%} of the {results.get('visual_train_images_given', 0)} training images have an object above the "
+        f"threshold; {results.get('visual_train_whole_image_fallbacks', 0)} use the whole-image fallback"
+    )
+    if 1.0 - share_with >= NO_OBJECT_SHARE_LIMIT:
+        text += (
+            f" (**warning**: {1.0 - share_with:.1%} have no detected object, at least {NO_OBJECT_SHARE_LIMIT:.0%}: "
+            "for those the visual input is the whole image or nothing)"
+        )
+    return text
+
+
+def portable_path(value: str, output_dir: str) -> tuple[str, bool]:
+    """`(text, changed)`: a path inside the output folder relative to it, any other absolute or existing path by its
+    base name, anything else as it is. What the card publishes names no folder of the trainer's machine."""
+    if not value or value.startswith("-") or "://" in value:
+        return value, False
+    looks_like_path = os.path.isabs(value) or (os.sep in value and os.path.exists(value))
+    if not looks_like_path:
+        return value, False
+    absolute, root = os.path.realpath(value), os.path.realpath(output_dir)
+    if absolute == root or absolute.startswith(root + os.sep):
+        return os.path.relpath(absolute, root), True
+    return os.path.basename(absolute.rstrip(os.sep)) or value, True
+
+
+def portable_argv(argv: list[str], output_dir: str) -> tuple[list[str], bool]:
+    """The command line with every path made portable (`portable_path`), `--flag=value` forms included."""
+    result, changed = [], False
+    for item in argv:
+        flag, sep, value = item.partition("=") if item.startswith("--") else ("", "", item)
+        text, moved = portable_path(value, output_dir)
+        result.append(f"{flag}{sep}{text}")
+        changed |= moved
+    return result, changed
+
+
+def portable_text(text: str, output_dir: str) -> str:
+    """An argument file's text with every absolute path made portable."""
+    return re.sub(r"(?<![\w:])/[^\s'\",]+", lambda match: portable_path(match.group(0), output_dir)[0], text)
+
+
 def write_model_card(
     output_dir: str,
     results: dict,
@@ -294,17 +345,23 @@ def write_model_card(
         provenance = "This model was trained with `train_pmner.py` of the P-MNER package, by the command below."
     else:
         provenance = (
-            f"This card reports an evaluation of the trained P-MNER model `{model_args.text_model_name_or_path}` by "
+            f"This card reports an evaluation of the trained P-MNER model `{portable_path(model_args.text_model_name_or_path, output_dir)[0]}` by "
             "`train_pmner.py`: the model was **not trained in this run** (see that model's own card for how it was "
             "trained); the training rows below describe this evaluation's settings."
         )
-    command = " ".join(["train_pmner.py", *redacted_argv(argv)])
+    shown_argv, moved = portable_argv(redacted_argv(argv), output_dir)
+    command = " ".join(["train_pmner.py", *shown_argv])
+    if moved:
+        command += "\n# paths: inside the output folder relative to it, any other by its base name"
     file_text = ""
     argument_file = argv[0] if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES) else None
     if argument_file and os.path.isfile(argument_file):
         with open(argument_file) as handle:
-            text = redacted_file_text(handle.read().strip())
-        file_text = f"\nwith `{argument_file}`:\n\n```yaml\n{text}\n```\n"
+            text = portable_text(redacted_file_text(handle.read().strip()), output_dir)
+        file_text = f"\nwith `{portable_path(argument_file, output_dir)[0]}`:\n\n```yaml\n{text}\n```\n"
+    text_model = hub_id_of_text_model(model_args.text_model_name_or_path) or portable_path(
+        model_args.text_model_name_or_path, output_dir
+    )[0]
     card = ModelCard.from_template(
         card_data,
         template_path=CARD_TEMPLATE,
@@ -315,7 +372,8 @@ def write_model_card(
         num_train=num_examples.get("train"),
         num_eval=num_examples.get("validation"),
         num_test=num_examples.get("test"),
-        text_model=model_args.text_model_name_or_path,
+        text_model=text_model,
+        detections=detections_summary(results, use_visual, frr_settings.get("detector")),
         visual_input="FRR object features" if use_visual else "none (text only)",
         frr_weights=frr_weights_summary(frr_settings, use_visual),
         fusion=model_settings["fusion"],
