@@ -4,13 +4,14 @@ files and the Hub clean."""
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture, write_unrebuildable_weights
 from test_hub_roundtrip import closed_port_url, compare_hub_and_local, tree_digest
 
 
@@ -71,6 +72,43 @@ def test_trained_model_is_pushed_whole_and_loads_back_the_same(hub_server, works
     Image.new("RGB", (80, 60), (20, 160, 90)).save(image)
     texts = ["trump visits london today", "rt @user : google meets kawhi leonard"]
     outcome = compare_hub_and_local(hub_server, "user/tiny", output_dir, tmp_path, texts, image=str(image))
+    assert outcome["hub"]["encoding"]["visual_mask"][0][0], "the image was not used"
+
+
+def test_a_push_publishes_no_local_path_and_frr_weights_that_load_without_their_source(hub_server, tmp_path):
+    # every input under a folder whose name appears nowhere else: the published files must not contain it
+    private = tmp_path / f"private-{secrets.token_hex(8)}"
+    write_tiny_masked_lm(private / "tiny-bert")
+    write_twitter_fixture(private / "data", private / "images", sizes=(16, 4, 4))
+    weights = write_unrebuildable_weights(private / "my-resnet18.safetensors", seed=11)
+    (private / "run.yaml").write_text(f"image_dir: {private / 'images'}\nlearning_rate: 0.003\n")
+    output_dir = private / "out"
+    command = [
+        sys.executable, os.path.join(PROJECT, "train_pmner.py"), str(private / "run.yaml"),
+        "--dataset_name", "twitter2017", "--data_dir", str(private / "data"),
+        "--detector", "none", "--backbone", "resnet18", "--backbone_weights", weights, "--crop_size", "32",
+        "--max_objects", "2", "--text_model_name_or_path", str(private / "tiny-bert"), "--fusion_num_heads", "4",
+        "--do_train", "--do_eval", "--num_train_epochs", "2", "--use_cpu", "--seed", "3",
+        f"--output_dir={output_dir}", "--report_to", "none", "--push_to_hub", "--hub_model_id", "user/paths",
+    ]
+    result = run(command, hub_server.process_env(), tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    os.remove(weights)  # only the published frr_backbone.safetensors can give the features now
+    api = hub_server.api()
+    published = {name: open(api.hf_hub_download("user/paths", name, cache_dir=str(tmp_path / "dl")), "rb").read()
+                 for name in api.list_repo_files("user/paths")}
+    leaking = sorted(name for name, data in published.items() if private.name.encode() in data)
+    assert not leaking, leaking
+    card = published["README.md"].decode()
+    assert "--backbone_weights my-resnet18.safetensors" in card and "--output_dir=." in card and "run.yaml" in card
+    assert "image_dir: images" in card and "paths: inside the output folder relative to it" in card
+    results = json.loads(published["all_results.json"])
+    assert results["best_model_checkpoint"].startswith("checkpoint-")
+    assert json.loads(published["config.json"])["text_config"]["_name_or_path"] == "tiny-bert"
+
+    image = tmp_path / "photo.jpg"
+    Image.new("RGB", (80, 60), (20, 160, 90)).save(image)
+    outcome = compare_hub_and_local(hub_server, "user/paths", output_dir, tmp_path, ["trump visits london"], image=str(image))
     assert outcome["hub"]["encoding"]["visual_mask"][0][0], "the image was not used"
 
 
