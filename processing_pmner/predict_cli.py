@@ -509,6 +509,8 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
         pipe = load_pipeline(
             args.model, device, args.aggregation_strategy, args.trust_remote_code, args.quantize, args.retrieval_index
         )
+        if getattr(pipe, "use_visual", False):  # FRR built, its saved weights checked, before any tweet is read
+            pipe.processor.image_processor.load_models(pipe.device)
         failure = None
     except Exception as load_error:  # reported below with the model name; nothing can be tagged without it
         pipe, failure = None, f"{type(load_error).__name__}: {load_error}"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from fixtures import PROJECT, run_without_project, write_tiny_masked_lm
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_unrebuildable_weights
 from modeling_pmner import PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.pipeline_pmner import PMNERPipeline, TASK, add_pipeline_to_folder, register_pipeline
@@ -44,8 +44,12 @@ def build_model(text_model: str, tag_scheme: str = "BIO", use_visual: bool = Tru
 
 
 def build_processor(text_model: str, model, max_length: int = 32, stride: int = 4) -> PMNERProcessor:
+    # weights no setting rebuilds (a perturbed file beside the text model): a reloaded folder can only read its own
+    weights = os.path.join(os.path.dirname(os.path.normpath(text_model)), "frr-resnet18.safetensors")
+    if not os.path.isfile(weights):
+        write_unrebuildable_weights(weights, seed=0)
     image_processor = PMNERImageProcessor(
-        detector=None, backbone="resnet18", backbone_weights="random:0", crop_size=32, max_objects=3
+        detector=None, backbone="resnet18", backbone_weights=weights, crop_size=32, max_objects=3
     )
     labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
     return PMNERProcessor(

@@ -645,6 +645,7 @@ def test_save_and_load_with_remote_code_in_a_fresh_process(image_files, tmp_path
     shutil.copytree(saved, elsewhere)
     images = [str(image_files["jpeg"]), str(image_files["exif"]), None]
     expected = processor(SENTENCES, images=images, labels=TAGS)
+    os.remove(tmp_path / "resnet18.pth")  # the source file is gone (it was in the remote process's working folder)
     script = REMOTE_SCRIPT.format(folder=str(elsewhere), sentences=SENTENCES, images=images, tags=TAGS)
     result = run_without_project(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

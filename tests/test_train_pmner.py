@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_twitter_fixture, write_unrebuildable_weights
 
 
 ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -50,6 +50,7 @@ def workspace(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("train")
     write_tiny_masked_lm(tmp_path / "tiny-bert")
     write_twitter_fixture(tmp_path / "data", tmp_path / "images", sizes=(48, 16, 16), missing_images={"train_3"})
+    write_unrebuildable_weights(tmp_path / "resnet18-frr.safetensors", seed=3)  # no setting rebuilds these
     return tmp_path
 
 
@@ -60,7 +61,7 @@ def visual_run(workspace):
         "--image_dir", str(workspace / "images"),
         "--detector", "none",
         "--backbone", "resnet18",
-        "--backbone_weights", "random:3",
+        "--backbone_weights", str(workspace / "resnet18-frr.safetensors"),
         "--tag_scheme", "BIOES",
         name="visual",
     )
