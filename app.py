@@ -389,6 +389,12 @@ def main(argv=None) -> int:
     if args.grounding_threshold is not None and not 0.0 <= args.grounding_threshold < float("inf"):
         print(f"app.py: error: --grounding-threshold must be a number >= 0, got {args.grounding_threshold}", file=sys.stderr)
         return 2
+    if not 1 <= args.port <= 65535:
+        print(f"app.py: error: --port must be in [1, 65535], got {args.port}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"app.py: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         import torch
@@ -400,14 +406,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         pipe = load_model(args.model, args.trust_remote_code, args.device)
-    except Exception as error:  # not a folder, not a P-MNER model, missing remote-code imports, ...: one line
+        demo = Demo(pipe, args.grounding_threshold)
+        if demo.use_visual:  # FRR's detector and backbone are built (their saved weights checked) now
+            pipe.processor.image_processor.load_models(pipe.device)
+    except Exception as error:  # not a folder, not a P-MNER model, damaged weights, missing imports, ...: one line
         logger.debug("loading the model failed", exc_info=True)
         print(f"app.py: error: --model {args.model}: cannot load it ({type(error).__name__}: {error})", file=sys.stderr)
         return 2
-    demo = Demo(pipe, args.grounding_threshold)
     demo.answer("warm up", None)  # the first forward pass is slower: done before the page is served
-    if demo.use_visual:  # FRR's detector and backbone are built now, not on the first image
-        pipe.processor.image_processor.load_models(pipe.device)
     logger.info(f"model {args.model} loaded in {time.perf_counter() - started:.1f} s")
     page = build_page(demo, title="P-MNER")
     page.queue(default_concurrency_limit=1)  # one request at a time on the one model

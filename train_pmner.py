@@ -23,12 +23,13 @@ import time
 
 import datasets
 import transformers
-from transformers import AutoTokenizer, Trainer, TrainerCallback, set_seed
+from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_pmner import PMNERForTokenClassification
+from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
+from processing_pmner.twitter_mner import TwitterMNERFormatError
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
@@ -211,8 +212,25 @@ def holds_only_runs(folder: str) -> bool:
 FOLDER_SWITCHES = ("fusion", "head", "tag_scheme", "verbalizer_trainable", "fusion_num_heads")
 
 
+def settings_error(what: str, error: Exception) -> ArgumentsError:
+    return ArgumentsError(f"{what}: {error}")
+
+
+def text_model_limit(tokenizer, text_config) -> int | None:
+    """The most tokens the text encoder takes: the tokenizer's `model_max_length` where it is set, else the config's
+    position embeddings."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return getattr(text_config, "max_position_embeddings", None)
+
+
 def build_model_and_processor(model_args, explicit, text_model, trained_folder, use_visual, entity_types):
-    """A fresh P-MNER on a pretrained masked LM with a new processor, or a trained P-MNER folder with its own."""
+    """A fresh P-MNER on a pretrained masked LM with a new processor, or a trained P-MNER folder with its own.
+
+    Everything cheap comes first and is checked (the text model's config and tokenizer, the P-MNER config, the
+    processor and, for a visual run, the FRR networks with their weights), so that a bad setting stops the run
+    with one line naming it before the text model's weights load or any image is read."""
     if trained_folder:
         saved = read_config(text_model)
         differ = [name for name in FOLDER_SWITCHES if name in explicit and saved.get(name) != getattr(model_args, name)]
@@ -223,12 +241,10 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
                 [f"--{name} {getattr(model_args, name)}" for name in differ],
                 "a trained folder keeps its own switches: start from a masked LM to change them",
             )
-        model = PMNERForTokenClassification.from_pretrained(text_model)
         try:
             processor = PMNERProcessor.from_pretrained(text_model)  # refuses tags other than config.json's
-            check_processor_matches_model(processor, model.config)
-        except ValueError as error:
-            raise ArgumentsError(f"{text_model}: {error}") from error
+        except (OSError, ValueError) as error:
+            raise settings_error(text_model, error) from error
         kept = {"prompt_mode": processor.prompt_mode, "prompt_template": processor.prompt_template,
                 "max_seq_length": processor.max_length}
         differ = [name for name in kept if name in explicit and kept[name] != getattr(model_args, name)]
@@ -239,52 +255,90 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
                 [f"--{name} {getattr(model_args, name)}" for name in differ],
                 "a trained folder keeps its own processor: start from a masked LM to change it",
             )
-        if model.config.use_visual != use_visual:
+        if saved.get("use_visual", True) != use_visual:
             raise ArgumentsError(
-                f"{text_model} was trained with use_visual={model.config.use_visual}; this run has "
+                f"{text_model} was trained with use_visual={saved.get('use_visual', True)}; this run has "
                 f"use_visual={use_visual} (--text_only / --image_dir)"
             )
+        build_frr(processor.image_processor, use_visual, text_model)
+        try:
+            model = PMNERForTokenClassification.from_pretrained(text_model)
+            check_processor_matches_model(processor, model.config)
+        except (OSError, ValueError) as error:
+            raise settings_error(text_model, error) from error
         logger.info(f"Loaded the trained P-MNER model and processor of {text_model}")
         return model, processor
-    image_processor = PMNERImageProcessor(
-        detector=none_if_none(model_args.detector),
-        detector_weights=model_args.detector_weights,
-        detector_kwargs=model_args.detector_kwargs,
-        backbone=model_args.backbone,
-        backbone_weights=model_args.backbone_weights,
-        score_threshold=model_args.score_threshold,
-        max_objects=model_args.max_objects,
-        crop_size=model_args.crop_size,
-        add_whole_image=model_args.add_whole_image,
-        save_frr_weights=use_visual,  # a text-only model carries no FRR weights
-        frr_weights_dtype=model_args.frr_weights_dtype,
-    )
-    model = PMNERForTokenClassification.from_text_pretrained(
-        text_model,
-        use_visual=use_visual,
-        fusion=model_args.fusion,
-        head=model_args.head,
-        tag_scheme=model_args.tag_scheme,
-        entity_types=entity_types,
-        verbalizer_trainable=model_args.verbalizer_trainable,
-        fusion_num_heads=model_args.fusion_num_heads,
-        visual_feature_dim=image_processor.feature_dim,
-        max_objects=image_processor.max_objects,
-    )
+
+    try:
+        text_config = AutoConfig.from_pretrained(text_model)
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+    except (OSError, ValueError) as error:
+        raise settings_error(f"--text_model_name_or_path {model_args.text_model_name_or_path}", error) from error
+    try:
+        image_processor = PMNERImageProcessor(
+            detector=none_if_none(model_args.detector),
+            detector_weights=model_args.detector_weights,
+            detector_kwargs=model_args.detector_kwargs,
+            backbone=model_args.backbone,
+            backbone_weights=model_args.backbone_weights,
+            score_threshold=model_args.score_threshold,
+            max_objects=model_args.max_objects,
+            crop_size=model_args.crop_size,
+            add_whole_image=model_args.add_whole_image,
+            save_frr_weights=use_visual,  # a text-only model carries no FRR weights
+            frr_weights_dtype=model_args.frr_weights_dtype,
+        )
+        config_kwargs = dict(
+            use_visual=use_visual,
+            fusion=model_args.fusion,
+            head=model_args.head,
+            tag_scheme=model_args.tag_scheme,
+            entity_types=entity_types,
+            verbalizer_trainable=model_args.verbalizer_trainable,
+            fusion_num_heads=model_args.fusion_num_heads,
+            visual_feature_dim=image_processor.feature_dim,
+            max_objects=image_processor.max_objects,
+        )
+        config = PMNERConfig(text_config=text_config, **config_kwargs)  # checks the switches; no weights
+        template = model_args.prompt_template or (
+            DEFAULT_PROMPT_TEMPLATE if model_args.head == "verbalizer" else "{sentence}"
+        )
+        processor = PMNERProcessor(
+            image_processor,
+            tokenizer,
+            prompt_template=template,
+            prompt_mode=model_args.prompt_mode,
+            label_names=[config.id2label[i] for i in range(config.num_labels)],
+            max_length=model_args.max_seq_length,
+        )
+    except (ValueError, TypeError) as error:
+        raise ArgumentsError(str(error)) from error
+    limit = text_model_limit(tokenizer, text_config)
+    if limit is not None and model_args.max_seq_length > limit:
+        raise ArgumentsError(
+            f"--max_seq_length {model_args.max_seq_length} is more than the {limit} tokens the text model "
+            f"{model_args.text_model_name_or_path} takes"
+        )
+    build_frr(image_processor, use_visual, "the FRR settings")
+    try:
+        model = PMNERForTokenClassification.from_text_pretrained(text_model, tokenizer=tokenizer, **config_kwargs)
+    except (OSError, ValueError) as error:
+        raise settings_error(f"--text_model_name_or_path {model_args.text_model_name_or_path}", error) from error
     # config.json names the encoder by its Hub id or its folder's base name, never a path of this machine
     model.config.text_config._name_or_path = hub_id_of_text_model(text_model) or os.path.basename(
         os.path.normpath(text_model)
     )
-    template = model_args.prompt_template or (DEFAULT_PROMPT_TEMPLATE if model_args.head == "verbalizer" else "{sentence}")
-    processor = PMNERProcessor(
-        image_processor,
-        AutoTokenizer.from_pretrained(text_model),
-        prompt_template=template,
-        prompt_mode=model_args.prompt_mode,
-        label_names=[model.config.id2label[i] for i in range(model.config.num_labels)],
-        max_length=model_args.max_seq_length,
-    )
     return model, processor
+
+
+def build_frr(image_processor, use_visual: bool, source: str) -> None:
+    """Builds a visual run's FRR networks now (their weights read and checked, or downloaded), before any image."""
+    if not use_visual:
+        return
+    try:
+        image_processor.load_models("cpu")
+    except (OSError, ValueError, TypeError, RuntimeError) as error:
+        raise settings_error(f"FRR networks of {source}", error) from error
 
 
 def main(argv: list[str] | None = None):
@@ -296,13 +350,24 @@ def main(argv: list[str] | None = None):
         check_arguments(model_args, data_args, training_args, resumes_trained_folder=trained_folder)
         check_paths(model_args, data_args, training_args, text_model)
     except (ArgumentsError, ImportError) as error:
-        print(f"train_pmner.py: error: {error}", file=sys.stderr)
+        print(f"train_pmner.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     try:
         run(model_args, data_args, training_args, text_model, trained_folder, argv)
-    except (ArgumentsError, PushError, ContextFileError) as error:
-        print(f"train_pmner.py: error: {error}", file=sys.stderr)
+    except (ArgumentsError, PushError, ContextFileError, TwitterMNERFormatError) as error:
+        print(f"train_pmner.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(1 if isinstance(error, PushError) else 2)
+    except KeyboardInterrupt:
+        print(
+            f"train_pmner.py: interrupted; run the same command again to resume from the last checkpoint in "
+            f"{training_args.output_dir}", file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (a multi-line message's lines joined)."""
+    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 def run(model_args, data_args, training_args, text_model: str, trained_folder: bool, argv: list[str]):
@@ -338,6 +403,11 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         reason = "--text_only was given" if data_args.text_only else "no --image_dir was given"
         logger.warning(f"Training WITHOUT images ({reason}): the model is text-only (use_visual=False).")
     bio_names = raw["train"].features["ner_tags"].feature.names
+    if data_args.retrieval_context > len(raw["train"]):
+        raise ArgumentsError(
+            f"--retrieval_context {data_args.retrieval_context} asks for more neighbours than the {len(raw['train'])} "
+            "training tweets"
+        )
 
     # 2. Model and processor: a fresh P-MNER on a pretrained masked LM, or a trained P-MNER folder (to evaluate it,
     #    or to train it further) with its own processor. Neither may silently become another kind of model.

@@ -130,6 +130,8 @@ class PMNERConfig(PreTrainedConfig):
             raise ValueError(f"tag_scheme must be one of {TAG_SCHEMES}, got {self.tag_scheme!r}")
         if self.max_objects < 1:
             raise ValueError(f"max_objects must be at least 1, got {self.max_objects}")
+        if not isinstance(self.fusion_num_heads, int) or self.fusion_num_heads < 1:
+            raise ValueError(f"fusion_num_heads must be a positive integer, got {self.fusion_num_heads!r}")
         if self.hidden_size % self.fusion_num_heads != 0:
             raise ValueError(
                 f"fusion_num_heads={self.fusion_num_heads} must divide the text model's hidden size "

@@ -6,6 +6,9 @@ prompt head and its label words in `verbalizer_pmner.py`, the input checks in `i
 """
 
 import contextlib
+import json
+import os
+import struct
 import inspect
 from dataclasses import dataclass
 
@@ -108,6 +111,38 @@ def text_encoder_class(text_config) -> type:
     return AutoModel._model_mapping[type(text_config)]
 
 
+def safetensors_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header (no tensor is read)."""
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def check_config_matches_weights(model_class, folder: str, config: PMNERConfig | None = None) -> None:
+    """Raises a `ValueError` naming `config.json` and `model.safetensors` of `folder` when the model the config
+    describes has tensors of other shapes than the file holds (the model is built on the meta device: no memory)."""
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights) or not os.path.isfile(os.path.join(folder, "config.json")):
+        return  # sharded or missing: transformers reports it
+    try:
+        saved = safetensors_shapes(weights)
+    except (OSError, ValueError, struct.error) as error:
+        raise ValueError(f"{weights} is not a readable safetensors file: {error}") from error
+    config = config if config is not None else model_class.config_class.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
+    differ = [
+        f"{name}: {saved[name]} in model.safetensors, {shape} from config.json"
+        for name, shape in expected.items() if name in saved and saved[name] != shape
+    ]
+    if differ:
+        raise ValueError(
+            f"config.json of {folder} does not describe its model.safetensors ({len(differ)} tensors differ; "
+            f"{'; '.join(differ[:3])}): the config was edited or comes from another model"
+        )
+
+
 class PMNERPreTrainedModel(PreTrainedModel):
     config_class = PMNERConfig
     base_model_prefix = "pmner"
@@ -130,6 +165,16 @@ class PMNERPreTrainedModel(PreTrainedModel):
     @property
     def _supports_flex_attn(self) -> bool:
         return bool(getattr(text_encoder_class(self.config.text_config), "_supports_flex_attn", False))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after checking that the folder's `config.json` describes the tensors of
+        its `model.safetensors` (labels, visual feature width, sizes): a hand-edited or mixed-up config is a
+        `ValueError` naming both files and the first tensors that differ, not a size-mismatch report."""
+        config = kwargs.get("config")
+        if (config is None or isinstance(config, PMNERConfig)) and os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+            check_config_matches_weights(cls, os.fspath(pretrained_model_name_or_path), config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

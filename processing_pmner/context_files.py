@@ -35,8 +35,12 @@ def _records(path: str):
         for row, record in enumerate(table.to_pylist(), start=1):
             yield f"row {row}", record
         return
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ContextFileError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
             if not line.strip():
                 continue
             try:

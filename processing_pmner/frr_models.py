@@ -57,6 +57,17 @@ def _weights_enum(builder_name: str):
         return None
 
 
+def builder_exists(name: str) -> bool:
+    """Whether torchvision has a model builder of that name (a registry lookup: nothing is built)."""
+    import torchvision
+
+    try:
+        torchvision.models.get_model_builder(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_weights_file(weights) -> bool:
     return isinstance(weights, (str, os.PathLike)) and (
         os.fspath(weights).startswith(FILE_PREFIX)
@@ -162,7 +173,10 @@ def _read_state_dict(path: str, setting: str) -> dict:
     if path.endswith(".safetensors"):
         if safetensors_load_file is None:
             raise ImportError(f"{setting}={path!r} is a safetensors file but `safetensors` is not installed")
-        state = safetensors_load_file(path)
+        try:
+            state = safetensors_load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError; re-raised naming the file
+            raise OSError(f"{setting}={path!r} could not be read as safetensors weights: {error}") from error
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -98,6 +98,22 @@ from .predict_reading import (  # noqa: F401
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def one_line(message: str) -> str:
+    """A message on one line: a traceback quoted inside it (transformers' pipeline quotes the errors of each model
+    class it tried) is cut down to its last line, the error itself; the other lines are joined."""
+    lines, skipping = [], False
+    for line in str(message).splitlines():
+        if line.strip().startswith("Traceback (most recent call last)"):
+            skipping = True
+            continue
+        if skipping and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        skipping = False
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
 def load_pipeline(
     model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool, quantize: str | None = None,
     retrieval_index: str | None = None,
@@ -473,7 +489,7 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
 
     def error(message: str) -> int:
         if rank == 0:
-            print(f"pmner-predict: error: {message}", file=sys.stderr)
+            print(f"pmner-predict: error: {one_line(message)}", file=sys.stderr)
         return 2
 
     problem = progress = None
@@ -525,6 +541,8 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
         try:
             settings = run_settings(args, input_format, output_format) if os.path.isfile(args.input) else None
             writer = OutputWriter(args.output, settings, progress)
+        except UsageError as refusal:  # a FIFO nobody reads
+            failure = str(refusal)
         except OSError as open_error:  # e.g. another run created the partial output since the check
             failure = f"cannot write the output {args.output}: {open_error}"
     failure = processes.gather(failure)[0]

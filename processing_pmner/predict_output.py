@@ -3,9 +3,11 @@ output that cannot be used (`UsageError`, exit status 2), an output that would d
 of an interrupted run for `--resume`; `OutputWriter` writes `<output>.partial` and renames it when complete.
 """
 
+import errno
 import json
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -94,6 +96,35 @@ def _stream_stat(stream):
         return None
 
 
+STREAM_KINDS = ("character device", "FIFO")
+
+
+def special_file_kind(path: str) -> str | None:
+    """What an existing output path is when it is not a regular file or folder ("character device", "FIFO",
+    "socket", "block device"); `None` otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return None
+
+
+def open_stream(path: str):
+    """A character device or FIFO opened for writing; a FIFO nobody reads is refused instead of waiting forever."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ENXIO:
+            raise UsageError(f"output {path} is a FIFO that nobody reads: start its reader first") from None
+        raise UsageError(f"cannot write the output {path}: {error.strerror}") from None
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "wb")
+
+
 def output_target(output: str) -> str:
     """The file the output replaces: for a symlink, the file it points to (the link then shows the new output)."""
     return os.path.realpath(output) if os.path.islink(output) else output
@@ -122,6 +153,13 @@ def check_output(args, input_format: str, output_format: str) -> dict | None:
             raise UsageError(f"the standard output goes into the input file {args.input}, which would destroy it")
         return None
     target = output_target(args.output)
+    kind = special_file_kind(target)
+    if kind is not None:
+        if kind not in STREAM_KINDS:
+            raise UsageError(f"output {args.output} is a {kind}; pass a regular file, a character device or a FIFO")
+        if args.resume:
+            raise UsageError(f"--resume needs a regular output file: {args.output} is a {kind}, written as a stream")
+        return None  # written to directly, as a stream: never replaced by a renamed file
     if os.path.exists(target):
         if args.input == "-":
             stdin = _stream_stat(sys.stdin)
@@ -189,6 +227,10 @@ class OutputWriter:
         self.handle = None
         if self.target is None:
             return
+        self.stream = special_file_kind(self.target) in STREAM_KINDS
+        if self.stream:  # a device or FIFO is written directly: no partial file, nothing to rename or resume
+            self.handle = open_stream(self.target)
+            return
         self.partial, self.progress_file = self.target + PARTIAL_SUFFIX, self.target + PROGRESS_SUFFIX
         if progress is None:
             self.handle = open(self.partial, "xb")  # "x": never over another run's partial output
@@ -210,6 +252,8 @@ class OutputWriter:
             sys.stdout.flush()
             return
         self.handle.flush()
+        if self.stream:
+            return
         self.progress.update(vars(summary), bytes=self.handle.tell())
         temporary = self.progress_file + ".tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -221,6 +265,9 @@ class OutputWriter:
             sys.stdout.flush()
             return
         self.handle.flush()
+        if self.stream:
+            self.handle.close()
+            return
         os.fsync(self.handle.fileno())
         self.handle.close()
         if os.path.exists(self.target):

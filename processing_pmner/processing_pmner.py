@@ -107,8 +107,30 @@ def _model_config_beside(pretrained_model_name_or_path, hub_kwargs: dict) -> tup
         )
         return location, None
     return location, SimpleNamespace(
-        num_labels=len(config["id2label"]), id2label=config["id2label"], tag_scheme=config.get("tag_scheme")
+        num_labels=len(config["id2label"]), id2label=config["id2label"], tag_scheme=config.get("tag_scheme"),
+        use_visual=config.get("use_visual", False), visual_feature_dim=config.get("visual_feature_dim"),
+        max_objects=config.get("max_objects"),
     )
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what a P-MNER processor saves its tokenizer as
+
+
+def _require_tokenizer_files(pretrained_model_name_or_path, hub_kwargs: dict) -> None:
+    """A saved processor's tokenizer files must all be there: without `tokenizer.json`, transformers builds a
+    tokenizer of a few special tokens and every word becomes the unknown token, with no error."""
+    from transformers.utils import cached_file
+
+    location = os.fspath(pretrained_model_name_or_path)
+    missing = [
+        name for name in TOKENIZER_FILES
+        if cached_file(location, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs) is None
+    ]
+    if missing:
+        raise OSError(
+            f"{location} has no {' or '.join(missing)}: the processor's tokenizer cannot be loaded (it would turn "
+            "every word into the unknown token). Copy the folder whole, or save the processor again"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,6 +319,8 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
         kwargs = {**dict(zip(("cache_dir", "force_download", "local_files_only", "token", "revision"), args)), **kwargs}
         kwargs = resolve_revision_once(pretrained_model_name_or_path, kwargs)
         given_image_processor = kwargs.get("image_processor") is not None
+        if kwargs.get("tokenizer") is None:
+            _require_tokenizer_files(pretrained_model_name_or_path, hub_kwargs_of(kwargs))
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         processor = loaded[0] if isinstance(loaded, tuple) else loaded
         hub_kwargs = hub_kwargs_of(kwargs)

@@ -356,6 +356,7 @@ class TwitterMNERConfig(datasets.BuilderConfig):
         super().__post_init__()
         if self.name not in SOURCE_TYPES:
             raise ValueError(f"Unknown Twitter MNER config {self.name!r}; choose one of {sorted(SOURCE_TYPES)}")
+        check_flags(vars(self))
 
     @property
     def source_tags(self) -> list[str]:
@@ -374,6 +375,16 @@ class TwitterMNERConfig(datasets.BuilderConfig):
         if self.name == "twitter2015" and self.other_as_misc and tag.endswith("-OTHER"):
             return tag[: -len("OTHER")] + "MISC"
         return tag
+
+
+BOOLEAN_SETTINGS = ("other_as_misc", "verify_images")
+
+
+def check_flags(settings: dict) -> None:
+    """Boolean settings take booleans only: a string such as "no" would be taken as true."""
+    for flag in BOOLEAN_SETTINGS:
+        if flag in settings and not isinstance(settings[flag], bool):
+            raise TypeError(f"{flag} must be True or False, got {settings[flag]!r}")
 
 
 class TwitterMNER(datasets.GeneratorBasedBuilder):
@@ -396,6 +407,7 @@ class TwitterMNER(datasets.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "twitter2017"
 
     def __init__(self, *args, **kwargs):
+        check_flags(kwargs)  # datasets sets config keywords as attributes, past the config's own checks
         # Absolute paths, so that the cache key does not depend on the working directory.
         for key in ("data_dir", "image_dir", "context_file"):
             if kwargs.get(key) is not None:

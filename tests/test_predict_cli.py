@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -158,15 +157,3 @@ def test_console_script_in_a_subprocess_streams_stdin_to_stdout(workspace, tmp_p
     assert [record["line"] for record in records] == [1, 3]
     assert [entity["word"] for entity in records[1]["entities"]] == ["@", "nba", "#", "finals"]
 
-
-def test_a_model_folder_with_damaged_frr_weights_exits_2_before_any_tweet(workspace, tmp_path, capsys):
-    damaged = tmp_path / "damaged-model"
-    shutil.copytree(workspace["model"], damaged)
-    data = bytearray((damaged / "frr_backbone.safetensors").read_bytes())
-    data[-3] ^= 0x55  # same size, other weights: only the recorded sha256 tells
-    (damaged / "frr_backbone.safetensors").write_bytes(bytes(data))
-    tweets = write(tmp_path / "in.jsonl", [json.dumps({"text": "obama visits london", "image": "17_06_1"})])
-    code, out, err = run_cli([damaged, tweets, "--image-dir", workspace["images"], "-o", tmp_path / "out.jsonl"], capsys)
-    assert code == 2 and err.count("\n") == 1, err
-    assert f"{damaged / 'frr_backbone.safetensors'} has sha256" in err and "Traceback" not in err
-    assert not (tmp_path / "out.jsonl").exists()

@@ -503,24 +503,6 @@ def run_failing(workspace, tmp_path, *extra):
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize(
-    "value, message",
-    [
-        ("[1, 2]", "--detector_kwargs must be a JSON object, got list"),
-        ("{box_score_thresh: 0}", "--detector_kwargs must be a JSON object"),
-        ('{"box_score_thres": 0.0}', "does not take the argument(s) ['box_score_thres']"),
-    ],
-)
-def test_bad_detector_kwargs_exit_2_naming_the_argument(workspace, tmp_path, value, message):
-    result = run_failing(
-        workspace, tmp_path, "--image_dir", str(workspace / "images"), "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn",
-        "--detector_kwargs", value,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "refused").exists()
-
-
 DETECTOR_RUN = (
     "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector_weights", "random:1",
     "--backbone", "resnet18", "--backbone_weights", "random:3", "--crop_size", "32", "--max_objects", "2",

@@ -250,6 +250,9 @@ def _check_file_value(path: str, key: str, value, action, accepted: tuple):
             return None
         fail("a value (null is not allowed here)")
     is_bool_flag = action.type is string_to_bool
+    boolean_field = bool in accepted and set(accepted) <= {bool, type(None)}  # also behind a --no_ flag's action
+    if (is_bool_flag or boolean_field) and not isinstance(value, bool):
+        fail("true or false")
     if isinstance(value, str):
         converted = value
         if action.type not in (None, str):
@@ -302,6 +305,33 @@ def _describe(action, accepted: tuple) -> str:
     return "a " + " or ".join(names or ["string"])
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in an argument file (the loaders would silently keep the last)."""
+
+
+def _unique_keys(path: str, pairs, line: int | None = None) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            where = f" (line {line})" if line else ""
+            raise DuplicateKeyError(f"the key {key!r} is given twice{where}: keep one")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a mapping with a key given twice, naming the key and its line."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise DuplicateKeyError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}): keep one")
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
     """Makes the settings of a JSON / YAML file the parser's defaults, so that command-line arguments override them.
     Each value is checked and converted as the command line would (a string is read like command-line text; a number
@@ -309,11 +339,18 @@ def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
     Returns the names of the settings."""
     if not os.path.isfile(path):
         raise ArgumentsError(f"{path}: no such argument file")
-    with open(path) as handle:
-        try:
-            settings = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ArgumentsError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from error
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".json"):
+                settings = json.load(handle, object_pairs_hook=lambda pairs: _unique_keys(path, pairs))
+            else:
+                settings = yaml.load(handle, Loader=_UniqueKeyLoader)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ArgumentsError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ArgumentsError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except DuplicateKeyError as error:
+        raise ArgumentsError(f"{path}: {error}") from error
     if not isinstance(settings, dict):
         raise ArgumentsError(f"{path}: expected a mapping of argument names to values, got {type(settings).__name__}")
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
@@ -326,6 +363,41 @@ def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
     }
     parser.set_defaults(**checked)
     return set(settings)
+
+
+# what compute_metrics reports (seqeval micro scores, accuracy, F1 per entity type) and the Trainer's loss
+GENERAL_METRICS = ("f1", "precision", "recall", "accuracy", "loss")
+TYPE_METRICS = tuple(f"{name}_f1" for name in ("PER", "LOC", "ORG", "MISC", "OTHER"))
+MAX_EPOCHS = 10_000
+
+
+def check_training_numbers(training_args) -> None:
+    """The `TrainingArguments` values that would only fail mid-run (or never): named, before anything loads."""
+    explicit = getattr(training_args, "explicit_arguments", frozenset())
+    if not training_args.learning_rate > 0:
+        raise ArgumentsError(f"--learning_rate must be a positive number, got {training_args.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ArgumentsError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
+    if not 0 <= training_args.seed < 2**32:
+        raise ArgumentsError(f"--seed must be in [0, 2**32), got {training_args.seed}")
+    epochs = training_args.num_train_epochs
+    if epochs != epochs or not 0 <= epochs <= MAX_EPOCHS:
+        raise ArgumentsError(f"--num_train_epochs must be a number in [0, {MAX_EPOCHS}], got {epochs}")
+    if training_args.do_train and training_args.max_steps <= 0 and epochs == 0:
+        raise ArgumentsError(
+            "--do_train with --num_train_epochs 0 trains nothing (the model would be saved untrained): give at least "
+            "a fraction of an epoch, or --max_steps"
+        )
+    if training_args.do_train and training_args.max_steps == 0 and "max_steps" in explicit:
+        raise ArgumentsError("--do_train with --max_steps 0 trains nothing: give at least 1 step, or -1 for epochs")
+    metric = training_args.metric_for_best_model or "f1"
+    name = metric[len("eval_") :] if metric.startswith("eval_") else metric
+    if name not in GENERAL_METRICS + TYPE_METRICS:
+        raise ArgumentsError(
+            f"--metric_for_best_model {metric!r} is not a metric this run reports: one of "
+            f"{list(GENERAL_METRICS)} or a type's F1 ({', '.join(TYPE_METRICS)})"
+        )
 
 
 def none_detector(detector) -> bool:
@@ -386,6 +458,11 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         raise ArgumentsError(
             f"--frr_weights_dtype must be float32, bfloat16 or float16, got {model_args.frr_weights_dtype!r}"
         )
+    check_training_numbers(training_args)
+    if data_args.feature_cache_dir and os.path.exists(data_args.feature_cache_dir) and not os.path.isdir(
+        data_args.feature_cache_dir
+    ):
+        raise ArgumentsError(f"--feature_cache_dir {data_args.feature_cache_dir} is a file, not a folder")
     model_args.detector_kwargs = parse_detector_kwargs(model_args.detector_kwargs, model_args.detector)
     if model_args.require_objects and none_detector(model_args.detector):
         raise ArgumentsError("--require_objects needs a detector: --detector none makes the whole image the only object")
