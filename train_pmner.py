@@ -14,6 +14,7 @@ At least one of --do_train, --do_eval, --do_predict is required; --do_eval / --d
 trained P-MNER folder given as --text_model_name_or_path.
 """
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ import time
 import datasets
 import transformers
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
@@ -43,6 +43,7 @@ from training_pmner.arguments import (
     parse_arguments,
     set_file_defaults,
 )
+from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, set_aside_broken
 from training_pmner.context import check_same_context, prepare_context
 from training_pmner.data import (
     OFFLINE_MINILM,
@@ -189,13 +190,31 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
     checkpoint = training_args.resume_from_checkpoint
     if isinstance(checkpoint, str) and checkpoint.lower() in ("true", "false"):
         # TrainingArguments keeps the text; the Trainer takes only a real True as "the last checkpoint"
-        latest = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint.lower() == "true" and latest is None:
-            raise ArgumentsError(f"--resume_from_checkpoint true: no checkpoint in {training_args.output_dir!r}")
-        training_args.resume_from_checkpoint = latest if checkpoint.lower() == "true" else None
+        latest = None
+        if checkpoint.lower() == "true":
+            latest = newest_intact_checkpoint(training_args.output_dir)
+            if latest is None:
+                raise ArgumentsError(f"--resume_from_checkpoint true: no checkpoint in {training_args.output_dir!r}")
+        training_args.resume_from_checkpoint = latest
     elif isinstance(checkpoint, str):
-        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")) and not os.path.isdir(checkpoint):
             raise ArgumentsError(f"--resume_from_checkpoint {checkpoint!r}: no checkpoint there (no config.json)")
+        try:
+            check_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ArgumentsError(str(error)) from error
+
+
+def newest_intact_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint a run in `output_dir` resumes from: the newest intact one (broken newer ones are named in a
+    warning); an `ArgumentsError` naming the files when every checkpoint there is broken."""
+    def warn(message):
+        print(f"train_pmner.py: warning: {message}", file=sys.stderr)
+
+    try:
+        return intact_checkpoint(output_dir, warn)
+    except ValueError as error:
+        raise ArgumentsError(str(error)) from error
 
 
 def holds_only_runs(folder: str) -> bool:
@@ -363,6 +382,34 @@ def main(argv: list[str] | None = None):
             f"{training_args.output_dir}", file=sys.stderr,
         )
         sys.exit(130)
+    except (OSError, RuntimeError) as error:
+        cause = out_of_space(error)
+        if cause is None:
+            raise
+        set_aside = set_aside_broken(training_args.output_dir)
+        moved = f"; the half-written {', '.join(set_aside)} set aside" if set_aside else ""
+        where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
+        print(f"train_pmner.py: error: no space left{where} ({one_line(cause)}){moved}", file=sys.stderr)
+        sys.exit(1)
+
+
+# how a failed write reads where no errno comes with it (torch's archive writer, C++ streams)
+WRITE_FAILURES = ("No space left", "File too large", "file write failed", "iostream error", "unexpected pos")
+
+
+def out_of_space(error: BaseException) -> BaseException | None:
+    """The error of a full disk or a file-size limit in `error`'s chain, as the OS (ENOSPC, EFBIG, EDQUOT) or
+    torch's writer reports it; `None` for any other error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return error
+        text = str(error)
+        if any(marker in text for marker in WRITE_FAILURES):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def one_line(error: Exception) -> str:
@@ -389,7 +436,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.resume_from_checkpoint:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        last_checkpoint = newest_intact_checkpoint(training_args.output_dir)
         if last_checkpoint is not None:
             logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it (pass another --output_dir to start over).")
     set_seed(training_args.seed)
