@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .feature_cache import _normalise_dtype
+from .feature_cache import CorruptCacheShard, _normalise_dtype
 from .image_loading import content_key, describe_image
 
 
@@ -160,7 +160,11 @@ def extract_dataset_features(
         out_counts = np.zeros(len(indices), dtype=np.int32)  # (b,)
         present = (rows >= 0).numpy()
         if present.any():
-            features, masks, counts = cache.read_positions(rows[present].numpy())  # (b', M, D), (b', M), (b',)
+            try:
+                features, masks, counts = cache.read_positions(rows[present].numpy())  # (b', M, D), (b', M), (b',)
+            except CorruptCacheShard:  # set aside with a warning: these images are at hand, computed again
+                wanted = [index for index, keep in zip(indices, present) if keep]
+                features, masks, counts = _recompute(processor, raw, image_column, wanted, row_keys, cache, device)
             out_features[present], out_masks[present], out_counts[present] = features, masks, counts
         output = {"visual_features": out_features, "visual_mask": out_masks}
         if with_counts:
@@ -186,6 +190,19 @@ def extract_dataset_features(
         torch.distributed.barrier()
     cache.close()
     return result
+
+
+def _recompute(processor, raw, image_column, indices, row_keys, cache, device):
+    """Features of the dataset rows `indices`, computed from their images and written to the cache again (for rows
+    whose cached copy was found corrupt); an image that cannot be read gives zeros, as it does on a first pass."""
+    sources = raw[list(indices)][image_column]
+    keys = [row_keys[index] for index in indices]
+    names = [f"{describe_image(source)} (key {key})" for key, source in zip(keys, sources)]
+    features, masks, _, bad, detections = processor.extract(sources, names, device=device, return_num_detections=True)
+    good = [row for row in range(len(keys)) if row not in set(bad)]
+    if good:
+        cache.write_shard([keys[row] for row in good], features[good], masks[good], num_detections=detections[good])
+    return features.numpy(), masks.numpy(), detections.numpy()
 
 
 def _extract_keys(processor, raw, image_column, keys, first_row, cache, rank, batch_size, device, progress):

@@ -17,6 +17,7 @@ import os
 import struct
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 
 import numpy as np
@@ -39,6 +40,43 @@ CACHE_DTYPES = {"float32": ("F32", torch.float32), "float16": ("F16", torch.floa
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I32": np.int32, "I64": np.int64}
 _MAX_HEADER_BYTES = 256 * 2**20
 _OPEN_FILES = 64  # shard files kept open for reads (least recently used closed first)
+
+
+class CorruptCacheShard(ValueError):
+    """A shard of the FRR cache whose stored bytes do not match their checksums (or that cannot be read); it has been
+    set aside (renamed `<shard>.corrupt`), so the keys it held are computed again where their images are at hand."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"FRR cache shard {path} is corrupt ({reason}); set aside as {path}{CORRUPT_SUFFIX}")
+
+
+CORRUPT_SUFFIX = ".corrupt"
+_WARNED = set()
+
+
+def set_aside(path: str, reason: str) -> None:
+    """Renames a corrupt shard out of the cache (once, whichever process sees it first) with one warning."""
+    try:
+        os.replace(path, path + CORRUPT_SUFFIX)
+    except FileNotFoundError:  # another reader set it aside first
+        pass
+    if path not in _WARNED:
+        _WARNED.add(path)
+        logger.warning(f"FRR cache shard {path} is corrupt ({reason}): set aside as {path}{CORRUPT_SUFFIX}; its "
+                       "images are computed again where they are at hand")
+
+
+def row_checksums(features: np.ndarray, masks: np.ndarray, detections: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's stored bytes (features in the storage dtype, mask, detection count): (n,) int64."""
+    features = np.ascontiguousarray(features).reshape(len(features), -1).view(np.uint8)
+    masks = np.ascontiguousarray(masks).reshape(len(masks), -1).view(np.uint8)
+    detections = np.ascontiguousarray(detections).reshape(len(detections), -1).view(np.uint8)
+    return np.array(
+        [zlib.crc32(detections[row].data, zlib.crc32(masks[row].data, zlib.crc32(features[row].data)))
+         for row in range(len(features))],
+        dtype=np.int64,
+    )
 
 
 def _normalise_dtype(dtype) -> str:
@@ -104,6 +142,20 @@ class _Shard:
             if name in self.tensors and self.tensors[name][1][0] != self.rows:
                 raise ValueError(f"FRR cache shard {path} is inconsistent: {name} has a different row count; delete it")
         self.feature_dtype = self.tensors["visual_features"][3]
+        self.checked = "row_checksums" in self.tensors  # shards written before checksums are read unchecked
+
+    def verify(self, fd: int, rows: np.ndarray, features: np.ndarray, masks: np.ndarray, detections) -> None:
+        """Raises `CorruptCacheShard` (setting the shard aside) when rows read do not match their checksums."""
+        if not self.checked:
+            return
+        if detections is None:
+            detections = self.read(fd, "num_detections", rows) if "num_detections" in self.tensors else np.zeros(
+                (len(rows), 0), dtype=np.int32
+            )
+        stored = self.read(fd, "row_checksums", rows)  # (k,)
+        if not np.array_equal(row_checksums(features, masks, detections), stored):
+            set_aside(self.path, "stored bytes do not match their checksums")
+            raise CorruptCacheShard(self.path, "stored bytes do not match their checksums")
 
     def keys(self) -> list[str]:
         keys = json.loads(self.metadata.get("keys", "null") or "null")
@@ -258,10 +310,14 @@ def _shard_tensors(count: int, features, masks, num_detections, dtype: str) -> d
             f"FRR features are not finite in {dtype}"
             + (" (beyond float16's range: use a float32 cache)" if torch.isfinite(features).all() else "")
         )
+    masks = masks.detach().to("cpu", torch.bool).contiguous()  # (n, M)
+    num_detections = num_detections.contiguous()  # (n,)
+    checksums = row_checksums(stored.numpy(), masks.numpy(), num_detections.numpy())  # (n,) verified on every read
     return {
         "visual_features": stored,
-        "visual_mask": masks.detach().to("cpu", torch.bool).contiguous(),  # (n, M)
-        "num_detections": num_detections.contiguous(),  # (n,)
+        "visual_mask": masks,
+        "num_detections": num_detections,
+        "row_checksums": torch.from_numpy(checksums),
     }
 
 
@@ -361,9 +417,15 @@ class FRRFeatureCache:
         known = set(self._index.names)
         new = [name for name in names if name not in known]
         hashes, opened = [], []
-        for name in new:
-            shard = self._open_shard(name)
-            hashes.append(key_hashes(shard.keys()))
+        for name in list(new):
+            try:
+                shard = self._open_shard(name)
+                shard_keys = shard.keys()
+            except ValueError as error:  # truncated or foreign: its keys are computed again where images are at hand
+                set_aside(os.path.join(self.folder, name), str(error))
+                new.remove(name)
+                continue
+            hashes.append(key_hashes(shard_keys))
             shard.metadata.pop("keys", None)  # the index has them; a header is kept per shard, its keys are not
             opened.append(shard)
         first_new = len(self._index.names)
@@ -391,7 +453,14 @@ class FRRFeatureCache:
     def _shard(self, number: int) -> _Shard:
         shard = self._shards.get(number)
         if shard is None:
-            shard = self._shards[number] = self._open_shard(self._index.names[number])
+            path = os.path.join(self.folder, self._index.names[number])
+            try:
+                shard = self._shards[number] = self._open_shard(self._index.names[number])
+            except FileNotFoundError as error:  # set aside by another reader since this index was read
+                raise CorruptCacheShard(path, "no longer in the cache") from error
+            except ValueError as error:  # truncated since the index was saved
+                set_aside(path, str(error))
+                raise CorruptCacheShard(path, str(error)) from error
             shard.metadata.pop("keys", None)  # the index has them; a header is kept per shard, its keys are not
         return shard
 
@@ -468,14 +537,17 @@ class FRRFeatureCache:
         features = masks = None
         detections = np.full(count, -1, dtype=np.int32)  # (n,)
         for shard, fd, selected, shard_rows in self._by_shard(positions):
-            part = shard.read(fd, "visual_features", shard_rows)  # (k, M, D)
+            part = shard.read(fd, "visual_features", shard_rows)  # (k, M, D) in the storage dtype
+            part_masks = shard.read(fd, "visual_mask", shard_rows)  # (k, M)
+            part_detections = shard.read(fd, "num_detections", shard_rows) if "num_detections" in shard.tensors else None
+            shard.verify(fd, shard_rows, part, part_masks, part_detections)
             if features is None:
                 features = np.empty((count,) + part.shape[1:], dtype=np.float32)  # (n, M, D)
                 masks = np.empty((count, part.shape[1]), dtype=bool)  # (n, M)
             features[selected] = part
-            masks[selected] = shard.read(fd, "visual_mask", shard_rows)
-            if "num_detections" in shard.tensors:
-                detections[selected] = shard.read(fd, "num_detections", shard_rows)
+            masks[selected] = part_masks
+            if part_detections is not None:
+                detections[selected] = part_detections
         if features is None:
             return torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int32)
         return torch.from_numpy(features), torch.from_numpy(masks), torch.from_numpy(detections)
@@ -509,8 +581,12 @@ class FRRFeatureCache:
         raises `KeyError`."""
         number, row = self._locate(key)
         shard, fd = self._shard(number), self._fd(number)
-        features = torch.from_numpy(shard.read_row(fd, "visual_features", row)).float()  # (M, D)
-        return features, torch.from_numpy(shard.read_row(fd, "visual_mask", row))  # (M,)
+        stored = shard.read_row(fd, "visual_features", row)  # (M, D) in the storage dtype
+        mask = shard.read_row(fd, "visual_mask", row)  # (M,)
+        if shard.checked:
+            detections = shard.read_row(fd, "num_detections", row) if "num_detections" in shard.tensors else None
+            shard.verify(fd, np.array([row]), stored[None], mask[None], None if detections is None else detections[None])
+        return torch.from_numpy(stored).float(), torch.from_numpy(mask)
 
     def num_detections(self, key) -> int:
         """Detections above the threshold before the whole-image filler (-1: written without the count)."""
@@ -627,4 +703,4 @@ class _RowView:
         return values[0] if single else values
 
 
-__all__ = ["FRRFeatureCache", "key_hashes"]
+__all__ = ["CorruptCacheShard", "FRRFeatureCache", "key_hashes"]

@@ -76,6 +76,7 @@ from .predict_output import (  # noqa: F401  (re-exported: the CLI's names stay 
     output_target,
     run_settings,
 )
+from .feature_cache import CorruptCacheShard
 from .grounding_pmner import DEFAULT_GROUNDING_THRESHOLD
 from .predict_processes import Processes, batches_of, parse_device  # noqa: F401
 from .predict_reading import (  # noqa: F401
@@ -193,9 +194,14 @@ class Predictor:
             # with --grounding an image is encoded again when it can be: the cache holds no boxes
             boxes_needed = self.args.grounding and record.image is not None and os.path.isfile(record.image)
             if key is not None and key in self.cache and not boxes_needed:
-                result[index] = self.cache.get(key)
-                self.cached_features += 1
-            elif record.image is not None:
+                try:
+                    result[index] = self.cache.get(key)
+                    self.cached_features += 1
+                    continue
+                except CorruptCacheShard as error:  # set aside with a warning; computed again from the image
+                    if record.image is None:
+                        raise ValueError(f"{error}, and the record names no image to compute it from") from None
+            if record.image is not None:
                 to_compute.append((index, key))
         if not to_compute:
             return result

@@ -70,8 +70,9 @@ def test_fp16_and_fp32_caches_never_mix(tmp_path):
     shard = fp32.shard_files()[0]
     os.makedirs(fp16.folder, exist_ok=True)
     os.link(shard, os.path.join(fp16.folder, os.path.basename(shard)))  # an fp32 shard put into the fp16 folder
-    with pytest.raises(ValueError, match=f"{os.path.basename(shard)} holds F32 features in a float16 cache"):
-        FRRFeatureCache(tmp_path, "fp", dtype="float16").load()
+    foreign = os.path.join(fp16.folder, os.path.basename(shard))
+    assert len(FRRFeatureCache(tmp_path, "fp", dtype="float16").load()) == 0  # never read as float16 features
+    assert not os.path.exists(foreign) and os.path.exists(foreign + ".corrupt")  # set aside, not deleted
     with pytest.raises(ValueError, match="cache dtype must be one of"):
         FRRFeatureCache(tmp_path, "fp", dtype="bfloat16")
     with pytest.raises(ValueError, match="beyond float16's range"):
@@ -108,14 +109,76 @@ def test_a_damaged_or_outdated_index_is_rebuilt_from_the_shards(tmp_path):
     assert len(reopened) == 3 and keys[0] not in reopened and torch.equal(reopened.get(keys[4])[0], features[4])
 
 
-def test_truncated_shard_is_named(tmp_path):
+def test_a_truncated_shard_is_set_aside_and_its_keys_are_missing(tmp_path):
     keys, features, masks, detections = random_entries(4)
     cache = FRRFeatureCache(tmp_path, "fp")
     path = cache.write_shard(keys, features, masks, num_detections=detections)
+    kept = cache.write_shard(["other"], features[:1], masks[:1], num_detections=detections[:1])
     with open(path, "r+b") as handle:
         handle.truncate(os.path.getsize(path) - 10)
-    with pytest.raises(ValueError, match=f"{os.path.basename(path)} is truncated"):
-        FRRFeatureCache(tmp_path, "fp").load()
+    reopened = FRRFeatureCache(tmp_path, "fp").load()
+    assert len(reopened) == 1 and "other" in reopened and keys[0] not in reopened  # computed again where needed
+    assert os.path.exists(path + ".corrupt") and os.path.exists(kept)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype):
+    from processing_pmner.feature_cache import CorruptCacheShard
+
+    keys, features, masks, detections = random_entries(4)
+    cache = FRRFeatureCache(tmp_path, "fp", dtype=dtype)
+    path = cache.write_shard(keys, features, masks, num_detections=detections)
+    cache.load()
+    data = bytearray(open(path, "rb").read())
+    data[-40:-36] = bytes(4) if data[-40:-36] != bytes(4) else b"\x01\x02\x03\x04"  # same size, other features
+    open(path, "wb").write(bytes(data))
+    fresh = FRRFeatureCache(tmp_path, "fp", dtype=dtype).load()  # the header is intact: it indexes
+    with pytest.raises(CorruptCacheShard, match=f"{os.path.basename(path)} is corrupt .*checksums"):
+        fresh.get_many(keys)
+    assert os.path.exists(path + ".corrupt") and not os.path.exists(path)
+    assert len(FRRFeatureCache(tmp_path, "fp", dtype=dtype).load()) == 0
+    # an intact shard reads with its checksums verified, single rows too
+    again = FRRFeatureCache(tmp_path, "fp", dtype=dtype)
+    again.write_shard(keys, features, masks, num_detections=detections)
+    again.load()
+    assert torch.equal(again.get(keys[2])[1], masks[2])
+
+
+def test_a_deleted_index_is_rebuilt_from_the_shards(tmp_path):
+    keys, features, masks, detections = random_entries(5)
+    cache = FRRFeatureCache(tmp_path, "fp")
+    cache.write_shard(keys, features, masks, num_detections=detections)
+    cache.load()
+    os.remove(cache.index_file)
+    reopened = FRRFeatureCache(tmp_path, "fp").load()
+    assert len(reopened) == 5 and os.path.isfile(reopened.index_file)
+    torch.testing.assert_close(reopened.get_many(keys)[0], features)
+
+
+def test_extraction_recomputes_corrupt_entries_from_their_images(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from processing_pmner import PMNERImageProcessor
+
+    paths = []
+    for index, colour in enumerate([(200, 30, 30), (20, 180, 220), (90, 90, 10)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{index}.png")
+        paths.append(str(tmp_path / f"{index}.png"))
+    dataset = datasets.Dataset.from_dict({"image_id": ["a", "b", "c"], "image": paths})
+    processor = PMNERImageProcessor(detector=None, backbone="resnet18", backbone_weights="random:1", crop_size=32,
+                                    max_objects=2)
+    first = processor.extract_dataset_features(dataset, cache_dir=tmp_path / "cache", progress=False)
+    expected = np.asarray(first["visual_features"])
+    cache = processor.feature_cache(tmp_path / "cache")
+    (shard,) = cache.shard_files()
+    data = bytearray(open(shard, "rb").read())
+    data[-60:-52] = bytes(8) if data[-60:-52] != bytes(8) else b"\x01" * 8
+    open(shard, "wb").write(bytes(data))
+    again = processor.extract_dataset_features(dataset, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_allclose(np.asarray(again["visual_features"]), expected, rtol=1e-5, atol=1e-5)
+    assert os.path.exists(shard + ".corrupt")
+    assert len(cache.load()) == 3  # written again, from the images
 
 
 def test_format_1_shards_still_read(tmp_path):
