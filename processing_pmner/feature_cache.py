@@ -69,14 +69,15 @@ def set_aside(path: str, reason: str) -> None:
 
 def row_checksums(features: np.ndarray, masks: np.ndarray, detections: np.ndarray) -> np.ndarray:
     """CRC-32 of each row's stored bytes (features in the storage dtype, mask, detection count): (n,) int64."""
-    features = np.ascontiguousarray(features).reshape(len(features), -1).view(np.uint8)
-    masks = np.ascontiguousarray(masks).reshape(len(masks), -1).view(np.uint8)
-    detections = np.ascontiguousarray(detections).reshape(len(detections), -1).view(np.uint8)
-    return np.array(
-        [zlib.crc32(detections[row].data, zlib.crc32(masks[row].data, zlib.crc32(features[row].data)))
-         for row in range(len(features))],
-        dtype=np.int64,
-    )
+    features, masks = np.ascontiguousarray(features), np.ascontiguousarray(masks)
+    detections = np.ascontiguousarray(detections).reshape(len(detections), -1)
+    return np.array([_row_checksum(features[row], masks[row], detections[row]) for row in range(len(features))],
+                    dtype=np.int64)
+
+
+def _row_checksum(features: np.ndarray, mask: np.ndarray, detections: np.ndarray) -> int:
+    """CRC-32 over one row's bytes (contiguous arrays are read in place, not copied)."""
+    return zlib.crc32(detections, zlib.crc32(mask, zlib.crc32(features)))
 
 
 def _normalise_dtype(dtype) -> str:
@@ -583,9 +584,11 @@ class FRRFeatureCache:
         shard, fd = self._shard(number), self._fd(number)
         stored = shard.read_row(fd, "visual_features", row)  # (M, D) in the storage dtype
         mask = shard.read_row(fd, "visual_mask", row)  # (M,)
-        if shard.checked:
-            detections = shard.read_row(fd, "num_detections", row) if "num_detections" in shard.tensors else None
-            shard.verify(fd, np.array([row]), stored[None], mask[None], None if detections is None else detections[None])
+        if shard.checked:  # one row: checked in place, without the batch path's arrays
+            detections = shard.read_row(fd, "num_detections", row).reshape(-1)
+            if _row_checksum(stored, mask, detections) != int(shard.read_row(fd, "row_checksums", row)):
+                set_aside(shard.path, "stored bytes do not match their checksums")
+                raise CorruptCacheShard(shard.path, "stored bytes do not match their checksums")
         return torch.from_numpy(stored).float(), torch.from_numpy(mask)
 
     def num_detections(self, key) -> int:

@@ -90,6 +90,8 @@ TRAIN_ROWS = [
      "FRR networks of the FRR settings:"),
     ("random seed not a number", lambda w: train_args(w, "--backbone_weights", "random:abc", visual=True),
      "backbone_weights='random:abc': expected 'random' or 'random:SEED'"),
+    ("torchvision weights offline", lambda w: train_args(w, "--backbone_weights", "DEFAULT", visual=True),
+     "FRR networks of the FRR settings: Could not load backbone_weights='ResNet18_Weights.IMAGENET1K_V1'"),
     ("feature cache is a file", lambda w: train_args(w, "--feature_cache_dir", str(w / "a-file"), visual=True),
      "--feature_cache_dir"),
     ("detector kwargs a list", lambda w: train_args(w, "--detector_kwargs", "[1, 2]", visual=True),

@@ -121,8 +121,9 @@ def test_a_truncated_shard_is_set_aside_and_its_keys_are_missing(tmp_path):
     assert os.path.exists(path + ".corrupt") and os.path.exists(kept)
 
 
+@pytest.mark.parametrize("read", ["get_many", "get"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype):
+def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype, read):
     from processing_pmner.feature_cache import CorruptCacheShard
 
     keys, features, masks, detections = random_entries(4)
@@ -134,7 +135,11 @@ def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype):
     open(path, "wb").write(bytes(data))
     fresh = FRRFeatureCache(tmp_path, "fp", dtype=dtype).load()  # the header is intact: it indexes
     with pytest.raises(CorruptCacheShard, match=f"{os.path.basename(path)} is corrupt .*checksums"):
-        fresh.get_many(keys)
+        if read == "get_many":
+            fresh.get_many(keys)
+        else:
+            for key in keys:  # the overwritten bytes are in one of the rows
+                fresh.get(key)
     assert os.path.exists(path + ".corrupt") and not os.path.exists(path)
     assert len(FRRFeatureCache(tmp_path, "fp", dtype=dtype).load()) == 0
     # an intact shard reads with its checksums verified, single rows too
