@@ -67,17 +67,15 @@ def set_aside(path: str, reason: str) -> None:
                        "images are computed again where they are at hand")
 
 
-def row_checksums(features: np.ndarray, masks: np.ndarray, detections: np.ndarray) -> np.ndarray:
-    """CRC-32 of each row's stored bytes (features in the storage dtype, mask, detection count): (n,) int64."""
+def row_checksums(features: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's stored bytes (features in the storage dtype, then the mask): (n,) int64."""
     features, masks = np.ascontiguousarray(features), np.ascontiguousarray(masks)
-    detections = np.ascontiguousarray(detections).reshape(len(detections), -1)
-    return np.array([_row_checksum(features[row], masks[row], detections[row]) for row in range(len(features))],
-                    dtype=np.int64)
+    return np.array([_row_checksum(features[row], masks[row]) for row in range(len(features))], dtype=np.int64)
 
 
-def _row_checksum(features: np.ndarray, mask: np.ndarray, detections: np.ndarray) -> int:
+def _row_checksum(features: np.ndarray, mask: np.ndarray) -> int:
     """CRC-32 over one row's bytes (contiguous arrays are read in place, not copied)."""
-    return zlib.crc32(detections, zlib.crc32(mask, zlib.crc32(features)))
+    return zlib.crc32(mask, zlib.crc32(features))
 
 
 def _normalise_dtype(dtype) -> str:
@@ -144,19 +142,28 @@ class _Shard:
                 raise ValueError(f"FRR cache shard {path} is inconsistent: {name} has a different row count; delete it")
         self.feature_dtype = self.tensors["visual_features"][3]
         self.checked = "row_checksums" in self.tensors  # shards written before checksums are read unchecked
+        self._checksums = None
 
-    def verify(self, fd: int, rows: np.ndarray, features: np.ndarray, masks: np.ndarray, detections) -> None:
+    def checksums(self, fd: int) -> np.ndarray:
+        """The shard's row checksums (rows,) int64, read once (one read of 8 bytes per row) and kept."""
+        if self._checksums is None:
+            self._checksums = self.read(fd, "row_checksums", np.arange(self.rows))
+        return self._checksums
+
+    def verify(self, fd: int, rows: np.ndarray, features: np.ndarray, masks: np.ndarray) -> None:
         """Raises `CorruptCacheShard` (setting the shard aside) when rows read do not match their checksums."""
-        if not self.checked:
-            return
-        if detections is None:
-            detections = self.read(fd, "num_detections", rows) if "num_detections" in self.tensors else np.zeros(
-                (len(rows), 0), dtype=np.int32
-            )
-        stored = self.read(fd, "row_checksums", rows)  # (k,)
-        if not np.array_equal(row_checksums(features, masks, detections), stored):
-            set_aside(self.path, "stored bytes do not match their checksums")
-            raise CorruptCacheShard(self.path, "stored bytes do not match their checksums")
+        if self.checked and not np.array_equal(row_checksums(features, masks), self.checksums(fd)[rows]):
+            self.corrupt()
+
+    def verify_row(self, fd: int, row: int, features: np.ndarray, mask: np.ndarray) -> None:
+        """`verify` for one row, without the batch path's arrays."""
+        if self.checked and _row_checksum(features, mask) != int(self.checksums(fd)[row]):
+            self.corrupt()
+
+    def corrupt(self):
+        reason = "stored bytes do not match their checksums"
+        set_aside(self.path, reason)
+        raise CorruptCacheShard(self.path, reason)
 
     def keys(self) -> list[str]:
         keys = json.loads(self.metadata.get("keys", "null") or "null")
@@ -313,7 +320,7 @@ def _shard_tensors(count: int, features, masks, num_detections, dtype: str) -> d
         )
     masks = masks.detach().to("cpu", torch.bool).contiguous()  # (n, M)
     num_detections = num_detections.contiguous()  # (n,)
-    checksums = row_checksums(stored.numpy(), masks.numpy(), num_detections.numpy())  # (n,) verified on every read
+    checksums = row_checksums(stored.numpy(), masks.numpy())  # (n,) verified on every read
     return {
         "visual_features": stored,
         "visual_mask": masks,
@@ -541,7 +548,7 @@ class FRRFeatureCache:
             part = shard.read(fd, "visual_features", shard_rows)  # (k, M, D) in the storage dtype
             part_masks = shard.read(fd, "visual_mask", shard_rows)  # (k, M)
             part_detections = shard.read(fd, "num_detections", shard_rows) if "num_detections" in shard.tensors else None
-            shard.verify(fd, shard_rows, part, part_masks, part_detections)
+            shard.verify(fd, shard_rows, part, part_masks)
             if features is None:
                 features = np.empty((count,) + part.shape[1:], dtype=np.float32)  # (n, M, D)
                 masks = np.empty((count, part.shape[1]), dtype=bool)  # (n, M)
@@ -584,11 +591,7 @@ class FRRFeatureCache:
         shard, fd = self._shard(number), self._fd(number)
         stored = shard.read_row(fd, "visual_features", row)  # (M, D) in the storage dtype
         mask = shard.read_row(fd, "visual_mask", row)  # (M,)
-        if shard.checked:  # one row: checked in place, without the batch path's arrays
-            detections = shard.read_row(fd, "num_detections", row).reshape(-1)
-            if _row_checksum(stored, mask, detections) != int(shard.read_row(fd, "row_checksums", row)):
-                set_aside(shard.path, "stored bytes do not match their checksums")
-                raise CorruptCacheShard(shard.path, "stored bytes do not match their checksums")
+        shard.verify_row(fd, row, stored, mask)
         return torch.from_numpy(stored).float(), torch.from_numpy(mask)
 
     def num_detections(self, key) -> int:
