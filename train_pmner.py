@@ -205,14 +205,15 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
             raise ArgumentsError(str(error)) from error
 
 
-def newest_intact_checkpoint(output_dir: str) -> str | None:
+def newest_intact_checkpoint(output_dir: str, warn: bool = True) -> str | None:
     """The checkpoint a run in `output_dir` resumes from: the newest intact one (broken newer ones are named in a
-    warning); an `ArgumentsError` naming the files when every checkpoint there is broken."""
-    def warn(message):
-        print(f"train_pmner.py: warning: {message}", file=sys.stderr)
+    warning, by the main process); an `ArgumentsError` naming the files when every checkpoint there is broken."""
+    def say(message):
+        if warn:
+            print(f"train_pmner.py: warning: {message}", file=sys.stderr)
 
     try:
-        return intact_checkpoint(output_dir, warn)
+        return intact_checkpoint(output_dir, say)
     except ValueError as error:
         raise ArgumentsError(str(error)) from error
 
@@ -235,13 +236,23 @@ def settings_error(what: str, error: Exception) -> ArgumentsError:
     return ArgumentsError(f"{what}: {error}")
 
 
+# encoders whose position ids start after the padding index (RoBERTa's scheme): padding_idx + 1 positions unused
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "bart", "data2vec-text")
+
+
 def text_model_limit(tokenizer, text_config) -> int | None:
-    """The most tokens the text encoder takes: the tokenizer's `model_max_length` where it is set, else the config's
-    position embeddings."""
+    """The most tokens the text encoder takes: the smaller of its usable position embeddings and the tokenizer's
+    `model_max_length` (where it is set)."""
+    limits = []
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(text_config, "model_type", "") in OFFSET_POSITIONS:
+            positions -= (getattr(text_config, "pad_token_id", None) or 0) + 1
+        limits.append(positions)
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:
-        return limit
-    return getattr(text_config, "max_position_embeddings", None)
+        limits.append(limit)
+    return min(limits) if limits else None
 
 
 def build_model_and_processor(model_args, explicit, text_model, trained_folder, use_visual, entity_types):
@@ -330,7 +341,7 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
             label_names=[config.id2label[i] for i in range(config.num_labels)],
             max_length=model_args.max_seq_length,
         )
-    except (ValueError, TypeError) as error:
+    except ValueError as error:  # the settings' own checks (PMNERConfig, PMNERProcessor, PMNERImageProcessor)
         raise ArgumentsError(str(error)) from error
     limit = text_model_limit(tokenizer, text_config)
     if limit is not None and model_args.max_seq_length > limit:
@@ -356,7 +367,7 @@ def build_frr(image_processor, use_visual: bool, source: str) -> None:
         return
     try:
         image_processor.load_models("cpu")
-    except (OSError, ValueError, TypeError, RuntimeError) as error:
+    except (OSError, ValueError) as error:  # weights missing, unreadable, altered, of another model, not downloadable
         raise settings_error(f"FRR networks of {source}", error) from error
 
 
@@ -377,16 +388,18 @@ def main(argv: list[str] | None = None):
         print(f"train_pmner.py: error: {one_line(error)}", file=sys.stderr)
         sys.exit(1 if isinstance(error, PushError) else 2)
     except KeyboardInterrupt:
-        print(
-            f"train_pmner.py: interrupted; run the same command again to resume from the last checkpoint in "
-            f"{training_args.output_dir}", file=sys.stderr,
-        )
+        if training_args.process_index == 0:
+            set_aside_broken(training_args.output_dir)  # a checkpoint cut short while saving is not resumed from
+            print(
+                f"train_pmner.py: interrupted; run the same command again to resume from the last checkpoint in "
+                f"{training_args.output_dir}", file=sys.stderr,
+            )
         sys.exit(130)
     except (OSError, RuntimeError) as error:
         cause = out_of_space(error)
         if cause is None:
             raise
-        set_aside = set_aside_broken(training_args.output_dir)
+        set_aside = set_aside_broken(training_args.output_dir) if training_args.process_index == 0 else []
         moved = f"; the half-written {', '.join(set_aside)} set aside" if set_aside else ""
         where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
         print(f"train_pmner.py: error: no space left{where} ({one_line(cause)}){moved}", file=sys.stderr)
@@ -436,7 +449,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train and not training_args.resume_from_checkpoint:
-        last_checkpoint = newest_intact_checkpoint(training_args.output_dir)
+        last_checkpoint = newest_intact_checkpoint(training_args.output_dir, warn=training_args.process_index == 0)
         if last_checkpoint is not None:
             logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it (pass another --output_dir to start over).")
     set_seed(training_args.seed)

@@ -6,6 +6,7 @@ prompt head and its label words in `verbalizer_pmner.py`, the input checks in `i
 """
 
 import contextlib
+import copy
 import json
 import os
 import struct
@@ -129,7 +130,8 @@ def check_config_matches_weights(model_class, folder: str, config: PMNERConfig |
         saved = safetensors_shapes(weights)
     except (OSError, ValueError, struct.error) as error:
         raise ValueError(f"{weights} is not a readable safetensors file: {error}") from error
-    config = config if config is not None else model_class.config_class.from_pretrained(folder)
+    # a copy: building a model sets attributes of its config (attention implementation, ...)
+    config = copy.deepcopy(config) if config is not None else model_class.config_class.from_pretrained(folder)
     with torch.device("meta"):
         expected = {name: list(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
     differ = [
@@ -172,7 +174,13 @@ class PMNERPreTrainedModel(PreTrainedModel):
         its `model.safetensors` (labels, visual feature width, sizes): a hand-edited or mixed-up config is a
         `ValueError` naming both files and the first tensors that differ, not a size-mismatch report."""
         config = kwargs.get("config")
-        if (config is None or isinstance(config, PMNERConfig)) and os.path.isdir(os.fspath(pretrained_model_name_or_path)):
+        checked = (
+            (config is None or isinstance(config, PMNERConfig))
+            and not kwargs.get("ignore_mismatched_sizes")  # a new head on purpose (e.g. another tag set)
+            and not kwargs.get("subfolder")
+            and os.path.isdir(os.fspath(pretrained_model_name_or_path))
+        )
+        if checked:
             check_config_matches_weights(cls, os.fspath(pretrained_model_name_or_path), config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 

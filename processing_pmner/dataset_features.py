@@ -135,18 +135,21 @@ def extract_dataset_features(
     cache.refresh()
 
     # 3. add the columns
-    positions = torch.from_numpy(cache.positions(row_keys))  # (rows,) index position or -1
+    for attempt in range(3):
+        positions = torch.from_numpy(cache.positions(row_keys))  # (rows,) index position or -1
+        try:
+            with_counts = _with_counts(cache, positions, add_num_detections)
+            break
+        except CorruptCacheShard:  # set aside with a warning: its images are at hand, computed again
+            cache.close()
+            cache = processor.feature_cache(cache_dir).with_dtype(cache_dtype).load()
+            pending = sorted(key for key, position in zip(distinct, cache.positions(distinct)) if position < 0)
+            _extract_keys(processor, raw, image_column, pending, first_row, cache, rank, batch_size, device, progress)
+            cache.refresh()
+    else:
+        raise RuntimeError(f"the FRR cache {cache.folder} kept failing its checksums after recomputing: delete it")
     feature_dim = cache.features.shape[-1] if len(cache) else processor.feature_dim
     missing = sorted({key for key, position in zip(row_keys, positions.tolist()) if position < 0})
-    with_counts = add_num_detections
-    for start in range(0, len(positions) if with_counts else 0, 4096):  # counts are tiny: check every one is known
-        part = positions[start : start + 4096]
-        present = part[part >= 0]
-        if len(present) and (cache.num_detections_at(present.numpy()) < 0).any():
-            with_counts = False
-            logger.warning(f"part of the FRR cache {cache.folder} has no detection counts (written by an older "
-                           "version): the dataset gets no visual_num_detections column")
-            break
     fingerprint_text = json.dumps(
         [getattr(dataset, "_fingerprint", ""), cache.folder, len(cache), missing, image_column, key_column,
          with_counts]
@@ -190,6 +193,18 @@ def extract_dataset_features(
         torch.distributed.barrier()
     cache.close()
     return result
+
+
+def _with_counts(cache, positions, wanted: bool) -> bool:
+    """Whether every cached row of `positions` has its detection count (`wanted` off: no)."""
+    for start in range(0, len(positions) if wanted else 0, 4096):  # counts are tiny: check every one is known
+        part = positions[start : start + 4096]
+        present = part[part >= 0]
+        if len(present) and (cache.num_detections_at(present.numpy()) < 0).any():
+            logger.warning(f"part of the FRR cache {cache.folder} has no detection counts (written by an older "
+                           "version): the dataset gets no visual_num_detections column")
+            return False
+    return wanted
 
 
 def _recompute(processor, raw, image_column, indices, row_keys, cache, device):

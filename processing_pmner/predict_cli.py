@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         return predict(args, processes, input_format, output_format)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the partial output is kept (and said so) by `predict`
         return 130
+    except BrokenPipeError:  # the reader of a FIFO (or of the standard output) went away
+        print(f"pmner-predict: error: the reader of {args.output} closed it before the end", file=sys.stderr)
+        return 1
     finally:
         if catch_term:
             signal.signal(signal.SIGTERM, previous)
@@ -600,7 +603,9 @@ def predict(args, processes: Processes, input_format: str, output_format: str) -
                 writer.finish()
             elif writer is not None:
                 writer.close()
-                if writer.target is not None:
+                if writer.target is not None and writer.stream:
+                    report(f"pmner-predict: interrupted: {summary.tagged} tweets were written to {args.output}")
+                elif writer.target is not None:
                     report(
                         f"pmner-predict: interrupted: the {summary.tagged} tweets done are kept in {writer.partial} "
                         f"({args.output} is as it was); run the same command with --resume to continue"

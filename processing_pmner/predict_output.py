@@ -152,8 +152,8 @@ def check_output(args, input_format: str, output_format: str) -> dict | None:
         if args.input != "-" and stdout is not None and os.path.samestat(stdout, os.stat(args.input)):
             raise UsageError(f"the standard output goes into the input file {args.input}, which would destroy it")
         return None
+    kind = special_file_kind(args.output)  # os.stat follows links: /dev/stdout into a pipe is a FIFO
     target = output_target(args.output)
-    kind = special_file_kind(target)
     if kind is not None:
         if kind not in STREAM_KINDS:
             raise UsageError(f"output {args.output} is a {kind}; pass a regular file, a character device or a FIFO")
@@ -225,11 +225,12 @@ class OutputWriter:
         self.target = None if output == "-" else output_target(output)
         self.progress = progress or {"version": PROGRESS_VERSION, "settings": settings, "bytes": 0}
         self.handle = None
+        self.stream = False
         if self.target is None:
             return
-        self.stream = special_file_kind(self.target) in STREAM_KINDS
+        self.stream = special_file_kind(output) in STREAM_KINDS  # the path as given: /dev/stdout is followed
         if self.stream:  # a device or FIFO is written directly: no partial file, nothing to rename or resume
-            self.handle = open_stream(self.target)
+            self.handle = open_stream(output)
             return
         self.partial, self.progress_file = self.target + PARTIAL_SUFFIX, self.target + PROGRESS_SUFFIX
         if progress is None:

@@ -184,6 +184,14 @@ def test_extraction_recomputes_corrupt_entries_from_their_images(tmp_path):
     np.testing.assert_allclose(np.asarray(again["visual_features"]), expected, rtol=1e-5, atol=1e-5)
     assert os.path.exists(shard + ".corrupt")
     assert len(cache.load()) == 3  # written again, from the images
+    # a shard truncated after the index was saved: found when its rows are read, then computed again
+    (shard,) = cache.shard_files()
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) - 100)
+    third = processor.extract_dataset_features(dataset.select([0, 1, 2]), cache_dir=tmp_path / "cache", progress=False,
+                                               add_num_detections=True)
+    np.testing.assert_allclose(np.asarray(third["visual_features"]), expected, rtol=1e-5, atol=1e-5)
+    assert os.path.exists(shard + ".corrupt")
 
 
 def test_format_1_shards_still_read(tmp_path):

@@ -122,3 +122,7 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(workspace, tmp_path):
     assert user_lines(stderr) == [
         f"train_pmner.py: interrupted; run the same command again to resume from the last checkpoint in {output_dir}"
     ]
+    # whatever the interruption cut short (a checkpoint being saved is set aside), the folder runs on
+    assert not any(checkpoint_problems(str(path)) for path in output_dir.glob("checkpoint-*[0-9]"))
+    again = run(workspace, command(workspace, output_dir, "1"))
+    assert again.returncode == 0 and not [line for line in user_lines(again.stderr) if "error" in line], again.stderr[-2000:]

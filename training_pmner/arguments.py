@@ -324,8 +324,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         keys = set()
-        for key_node, _ in node.value:
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise DuplicateKeyError(f"a key must be a name, got {type(key).__name__} (line {key_node.start_mark.line + 1})")
             if key in keys:
                 raise DuplicateKeyError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}): keep one")
             keys.add(key)
@@ -382,7 +386,7 @@ def check_training_numbers(training_args) -> None:
     if not 0 <= training_args.seed < 2**32:
         raise ArgumentsError(f"--seed must be in [0, 2**32), got {training_args.seed}")
     epochs = training_args.num_train_epochs
-    if epochs != epochs or not 0 <= epochs <= MAX_EPOCHS:
+    if training_args.max_steps <= 0 and (epochs != epochs or not 0 <= epochs <= MAX_EPOCHS):  # steps: epochs unused
         raise ArgumentsError(f"--num_train_epochs must be a number in [0, {MAX_EPOCHS}], got {epochs}")
     if training_args.do_train and training_args.max_steps <= 0 and epochs == 0:
         raise ArgumentsError(

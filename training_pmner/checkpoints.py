@@ -113,6 +113,9 @@ def set_aside_broken(output_dir: str) -> list[str]:
         if checkpoint_problems(folder):
             target = folder + INCOMPLETE_SUFFIX
             if not os.path.exists(target):
-                os.replace(folder, target)
+                try:
+                    os.replace(folder, target)
+                except FileNotFoundError:  # another process of the run set it aside first
+                    continue
                 moved.append(target)
     return moved
