@@ -36,7 +36,7 @@ logger = logging.get_logger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 1: float32 features and masks only; 2: adds `num_detections` and the `dtype` metadata
 CACHE_DTYPES = {"float32": ("F32", torch.float32), "float16": ("F16", torch.float16)}
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I32": np.int32, "I64": np.int64}
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 _MAX_HEADER_BYTES = 256 * 2**20
 _OPEN_FILES = 64  # shard files kept open for reads (least recently used closed first)
 
@@ -152,35 +152,29 @@ class _Shard:
             if name in self.tensors and self.tensors[name][1][0] != self.rows:
                 raise ValueError(f"FRR cache shard {path} is inconsistent: {name} has a different row count; delete it")
         self.feature_dtype = self.tensors["visual_features"][3]
-        self.checked = "row_checksums" in self.tensors  # shards written before checksums are read unchecked
-        self._checksums = self._checksum_list = None
+        self.checked = "row_check" in self.tensors  # shards written before checksums are read unchecked
+        if self.checked and self.tensors["row_check"][1] != (self.rows, self.tensors["visual_mask"][1][1] + 8):
+            raise ValueError(f"FRR cache shard {path} is inconsistent: row_check has the wrong shape; delete it")
 
-    def checksums(self, fd: int) -> np.ndarray:
-        """The shard's row checksums (rows,) int64, read once (one read of 8 bytes per row) and kept."""
-        if self._checksums is None:
-            dtype, shape, start, _ = self.tensors["row_checksums"]
-            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            data = _pread(fd, size, start)  # the whole tensor in one read
-            if len(data) != size:
-                self.corrupt()
-            self._checksums = np.frombuffer(data, dtype=dtype).reshape(shape)
-        return self._checksums
+    def read_masks(self, fd: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`(masks (k, M) bool, checksums (k,) int64 or None)` of `rows`: one read of `row_check` where the shard
+        has it, else the mask alone."""
+        if not self.checked:
+            return self.read(fd, "visual_mask", rows), None
+        check = self.read(fd, "row_check", rows)  # (k, M + 8)
+        return check[:, :-8].view(np.bool_), np.ascontiguousarray(check[:, -8:]).view("<i8").reshape(-1)
 
-    def verify(self, fd: int, rows: np.ndarray, features: np.ndarray, masks: np.ndarray) -> None:
+    def read_mask_row(self, fd: int, row: int) -> tuple[np.ndarray, int | None]:
+        """`read_masks` for one row."""
+        if not self.checked:
+            return self.read_row(fd, "visual_mask", row), None
+        check = self.read_row(fd, "row_check", row)  # (M + 8,)
+        return check[:-8].view(np.bool_), int.from_bytes(check[-8:].tobytes(), "little", signed=True)
+
+    def verify(self, rows_features: np.ndarray, masks: np.ndarray, checksums: np.ndarray | None) -> None:
         """Raises `CorruptCacheShard` (setting the shard aside) when rows read do not match their checksums."""
-        if self.checked and not np.array_equal(row_checksums(features, masks), self.checksums(fd)[rows]):
+        if checksums is not None and not np.array_equal(row_checksums(rows_features, masks), checksums):
             self.corrupt()
-
-    def verify_row(self, fd: int, row: int, features: np.ndarray, mask: np.ndarray) -> None:
-        """`verify` for one row, without the batch path's arrays."""
-        if _row_checksum(features, mask) != self.checksum_list(fd)[row]:
-            self.corrupt()
-
-    def checksum_list(self, fd: int) -> list[int]:
-        """`checksums` as Python ints (the single-row path compares one without a numpy call)."""
-        if self._checksum_list is None:
-            self._checksum_list = self.checksums(fd).tolist()
-        return self._checksum_list
 
     def corrupt(self, reason: str = "stored bytes do not match their checksums"):
         """Sets this shard aside and raises `CorruptCacheShard`."""
@@ -343,11 +337,13 @@ def _shard_tensors(count: int, features, masks, num_detections, dtype: str) -> d
     masks = masks.detach().to("cpu", torch.bool).contiguous()  # (n, M)
     num_detections = num_detections.contiguous()  # (n,)
     checksums = row_checksums(stored.numpy(), masks.numpy())  # (n,) verified on every read
+    # each row's mask bytes and checksum side by side: a checked read takes them in one read, instead of the mask
+    row_check = np.concatenate([masks.numpy().view(np.uint8), checksums.astype("<i8").view(np.uint8).reshape(-1, 8)], 1)
     return {
         "visual_features": stored,
         "visual_mask": masks,
         "num_detections": num_detections,
-        "row_checksums": torch.from_numpy(checksums),
+        "row_check": torch.from_numpy(np.ascontiguousarray(row_check)),  # (n, M + 8) uint8
     }
 
 
@@ -572,9 +568,9 @@ class FRRFeatureCache:
         detections = np.full(count, -1, dtype=np.int32)  # (n,)
         for shard, fd, selected, shard_rows in self._by_shard(positions):
             part = shard.read(fd, "visual_features", shard_rows)  # (k, M, D) in the storage dtype
-            part_masks = shard.read(fd, "visual_mask", shard_rows)  # (k, M)
+            part_masks, checksums = shard.read_masks(fd, shard_rows)  # (k, M), (k,) or None
             part_detections = shard.read(fd, "num_detections", shard_rows) if "num_detections" in shard.tensors else None
-            shard.verify(fd, shard_rows, part, part_masks)
+            shard.verify(part, part_masks, checksums)
             if features is None:
                 features = np.empty((count,) + part.shape[1:], dtype=np.float32)  # (n, M, D)
                 masks = np.empty((count, part.shape[1]), dtype=bool)  # (n, M)
@@ -616,9 +612,9 @@ class FRRFeatureCache:
         number, row = self._locate(key)
         shard, fd = self._shard(number), self._fd(number)
         stored = shard.read_row(fd, "visual_features", row)  # (M, D) in the storage dtype
-        mask = shard.read_row(fd, "visual_mask", row)  # (M,)
-        if shard.checked:
-            shard.verify_row(fd, row, stored, mask)
+        mask, checksum = shard.read_mask_row(fd, row)  # (M,), int or None
+        if checksum is not None and _row_checksum(stored, mask) != checksum:
+            shard.corrupt()
         return torch.from_numpy(stored).float(), torch.from_numpy(mask)
 
     def num_detections(self, key) -> int:

@@ -130,9 +130,7 @@ def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype, 
     cache = FRRFeatureCache(tmp_path, "fp", dtype=dtype)
     path = cache.write_shard(keys, features, masks, num_detections=detections)
     cache.load()
-    data = bytearray(open(path, "rb").read())
-    data[-40:-36] = bytes(4) if data[-40:-36] != bytes(4) else b"\x01\x02\x03\x04"  # same size, other features
-    open(path, "wb").write(bytes(data))
+    overwrite_features(path, offset=3 * 8 * 2)  # same size, other features (in the row of keys[1])
     fresh = FRRFeatureCache(tmp_path, "fp", dtype=dtype).load()  # the header is intact: it indexes
     with pytest.raises(CorruptCacheShard, match=f"{os.path.basename(path)} is corrupt .*checksums"):
         if read == "get_many":
@@ -147,6 +145,16 @@ def test_overwritten_feature_bytes_are_caught_by_the_checksums(tmp_path, dtype, 
     again.write_shard(keys, features, masks, num_detections=detections)
     again.load()
     assert torch.equal(again.get(keys[2])[1], masks[2])
+
+
+def overwrite_features(path: str, offset: int) -> None:
+    """Overwrites 4 bytes of a shard's `visual_features` tensor, `offset` bytes into it (the file keeps its size)."""
+    from processing_pmner.feature_cache import _Shard
+
+    start = _Shard(path).tensors["visual_features"][2] + offset
+    data = bytearray(open(path, "rb").read())
+    data[start : start + 4] = bytes(4) if data[start : start + 4] != bytes(4) else b"\x01\x02\x03\x04"
+    open(path, "wb").write(bytes(data))
 
 
 def test_a_deleted_index_is_rebuilt_from_the_shards(tmp_path):
@@ -177,9 +185,7 @@ def test_extraction_recomputes_corrupt_entries_from_their_images(tmp_path):
     expected = np.asarray(first["visual_features"])
     cache = processor.feature_cache(tmp_path / "cache")
     (shard,) = cache.shard_files()
-    data = bytearray(open(shard, "rb").read())
-    data[-60:-52] = bytes(8) if data[-60:-52] != bytes(8) else b"\x01" * 8
-    open(shard, "wb").write(bytes(data))
+    overwrite_features(shard, offset=8)
     again = processor.extract_dataset_features(dataset, cache_dir=tmp_path / "cache", progress=False)
     np.testing.assert_allclose(np.asarray(again["visual_features"]), expected, rtol=1e-5, atol=1e-5)
     assert os.path.exists(shard + ".corrupt")
