@@ -164,13 +164,6 @@ class _Shard:
         check = self.read(fd, "row_check", rows)  # (k, M + 8)
         return check[:, :-8].view(np.bool_), np.ascontiguousarray(check[:, -8:]).view("<i8").reshape(-1)
 
-    def read_mask_row(self, fd: int, row: int) -> tuple[np.ndarray, int | None]:
-        """`read_masks` for one row."""
-        if not self.checked:
-            return self.read_row(fd, "visual_mask", row), None
-        check = self.read_row(fd, "row_check", row)  # (M + 8,)
-        return check[:-8].view(np.bool_), int.from_bytes(check[-8:].tobytes(), "little", signed=True)
-
     def verify(self, rows_features: np.ndarray, masks: np.ndarray, checksums: np.ndarray | None) -> None:
         """Raises `CorruptCacheShard` (setting the shard aside) when rows read do not match their checksums."""
         if checksums is not None and not np.array_equal(row_checksums(rows_features, masks), checksums):
@@ -192,9 +185,14 @@ class _Shard:
 
     def read_row(self, fd: int, name: str, row: int) -> np.ndarray:
         """Row `row` of tensor `name`: shape[1:]."""
-        dtype, shape, start, _ = self.tensors[name]
+        dtype, shape, _, _ = self.tensors[name]
+        return np.frombuffer(self.read_row_bytes(fd, name, row), dtype=dtype).reshape(shape[1:])
+
+    def read_row_bytes(self, fd: int, name: str, row: int) -> bytearray:
+        """The stored bytes of row `row` of tensor `name` (read into directly: writable memory, no copy)."""
+        start = self.tensors[name][2]
         row_bytes = self.row_bytes[name]
-        buffer = bytearray(row_bytes)  # read into directly: the array owns writable memory, no copy
+        buffer = bytearray(row_bytes)
         if hasattr(os, "preadv"):
             size = os.preadv(fd, [buffer], start + row * row_bytes)
         else:
@@ -202,7 +200,20 @@ class _Shard:
             size, buffer[: len(data)] = len(data), data
         if size != row_bytes:
             self.corrupt(f"truncated (reading {name})")
-        return np.frombuffer(buffer, dtype=dtype).reshape(shape[1:])
+        return buffer
+
+    def read_checked_row(self, fd: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(features (M, D) in the storage dtype, mask (M,))` of one row of a checked shard, verified against its
+        checksum: the bytes are summed as read, before any array is made of them (the lookup path)."""
+        features = self.read_row_bytes(fd, "visual_features", row)
+        check = self.read_row_bytes(fd, "row_check", row)  # mask bytes, then the checksum
+        whole = len(features) // 8 * 8
+        total = int(np.frombuffer(features, "<u8", count=whole // 8).sum()) + sum(features[whole:])
+        total = (total + _MASK_WEIGHT * sum(check[:-8])) & 0xFFFFFFFFFFFFFFFF
+        if total != int.from_bytes(check[-8:], "little"):  # stored as int64: the same 8 bytes
+            self.corrupt()
+        dtype, shape, _, _ = self.tensors["visual_features"]
+        return np.frombuffer(features, dtype=dtype).reshape(shape[1:]), np.frombuffer(check, np.bool_, len(check) - 8)
 
     def read(self, fd: int, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows `rows` (sorted ascending) of tensor `name`: (len(rows), *shape[1:]); runs of consecutive rows are
@@ -611,10 +622,10 @@ class FRRFeatureCache:
         raises `KeyError`."""
         number, row = self._locate(key)
         shard, fd = self._shard(number), self._fd(number)
-        stored = shard.read_row(fd, "visual_features", row)  # (M, D) in the storage dtype
-        mask, checksum = shard.read_mask_row(fd, row)  # (M,), int or None
-        if checksum is not None and _row_checksum(stored, mask) != checksum:
-            shard.corrupt()
+        if shard.checked:
+            stored, mask = shard.read_checked_row(fd, row)  # (M, D) in the storage dtype, (M,)
+        else:  # a shard written before checksums
+            stored, mask = shard.read_row(fd, "visual_features", row), shard.read_row(fd, "visual_mask", row)
         return torch.from_numpy(stored).float(), torch.from_numpy(mask)
 
     def num_detections(self, key) -> int:
