@@ -502,8 +502,10 @@ def save_with_frr_weights(owner, image_processor, parent_save, save_directory, p
         repo_id = hf_api().create_repo(repo_id, exist_ok=True, **kwargs).repo_id
         timestamps = owner._get_files_timestamps(save_directory)
     record = write_frr_weights(image_processor, save_directory)
-    # what the saved folder records; the live processor keeps its own record and located files (it goes on using
-    # the weights it had, whatever dtype or switch this save used)
+    if record is not None and not image_processor._weights_files:
+        # a processor built from settings now has saved weights; one loaded from a folder keeps its own record and
+        # located files (it goes on using the weights it had, whatever dtype or switch this save used)
+        image_processor.frr_weights = record
     image_processor._save_overrides = {
         "frr_weights": record,
         "detector_weights": saved_origin(image_processor.detector_weights),

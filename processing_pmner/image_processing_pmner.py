@@ -29,7 +29,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .dataset_features import extract_dataset_features
 from .feature_cache import FRRFeatureCache
-from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, builder_exists, weights_origin
+from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, weights_origin
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -430,10 +430,6 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
             raise ValueError(f"max_image_side must be at least 32, got {self.max_image_side}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        for setting in ("detector", "backbone"):
-            name = getattr(self, setting)
-            if name is not None and not builder_exists(name):
-                raise ValueError(f"{setting}={name!r} is not a torchvision model builder")
         if self.frr_weights_dtype not in FRR_WEIGHTS_DTYPES:
             raise ValueError(f"frr_weights_dtype must be one of {list(FRR_WEIGHTS_DTYPES)}, got {self.frr_weights_dtype!r}")
 

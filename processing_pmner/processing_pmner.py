@@ -107,9 +107,7 @@ def _model_config_beside(pretrained_model_name_or_path, hub_kwargs: dict) -> tup
         )
         return location, None
     return location, SimpleNamespace(
-        num_labels=len(config["id2label"]), id2label=config["id2label"], tag_scheme=config.get("tag_scheme"),
-        use_visual=config.get("use_visual", False), visual_feature_dim=config.get("visual_feature_dim"),
-        max_objects=config.get("max_objects"),
+        num_labels=len(config["id2label"]), id2label=config["id2label"], tag_scheme=config.get("tag_scheme")
     )
 
 

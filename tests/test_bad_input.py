@@ -82,7 +82,7 @@ TRAIN_ROWS = [
     ("score threshold", lambda w: train_args(w, "--score_threshold", "2", visual=True), "score_threshold must be in [0, 1]"),
     ("max objects", lambda w: train_args(w, "--max_objects", "0", visual=True), "max_objects must be at least 1"),
     ("crop size", lambda w: train_args(w, "--crop_size", "-1", visual=True), "crop_size must be positive"),
-    ("detector", lambda w: train_args(w, "--detector", "foo", visual=True), "detector='foo' is not a torchvision model builder"),
+    ("detector", lambda w: train_args(w, "--detector", "foo", visual=True), "--detector 'foo' is not a torchvision model builder"),
     ("missing weights", lambda w: train_args(w, "--backbone_weights", str(w / "missing.safetensors"), visual=True),
      "FRR networks of the FRR settings: backbone_weights="),
     ("not weights", lambda w: train_args(w, "--backbone_weights", str(w / "not-weights.safetensors"), visual=True),
@@ -197,12 +197,6 @@ def model_folders(workspace):
     config["visual_feature_dim"] = 256
     (other_dim / "config.json").write_text(json.dumps(config))
     folders["config against weights"] = str(other_dim)
-    other_objects = workspace / "model-other-max-objects"
-    shutil.copytree(folder, other_objects)
-    config = json.loads((other_objects / "processor_config.json").read_text())
-    config["image_processor"]["max_objects"] = 4
-    (other_objects / "processor_config.json").write_text(json.dumps(config))
-    folders["processor against config"] = str(other_objects)
     return folders
 
 
@@ -239,8 +233,6 @@ PREDICT_ROWS = [
      "cannot load the model"),
     ("config against weights", lambda w, m: [m["config against weights"], tweets_file(w), "-o", str(w / "out3.jsonl")],
      "cannot load the model"),
-    ("processor against config", lambda w, m: [m["processor against config"], tweets_file(w), "-o", str(w / "out4.jsonl")],
-     "cannot load the model"),
     ("resume into a device", lambda w, m: [m["good"], tweets_file(w), "-o", os.devnull, "--resume"],
      "--resume needs a regular output file: /dev/null is a character device"),
     ("output a socket", lambda w, m: [m["good"], tweets_file(w), "-o", a_socket(w)], "output"),
@@ -251,7 +243,6 @@ PREDICT_NAMES = {
     "damaged FRR weights": ("frr_backbone.safetensors has sha256",),
     "no tokenizer.json": ("has no tokenizer.json",),
     "config against weights": ("config.json of", "does not describe its model.safetensors", "pmner.visual_projection.weight"),
-    "processor against config": ("the image processor gives max_objects=4 but the model's config has max_objects=3",),
     "output a socket": ("is a socket",),
     "output a FIFO nobody reads": ("is a FIFO that nobody reads",),
 }

@@ -42,7 +42,8 @@ def run(workspace, args, **kwargs):
 
 
 def user_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("train_pmner.py:")]
+    """The script's own lines (a progress bar left mid-line ends at its last carriage return)."""
+    return [line.split("\r")[-1] for line in stderr.splitlines() if line.split("\r")[-1].startswith("train_pmner.py:")]
 
 
 @pytest.fixture(scope="module")

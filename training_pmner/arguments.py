@@ -467,6 +467,12 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         data_args.feature_cache_dir
     ):
         raise ArgumentsError(f"--feature_cache_dir {data_args.feature_cache_dir} is a file, not a folder")
+    from processing_pmner.frr_models import builder_exists
+
+    for name, value in (("detector", None if none_detector(model_args.detector) else model_args.detector),
+                        ("backbone", model_args.backbone)):
+        if value is not None and not builder_exists(value):
+            raise ArgumentsError(f"--{name} {value!r} is not a torchvision model builder")
     model_args.detector_kwargs = parse_detector_kwargs(model_args.detector_kwargs, model_args.detector)
     if model_args.require_objects and none_detector(model_args.detector):
         raise ArgumentsError("--require_objects needs a detector: --detector none makes the whole image the only object")
