@@ -76,16 +76,18 @@ def row_checksums(features: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def _row_checksum(features: np.ndarray, mask: np.ndarray) -> int:
-    """Sum of the row's features as little-endian 64-bit words (trailing bytes added one by one) plus a multiple of
+    """`_bytes_checksum` of one row's arrays (features in the storage dtype, mask)."""
+    return _bytes_checksum(memoryview(np.ascontiguousarray(features)).cast("B"), np.ascontiguousarray(mask).tobytes())
+
+
+def _bytes_checksum(features, mask) -> int:
+    """Sum of a row's feature bytes as little-endian 64-bit words (trailing bytes added one by one) plus a multiple of
     its mask's byte sum, modulo 2**64, as a signed int64 value. Any overwritten word or byte changes it (unless the
-    new bytes sum the same, by chance): about a microsecond a row, so every read can afford it."""
-    if features.flags.c_contiguous and features.ndim and (features.shape[-1] * features.itemsize) % 8 == 0:
-        total = int(features.view("<u8").sum())  # uint64 sums wrap modulo 2**64
-    else:
-        data = memoryview(np.ascontiguousarray(features)).cast("B")
-        whole = len(data) // 8 * 8
-        total = (int(np.frombuffer(data[:whole], "<u8").sum()) if whole else 0) + sum(data[whole:])
-    total = (total + _MASK_WEIGHT * sum(np.ascontiguousarray(mask).tobytes())) & 0xFFFFFFFFFFFFFFFF
+    new bytes sum the same, by chance): a couple of microseconds a row, so every read can afford it. `features` and
+    `mask` are bytes-like (the lookup path sums the buffers it read, before any array is made of them)."""
+    whole = len(features) // 8 * 8
+    total = int(np.frombuffer(features, "<u8", count=whole // 8).sum()) + sum(features[whole:])  # wraps mod 2**64
+    total = (total + _MASK_WEIGHT * sum(mask)) & 0xFFFFFFFFFFFFFFFF
     return total - (1 << 64) if total >= 1 << 63 else total
 
 
@@ -206,11 +208,8 @@ class _Shard:
         """`(features (M, D) in the storage dtype, mask (M,))` of one row of a checked shard, verified against its
         checksum: the bytes are summed as read, before any array is made of them (the lookup path)."""
         features = self.read_row_bytes(fd, "visual_features", row)
-        check = self.read_row_bytes(fd, "row_check", row)  # mask bytes, then the checksum
-        whole = len(features) // 8 * 8
-        total = int(np.frombuffer(features, "<u8", count=whole // 8).sum()) + sum(features[whole:])
-        total = (total + _MASK_WEIGHT * sum(check[:-8])) & 0xFFFFFFFFFFFFFFFF
-        if total != int.from_bytes(check[-8:], "little"):  # stored as int64: the same 8 bytes
+        check = self.read_row_bytes(fd, "row_check", row)  # mask bytes, then the checksum (int64)
+        if _bytes_checksum(features, check[:-8]) != int.from_bytes(check[-8:], "little", signed=True):
             self.corrupt()
         dtype, shape, _, _ = self.tensors["visual_features"]
         return np.frombuffer(features, dtype=dtype).reshape(shape[1:]), np.frombuffer(check, np.bool_, len(check) - 8)

@@ -317,11 +317,11 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
         kwargs = {**dict(zip(("cache_dir", "force_download", "local_files_only", "token", "revision"), args)), **kwargs}
         kwargs = resolve_revision_once(pretrained_model_name_or_path, kwargs)
         given_image_processor = kwargs.get("image_processor") is not None
+        hub_kwargs = hub_kwargs_of(kwargs)
         if kwargs.get("tokenizer") is None:
-            _require_tokenizer_files(pretrained_model_name_or_path, hub_kwargs_of(kwargs))
+            _require_tokenizer_files(pretrained_model_name_or_path, hub_kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         processor = loaded[0] if isinstance(loaded, tuple) else loaded
-        hub_kwargs = hub_kwargs_of(kwargs)
         if not given_image_processor and hasattr(processor.image_processor, "attach_frr_weights"):
             processor.image_processor.attach_frr_weights(pretrained_model_name_or_path, **hub_kwargs)
         location, model_config = _model_config_beside(pretrained_model_name_or_path, hub_kwargs)
