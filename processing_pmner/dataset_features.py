@@ -210,14 +210,23 @@ def _with_counts(cache, positions, wanted: bool) -> bool:
 def _recompute(processor, raw, image_column, indices, row_keys, cache, device):
     """Features of the dataset rows `indices`, computed from their images and written to the cache again (for rows
     whose cached copy was found corrupt); an image that cannot be read gives zeros, as it does on a first pass."""
-    sources = raw[list(indices)][image_column]
     keys = [row_keys[index] for index in indices]
-    names = [f"{describe_image(source)} (key {key})" for key, source in zip(keys, sources)]
-    features, masks, _, bad, detections = processor.extract(sources, names, device=device, return_num_detections=True)
-    good = [row for row in range(len(keys)) if row not in set(bad)]
-    if good:
-        cache.write_shard([keys[row] for row in good], features[good], masks[good], num_detections=detections[good])
+    features, masks, detections, kept = _extract_rows(processor, raw, image_column, list(indices), keys, device)
+    if kept:
+        cache.write_shard([keys[row] for row in kept], features[kept], masks[kept], num_detections=detections[kept])
     return features.numpy(), masks.numpy(), detections.numpy()
+
+
+def _extract_rows(processor, raw, image_column, rows, keys, device, batch_size=None):
+    """`(features (b, M, D), masks (b, M), detections (b,), kept)` of the images of dataset `rows` (named by their
+    cache `keys` in messages); `kept` lists the rows whose image could be read (a bad image is never cached)."""
+    sources = raw[rows][image_column]
+    names = [f"{describe_image(source)} (key {key})" for key, source in zip(keys, sources)]
+    features, masks, _, bad, detections = processor.extract(
+        sources, names, device=device, batch_size=batch_size, return_num_detections=True
+    )  # (b, M, D), (b, M), bad indices, (b,)
+    bad = set(bad)
+    return features, masks, detections, [index for index in range(len(keys)) if index not in bad]
 
 
 def _extract_keys(processor, raw, image_column, keys, first_row, cache, rank, batch_size, device, progress):
@@ -229,12 +238,8 @@ def _extract_keys(processor, raw, image_column, keys, first_row, cache, rank, ba
     from transformers.utils.logging import tqdm
 
     def compute(chunk):
-        sources = raw[[first_row[key] for key in chunk]][image_column]
-        names = [f"{describe_image(source)} (key {key})" for key, source in zip(chunk, sources)]
-        features, masks, _, bad, detections = processor.extract(
-            sources, names, device=device, batch_size=batch_size, return_num_detections=True
-        )  # (b, M, D), (b, M), bad indices, (b,)
-        kept = [index for index in range(len(chunk)) if index not in set(bad)]  # a bad image is never cached
+        rows = [first_row[key] for key in chunk]
+        features, masks, detections, kept = _extract_rows(processor, raw, image_column, rows, chunk, device, batch_size)
         return [chunk[index] for index in kept], features[kept], masks[kept], detections[kept]
 
     bar = tqdm(total=len(keys), desc="FRR features", unit="image", disable=not progress or rank != 0)
