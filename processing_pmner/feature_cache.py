@@ -38,7 +38,22 @@ CACHE_FORMAT_VERSION = 2  # 1: float32 features and masks only; 2: adds `num_det
 CACHE_DTYPES = {"float32": ("F32", torch.float32), "float16": ("F16", torch.float16)}
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
 _MAX_HEADER_BYTES = 256 * 2**20
-_OPEN_FILES = 64  # shard files kept open for reads (least recently used closed first)
+
+
+def _open_files_limit() -> int:
+    """Shard files one cache keeps open for reads (least recently used closed first): an eighth of the process's
+    soft limit on open files, between 64 and 1024 (1,000 shards hold a million entries; reopening a shard file
+    costs more than reading a row from the page cache)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no `resource` module (Windows)
+        return 64
+    return 1024 if soft == resource.RLIM_INFINITY else max(64, min(1024, soft // 8))
+
+
+_OPEN_FILES = _open_files_limit()
 
 
 class CorruptCacheShard(ValueError):
@@ -85,10 +100,15 @@ def _bytes_checksum(features, mask) -> int:
     its mask's byte sum, modulo 2**64, as a signed int64 value. Any overwritten word or byte changes it (unless the
     new bytes sum the same, by chance): a couple of microseconds a row, so every read can afford it. `features` and
     `mask` are bytes-like (the lookup path sums the buffers it read, before any array is made of them)."""
-    whole = len(features) // 8 * 8
-    total = int(np.frombuffer(features, "<u8", count=whole // 8).sum()) + sum(features[whole:])  # wraps mod 2**64
+    whole = len(features) & ~7
+    total = int(_add(np.frombuffer(features, _WORDS, whole >> 3)))  # wraps mod 2**64
+    if whole != len(features):
+        total += sum(features[whole:])
     total = (total + _MASK_WEIGHT * sum(mask)) & 0xFFFFFFFFFFFFFFFF
     return total - (1 << 64) if total >= 1 << 63 else total
+
+
+_WORDS, _add = np.dtype("<u8"), np.add.reduce  # looked up once: the lookup path calls `_bytes_checksum` per row
 
 
 def _normalise_dtype(dtype) -> str:
@@ -103,6 +123,9 @@ def key_hashes(keys) -> np.ndarray:
     """64-bit BLAKE2b hashes (uint64) of string keys."""
     digests = b"".join(hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest() for key in keys)
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+_preadv = getattr(os, "preadv", None)  # reads into a given buffer (POSIX); elsewhere `_pread`
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -154,9 +177,13 @@ class _Shard:
             if name in self.tensors and self.tensors[name][1][0] != self.rows:
                 raise ValueError(f"FRR cache shard {path} is inconsistent: {name} has a different row count; delete it")
         self.feature_dtype = self.tensors["visual_features"][3]
+        self.feature_dtype_np, self.row_shape = self.tensors["visual_features"][0], self.tensors["visual_features"][1][1:]
         self.checked = "row_check" in self.tensors  # shards written before checksums are read unchecked
         if self.checked and self.tensors["row_check"][1] != (self.rows, self.tensors["visual_mask"][1][1] + 8):
             raise ValueError(f"FRR cache shard {path} is inconsistent: row_check has the wrong shape; delete it")
+        if self.checked:  # (features' offset, row bytes, row_check's offset, row bytes): read per lookup
+            self.checked_layout = (self.tensors["visual_features"][2], self.row_bytes["visual_features"],
+                                   self.tensors["row_check"][2], self.row_bytes["row_check"])
 
     def read_masks(self, fd: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """`(masks (k, M) bool, checksums (k,) int64 or None)` of `rows`: one read of `row_check` where the shard
@@ -195,8 +222,8 @@ class _Shard:
         start = self.tensors[name][2]
         row_bytes = self.row_bytes[name]
         buffer = bytearray(row_bytes)
-        if hasattr(os, "preadv"):
-            size = os.preadv(fd, [buffer], start + row * row_bytes)
+        if _preadv is not None:
+            size = _preadv(fd, [buffer], start + row * row_bytes)
         else:
             data = _pread(fd, row_bytes, start + row * row_bytes)
             size, buffer[: len(data)] = len(data), data
@@ -207,12 +234,21 @@ class _Shard:
     def read_checked_row(self, fd: int, row: int) -> tuple[np.ndarray, np.ndarray]:
         """`(features (M, D) in the storage dtype, mask (M,))` of one row of a checked shard, verified against its
         checksum: the bytes are summed as read, before any array is made of them (the lookup path)."""
-        features = self.read_row_bytes(fd, "visual_features", row)
-        check = self.read_row_bytes(fd, "row_check", row)  # mask bytes, then the checksum (int64)
-        if _bytes_checksum(features, check[:-8]) != int.from_bytes(check[-8:], "little", signed=True):
+        if _preadv is None:
+            features, check = self.read_row_bytes(fd, "visual_features", row), self.read_row_bytes(fd, "row_check", row)
+        else:  # the same two reads, inlined: this is the per-lookup path
+            feature_start, feature_bytes, check_start, check_bytes = self.checked_layout
+            features, check = bytearray(feature_bytes), bytearray(check_bytes)
+            if (_preadv(fd, [features], feature_start + row * feature_bytes) != feature_bytes
+                    or _preadv(fd, [check], check_start + row * check_bytes) != check_bytes):
+                self.corrupt("truncated (reading a row)")
+        mask_bytes = len(check) - 8  # mask bytes, then the checksum (int64)
+        if _bytes_checksum(features, memoryview(check)[:mask_bytes]) != int.from_bytes(check[mask_bytes:], "little",
+                                                                                      signed=True):
             self.corrupt()
-        dtype, shape, _, _ = self.tensors["visual_features"]
-        return np.frombuffer(features, dtype=dtype).reshape(shape[1:]), np.frombuffer(check, np.bool_, len(check) - 8)
+        return np.frombuffer(features, self.feature_dtype_np).reshape(self.row_shape), np.frombuffer(
+            check, np.bool_, mask_bytes
+        )
 
     def read(self, fd: int, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows `rows` (sorted ascending) of tensor `name`: (len(rows), *shape[1:]); runs of consecutive rows are
@@ -620,7 +656,8 @@ class FRRFeatureCache:
         """`(visual_features (max_objects, feature_dim) float32, visual_mask (max_objects,))` of a key; a missing key
         raises `KeyError`."""
         number, row = self._locate(key)
-        shard, fd = self._shard(number), self._fd(number)
+        shard = self._shards.get(number) or self._shard(number)
+        fd = self._fd(number)
         if shard.checked:
             stored, mask = shard.read_checked_row(fd, row)  # (M, D) in the storage dtype, (M,)
         else:  # a shard written before checksums

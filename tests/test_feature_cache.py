@@ -60,6 +60,25 @@ def test_round_trip_and_lookups_after_reopening(tmp_path, dtype):
     assert torch.equal(third.get_many(keys)[0], reopened.get_many(keys)[0])
 
 
+def test_lookups_over_more_shards_than_open_files_keep_a_bounded_number_open(tmp_path, monkeypatch):
+    import processing_pmner.feature_cache as feature_cache
+
+    monkeypatch.setattr(feature_cache, "_OPEN_FILES", 2)
+    cache = FRRFeatureCache(tmp_path, "fp")
+    entries = [random_entries(2, seed=seed) for seed in range(5)]  # five shards of two keys
+    for keys, features, masks, detections in entries:
+        cache.write_shard(keys, features, masks, num_detections=detections)
+    reopened = FRRFeatureCache(tmp_path, "fp").load()
+    before = len(os.listdir("/proc/self/fd"))
+    for round_ in range(3):
+        for keys, features, masks, _ in entries:
+            for row, key in enumerate(keys):
+                got_features, got_mask = reopened.get(key)
+                assert torch.equal(got_features, features[row]) and torch.equal(got_mask, masks[row])
+    assert len(reopened._files) == 2 and len(os.listdir("/proc/self/fd")) <= before + 2
+    assert 64 <= feature_cache._open_files_limit() <= 1024
+
+
 def test_fp16_and_fp32_caches_never_mix(tmp_path):
     keys, features, masks, detections = random_entries(4)
     fp32 = FRRFeatureCache(tmp_path, "fp")
