@@ -40,15 +40,43 @@ def _entity(item: dict, first: int, last: int, entity_type: str, score: float) -
 
 
 def aggregate_entities(
-    labels: list[str], item: dict, scores: np.ndarray, aggregation_strategy: str, types: tuple | None = None
+    labels: list[str],
+    item: dict,
+    scores: np.ndarray,
+    aggregation_strategy: str,
+    types: tuple | None = None,
+    keep_outside: bool = False,
 ) -> list[dict]:
     """Entities of one tweet (`item` with `text` and the words' `spans`) from its word tag probabilities `scores`
-    (words, labels); `types`: `entity_types(labels)` when already computed."""
+    (words, labels); `types`: `entity_types(labels)` when already computed. `keep_outside`: words tagged `O` are
+    returned too, as the token-classification pipeline does when `"O"` is not in its `ignore_labels`: each as
+    `{"entity": "O", ...}` with `"none"`, else each run of them as one `{"entity_group": "O", ...}` (score: the mean
+    of their `O` probabilities)."""
     if aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise ValueError(f"aggregation_strategy must be one of {AGGREGATION_STRATEGIES}, got {aggregation_strategy!r}")
     best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
     tags = [tag_parts(labels[int(label)]) for label in best]
     tag_scores = [float(scores[index, label]) for index, label in enumerate(best)]
+    entities = _entities(labels, item, scores, aggregation_strategy, types, best, tags, tag_scores, keep_outside)
+    if keep_outside and aggregation_strategy != "none":
+        entities = _with_outside_runs(item, entities, tags, tag_scores)
+    return entities
+
+
+def _with_outside_runs(item: dict, entities: list[dict], tags: list, tag_scores: list[float]) -> list[dict]:
+    """`entities` with each run of `O` words added as an `"O"` group, in text order."""
+    runs, first = [], None
+    for index, (prefix, _) in enumerate(tags + [(None, None)]):  # a sentinel closes the last run
+        if prefix == "O" and first is None:
+            first = index
+        elif prefix != "O" and first is not None:
+            runs.append(_entity(item, first, index - 1, "O", np.mean(tag_scores[first:index])))
+            first = None
+    # entities and O runs cover disjoint words: their starts order them
+    return sorted(entities + runs, key=lambda entity: (entity["start"], entity["end"]))
+
+
+def _entities(labels, item, scores, aggregation_strategy, types, best, tags, tag_scores, keep_outside) -> list[dict]:
     if aggregation_strategy == "none":
         return [
             {
@@ -60,7 +88,7 @@ def aggregate_entities(
                 "end": int(item["spans"][index][1]),
             }
             for index, (prefix, _) in enumerate(tags)
-            if prefix != "O"
+            if keep_outside or prefix != "O"
         ]
     entities = []
     if aggregation_strategy == "simple":

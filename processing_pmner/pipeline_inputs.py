@@ -21,6 +21,33 @@ INPUT_KEYS = (
     "context",
 )
 VISUAL_KEYS = INPUT_KEYS[3:9]
+EXPECTED_ITEM = "a str (a tweet), a dict with 'text' or 'words', or a list of words (with is_split_into_words=True)"
+
+
+def is_stream(inputs) -> bool:
+    """Whether `inputs` is a source of several tweets other than a list or tuple: a generator, any iterable
+    (`datasets.Dataset`, streaming `datasets.IterableDataset`, torch `IterableDataset`), or a sized indexable
+    dataset (`KeyDataset`, a map-style torch `Dataset`). Raises a `TypeError` for what is neither a tweet nor
+    such a source."""
+    if isinstance(inputs, (str, dict, list, tuple)):
+        return False
+    if isinstance(inputs, (bytes, bytearray)) or not (
+        hasattr(inputs, "__iter__") or (hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__"))
+    ):
+        raise TypeError(
+            f"the pipeline input is a {type(inputs).__name__}; expected {EXPECTED_ITEM}, or an iterable of these"
+        )
+    return True
+
+
+def iterate_inputs(source):
+    """The items of a stream (see `is_stream`), one by one: iterated when it can be (a `datasets.Dataset` reads its
+    rows faster so), else indexed `0 ... len - 1`."""
+    if hasattr(source, "__iter__"):
+        yield from source
+    else:
+        for index in range(len(source)):
+            yield source[index]
 
 
 def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: set) -> dict:
@@ -36,7 +63,7 @@ def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: s
             )
         item = {"words": list(item)}
     elif not isinstance(item, dict):
-        raise ValueError(f"tweet {index} is a {type(item).__name__}; expected a str, a list of words or a dict")
+        raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
     unknown = tuple(sorted(set(item) - set(INPUT_KEYS)))
     if unknown and unknown not in ignored_keys:
         # e.g. the id and tag columns of a dataset row; said once per set of keys, so that a typo is seen
@@ -154,7 +181,7 @@ def visual_inputs(pipe, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return features, mask
 
 
-__all__ = ["INPUT_KEYS", "normalise_input", "visual_inputs"]
+__all__ = ["INPUT_KEYS", "is_stream", "iterate_inputs", "normalise_input", "visual_inputs"]
 
 
 def load_retrieval_index(pipe, retrieval_index):

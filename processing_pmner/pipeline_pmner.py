@@ -41,8 +41,11 @@ from .grounding_pmner import (
     word_attentions,
 )
 from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
+    EXPECTED_ITEM,
     INPUT_KEYS,
     contexts_of,
+    is_stream,
+    iterate_inputs,
     load_retrieval_index,
     normalise_input,
     visual_inputs,
@@ -58,6 +61,8 @@ TASK = "multimodal-ner"
 BUCKET_BATCHES = 64
 LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
 OUTPUT_SCHEMES = ("BIO", "BIOES", "model")
+DEFAULT_IGNORE_LABELS = ("O",)  # as in transformers' token-classification pipeline
+DEFAULT_IGNORE_LABELS_SET = frozenset(DEFAULT_IGNORE_LABELS)
 CUSTOM_PIPELINE_ENTRY = {
     "impl": "pipeline_pmner.PMNERPipeline",
     "pt": ["AutoModelForTokenClassification"],
@@ -83,8 +88,10 @@ class PMNERPipeline(Pipeline):
       `"image"`, or precomputed FRR `"visual_features"` (objects, feature_dim) with `"visual_mask"` (objects,);
     - with `is_split_into_words=True`, a list of words is one tweet (a list of lists is a batch). Offsets then refer
       to the words joined by single spaces, which is also the returned `text`.
-    A `datasets.Dataset` (rows with `text` or `tokens`, and `image`) or a generator streams results; other keys of a
-    dict (ids, gold tags) are ignored with a warning, once per set of keys.
+    Any other iterable streams results (an iterator, in input order, batched as lists are): a generator, a
+    `datasets.Dataset` or a streaming `datasets.IterableDataset` (rows with `text` or `tokens`, and `image`), a
+    `KeyDataset`, a torch `Dataset`. Other keys of a dict (ids, gold tags) are ignored with a warning, once per set of
+    keys. An input (or an item of an iterable) of any other type is a `TypeError` naming its type and position.
 
     Parameters (at creation or per call):
         aggregation_strategy (`str`, defaults to `"simple"`): how word tags become entities, as in the
@@ -100,7 +107,12 @@ class PMNERPipeline(Pipeline):
               its most confident word (`"max"`), or the type with the highest probability averaged over its words
               (`"average"`). `score` is the probability of that type, read in the deciding word (`"first"`,
               `"max"`) or averaged over the words (`"average"`); a type's probability is the sum of its tags'.
-        ignore_labels (`list[str]`, defaults to `[]`): entity types (e.g. `"MISC"`) to leave out of the output.
+        ignore_labels (`list[str]`, defaults to `["O"]`): labels to leave out of the output, as in the
+            token-classification pipeline: an entity is left out when its group (`entity_group`, an entity type) or,
+            with `"none"`, its tag (`entity`, e.g. `"B-ORG"`) is listed; with `"none"` a word is also left out when
+            its entity type is (`"ORG"` leaves out `B-ORG` and `I-ORG` words). Without `"O"` in the list, the words
+            tagged `O` are returned too: each one with `"none"`, each run of them as an `"O"` group otherwise.
+            Tags given with a grouping strategy leave nothing out (a warning says so): give their type.
         return_words (`bool`, defaults to `False`): return `{"text", "entities", "words"}` with each word's
             `word`, `start`, `end`, `tag` (in `output_scheme`) and `score`, instead of the entity list.
         output_scheme (`str`, defaults to `"BIO"`): scheme of the word tags returned with `return_words`: `"BIO"`,
@@ -166,6 +178,9 @@ class PMNERPipeline(Pipeline):
         self.retrieval_index = load_retrieval_index(self, retrieval_index)
         self._warned_text_only = False
         self._ignored_keys = set()
+        self._checked_ignore_labels = {}
+        # each tag's entity type (None for O): ignore_labels types leave out the words of aggregation "none"
+        self._tag_types = {label: tag_parts(label)[1] for label in self.labels}
 
     # -- parameters ----------------------------------------------------------------------------------------------
 
@@ -197,9 +212,13 @@ class PMNERPipeline(Pipeline):
                 )
             postprocess["aggregation_strategy"] = strategy
         if ignore_labels is not None:
-            if isinstance(ignore_labels, str) or not all(isinstance(label, str) for label in ignore_labels):
-                raise ValueError(f"ignore_labels must be a list of entity types, got {ignore_labels!r}")
-            postprocess["ignore_labels"] = list(ignore_labels)
+            if (
+                isinstance(ignore_labels, (str, bytes, dict))
+                or not hasattr(ignore_labels, "__iter__")
+                or not all(isinstance(label, str) for label in ignore_labels)
+            ):
+                raise ValueError(f"ignore_labels must be a list of tags or entity types, got {ignore_labels!r}")
+            postprocess["ignore_labels"] = tuple(ignore_labels)
         if return_words is not None:
             postprocess["return_words"] = bool(return_words)
         if output_scheme is not None:
@@ -216,8 +235,8 @@ class PMNERPipeline(Pipeline):
         """Entities of one tweet or of a list of tweets.
 
         Args:
-            inputs: a tweet (`str`, or a dict, see the class docstring) or a list of them; a `datasets.Dataset` or a
-                generator streams results.
+            inputs: a tweet (`str`, or a dict, see the class docstring) or a list of them; any other iterable of
+                them (a generator, a `datasets.Dataset` or `IterableDataset`, a `KeyDataset`) streams results.
             image: with one tweet, its image (path, PIL image, ...); with a list, one image (or `None`) per tweet.
             context: with one tweet, its auxiliary text (`str`); with a list, one (or `None`) per tweet. Without it,
                 a model trained with retrieval context retrieves it from its saved training index.
@@ -230,6 +249,7 @@ class PMNERPipeline(Pipeline):
         if split and isinstance(inputs, (list, tuple)) and inputs and all(isinstance(word, str) for word in inputs):
             inputs = {"words": list(inputs)}  # one pre-split tweet
         batched = isinstance(inputs, (list, tuple))
+        streamed = is_stream(inputs)  # a TypeError for an input that is neither a tweet nor a source of tweets
         if image is not None:
             if batched:
                 images = list(image) if isinstance(image, (list, tuple)) else None
@@ -252,8 +272,10 @@ class PMNERPipeline(Pipeline):
             inputs = list(inputs)
             if not inputs:
                 return []
-        elif hasattr(inputs, "column_names") and hasattr(inputs, "__getitem__"):
-            inputs = _rows(inputs)  # a datasets.Dataset: rows, streamed
+        elif streamed:
+            # any other iterable (datasets.Dataset, streaming IterableDataset, KeyDataset, torch Dataset): a generator,
+            # so that transformers streams it (results come back as an iterator, in input order)
+            inputs = iterate_inputs(inputs)
         return super().__call__(inputs, **kwargs)
 
     @staticmethod
@@ -268,10 +290,7 @@ class PMNERPipeline(Pipeline):
             return {"text": item, "image": image}
         if isinstance(item, (list, tuple)) and split:
             return {"words": list(item), "image": image}
-        raise ValueError(
-            f"tweet {index} is a {type(item).__name__}; expected a str, a dict, or a list of words with "
-            "is_split_into_words=True"
-        )
+        raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
 
     @staticmethod
     def _with_context(inputs, context, batched: bool, split: bool):
@@ -288,7 +307,7 @@ class PMNERPipeline(Pipeline):
                 return {"text": item, "context": text}
             if isinstance(item, (list, tuple)) and split:
                 return {"words": list(item), "context": text}
-            raise ValueError(f"tweet {index} is a {type(item).__name__}; expected a str, a dict or a list of words")
+            raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
 
         if batched:
             if not isinstance(context, (list, tuple)) or len(context) != len(inputs):
@@ -316,10 +335,7 @@ class PMNERPipeline(Pipeline):
             )
         batch_size = max(1, int(batch_size or 1))
 
-        if hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__") and not isinstance(inputs, (list, tuple)):
-            source = _rows(inputs)  # a torch / datasets Dataset, KeyDataset
-        else:
-            source = inputs
+        source = inputs if isinstance(inputs, (list, tuple)) else iterate_inputs(inputs)
         params = (preprocess_params, forward_params, postprocess_params)
 
         def generate():
@@ -441,7 +457,7 @@ class PMNERPipeline(Pipeline):
         self,
         model_outputs,
         aggregation_strategy: str = "simple",
-        ignore_labels: list[str] | None = None,
+        ignore_labels: tuple[str, ...] = DEFAULT_IGNORE_LABELS,
         return_words: bool = False,
         output_scheme: str = "BIO",
         return_grounding: bool = False,
@@ -452,12 +468,17 @@ class PMNERPipeline(Pipeline):
         attention = model_outputs["object_attention"].value if "object_attention" in model_outputs else None
         if return_grounding and attention is not None:
             attention = word_attentions(attention, meta.encoding.mapping, [len(item["words"]) for item in meta.items])
+        ignored = self._ignored_labels(ignore_labels, aggregation_strategy)
+        keep_outside = "O" not in ignored
         for position, (item, scores) in enumerate(zip(meta.items, self._word_scores(model_outputs["probabilities"], meta))):
-            entities = self.aggregate(item, scores, aggregation_strategy)
-            if ignore_labels:
+            entities = self.aggregate(item, scores, aggregation_strategy, keep_outside=keep_outside)
+            if ignored - DEFAULT_IGNORE_LABELS_SET:  # "O" itself is left out by `aggregate`
+                # as in the token-classification pipeline: a word's tag ("none") or an entity's group; and, for
+                # "none", the word's entity type too
                 entities = [
                     entity for entity in entities
-                    if entity.get("entity_group", tag_parts(entity.get("entity", "O"))[1]) not in ignore_labels
+                    if entity.get("entity_group", entity.get("entity")) not in ignored
+                    and self._tag_types.get(entity.get("entity")) not in ignored
                 ]
             if return_grounding:
                 add_grounding(
@@ -531,10 +552,37 @@ class PMNERPipeline(Pipeline):
             self._entity_types, self._type_matrix = entity_types(self.labels)
         return self._entity_types, self._type_matrix
 
-    def aggregate(self, item: dict, scores: np.ndarray, aggregation_strategy: str) -> list[dict]:
+    def aggregate(
+        self, item: dict, scores: np.ndarray, aggregation_strategy: str, keep_outside: bool = False
+    ) -> list[dict]:
         """Entities of one tweet from its word tag probabilities `scores` (words, labels) (see
-        `entity_aggregation.aggregate_entities`)."""
-        return aggregate_entities(self.labels, item, scores, aggregation_strategy, self._types())
+        `entity_aggregation.aggregate_entities`; `keep_outside`: `O` words and runs are returned too)."""
+        return aggregate_entities(self.labels, item, scores, aggregation_strategy, self._types(), keep_outside)
+
+    def _ignored_labels(self, ignore_labels, aggregation_strategy: str) -> frozenset:
+        """`ignore_labels` as a set; warns once per labels and strategy about labels that can leave nothing out:
+        neither `O`, a tag nor an entity type of the model, or a tag with a grouping strategy (groups are labelled
+        by type, as in the token-classification pipeline)."""
+        key = (tuple(ignore_labels), aggregation_strategy)
+        known = self._checked_ignore_labels.get(key)
+        if known is not None:
+            return known
+        types_ = set(self._types()[0])
+        unknown = [label for label in ignore_labels if label != "O" and label not in types_ | set(self.labels)]
+        tags = [label for label in ignore_labels if label != "O" and label in self.labels]
+        if unknown:
+            logger.warning(
+                f"ignore_labels {unknown} are neither tags nor entity types of this model (tags: {self.labels}); "
+                "they leave nothing out"
+            )
+        if tags and aggregation_strategy != "none":
+            logger.warning(
+                f"ignore_labels {tags} are tags: they leave out words with aggregation_strategy='none' only; "
+                f"entities grouped by {aggregation_strategy!r} are labelled by type (e.g. "
+                f"{sorted({tag_parts(tag)[1] for tag in tags})}), give the types to leave them out"
+            )
+        self._checked_ignore_labels[key] = frozenset(ignore_labels)
+        return self._checked_ignore_labels[key]
 
     # -- saving --------------------------------------------------------------------------------------------------
 
@@ -544,20 +592,14 @@ class PMNERPipeline(Pipeline):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file, not a folder")
         os.makedirs(save_directory, exist_ok=True)
-        custom = dict(getattr(self.model.config, "custom_pipelines", None) or {})
-        custom[TASK] = copy.deepcopy(CUSTOM_PIPELINE_ENTRY)
-        self.model.config.custom_pipelines = custom
+        existing = getattr(self.model.config, "custom_pipelines", None)
+        # add_pipeline_to_folder (below) warns about other pipelines
+        self.model.config.custom_pipelines = custom_pipelines(existing, save_directory, warn=False)
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory, **kwargs)
         if self.retrieval_index is not None:
             self.retrieval_index.save_pretrained(save_directory)  # the folder retrieves as this pipeline does
         add_pipeline_to_folder(save_directory)
-
-
-def _rows(dataset):
-    """The items of an indexable dataset, one by one."""
-    for index in range(len(dataset)):
-        yield dataset[index]
 
 
 class _Batch:
@@ -580,11 +622,33 @@ def register_pipeline():
     )
 
 
+def custom_pipelines(existing: dict | None, folder, warn: bool = True) -> dict:
+    """The `custom_pipelines` of a saved P-MNER config: this pipeline under `multimodal-ner` only.
+
+    One entry, because `pipeline(model=folder, trust_remote_code=True)` (no task) reads the task from
+    `custom_pipelines` only when it holds exactly one; so this pipeline is not also registered as
+    `token-classification` (an entry of this pipeline under another name is dropped). Entries of other pipelines
+    are kept, with a warning: `pipeline()` then needs the task named.
+    """
+    custom = {
+        name: entry for name, entry in (existing or {}).items()
+        if name != TASK and not (isinstance(entry, dict) and entry.get("impl") == CUSTOM_PIPELINE_ENTRY["impl"])
+    }
+    if custom and warn:
+        logger.warning(
+            f"{folder}: config.json registers other pipelines too ({sorted(custom)}): "
+            f"pipeline(model=...) then needs task={TASK!r}"
+        )
+    custom[TASK] = copy.deepcopy(CUSTOM_PIPELINE_ENTRY)
+    return custom
+
+
 def add_pipeline_to_folder(folder) -> list[str]:
     """Makes a saved P-MNER model folder pipeline-ready.
 
     Copies this file and its siblings (`tweet_tokenizer.py`, `processing_pmner.py` and what that imports) into
-    `folder` and adds `custom_pipelines["multimodal-ner"]` to its `config.json`, so that `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
+    `folder` and sets `custom_pipelines` (see `custom_pipelines`) in its `config.json`, so that
+    `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
     `pipeline("multimodal-ner", model=folder, trust_remote_code=True)` work. Safe to call again.
 
     Returns:
@@ -604,9 +668,7 @@ def add_pipeline_to_folder(folder) -> list[str]:
             "(processor.save_pretrained(folder)), the pipeline needs it"
         )
     written = [str(path) for path in custom_object_save(PMNERPipeline, folder)]
-    custom = dict(config.get("custom_pipelines") or {})
-    custom[TASK] = copy.deepcopy(CUSTOM_PIPELINE_ENTRY)
-    config["custom_pipelines"] = custom
+    config["custom_pipelines"] = custom_pipelines(config.get("custom_pipelines"), folder)
     temporary = f"{config_file}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
@@ -615,4 +677,7 @@ def add_pipeline_to_folder(folder) -> list[str]:
     return written + [config_file]
 
 
-__all__ = ["PMNERPipeline", "QUANTIZE_OPTIONS", "TASK", "add_pipeline_to_folder", "feed_forward_linears", "quantize_dynamic_int8", "register_pipeline"]
+__all__ = [
+    "PMNERPipeline", "QUANTIZE_OPTIONS", "TASK", "add_pipeline_to_folder", "custom_pipelines", "feed_forward_linears",
+    "quantize_dynamic_int8", "register_pipeline",
+]

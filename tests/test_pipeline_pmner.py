@@ -490,7 +490,120 @@ def test_bioes_models_group_by_their_prefixes(tiny):
     assert [word["tag"] for word in words] == ["S-PER"] * 4
 
 
-def test_ignore_labels(tiny):
+def test_ignore_labels_follow_the_token_classification_pipeline(tiny, caplog):
     ner = forced_pipe(tiny, "B-MISC")
-    assert ner("a b", ignore_labels=["MISC"]) == []
+    assert [entity["entity_group"] for entity in ner("a b")] == ["MISC", "MISC"]  # default ["O"]
+    assert ner("a b", ignore_labels=["MISC"]) == []  # an entity type
+    assert ner("a b", ignore_labels=("O", "MISC")) == []
     assert len(ner("a b", ignore_labels=["PER"])) == 2
+    # aggregation "none": tags leave out words, as in transformers; so does their type
+    assert ner("a b", aggregation_strategy="none", ignore_labels=["B-MISC"]) == []
+    assert ner("a b", aggregation_strategy="none", ignore_labels=["MISC"]) == []
+    assert [word["entity"] for word in ner("a b", aggregation_strategy="none", ignore_labels=["I-MISC"])] == [
+        "B-MISC", "B-MISC",
+    ]
+    # a tag with a grouping strategy leaves nothing out (groups are labelled by type): said once
+    with caplog.at_level("WARNING"):
+        assert len(ner("a b", ignore_labels=["B-MISC"])) == 2
+        assert len(ner("a b c", ignore_labels=["B-MISC"])) == 3
+    assert caplog.text.count("ignore_labels ['B-MISC'] are tags") == 1 and "['MISC']" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ner("a b", ignore_labels=["O", "PERSON"])
+    assert "ignore_labels ['PERSON'] are neither tags nor entity types of this model" in caplog.text
+    with pytest.raises(ValueError, match="ignore_labels must be a list"):
+        ner("a b", ignore_labels="MISC")
+
+    # without "O" in ignore_labels, words tagged O come back as in transformers: one by one ("none"), else by runs
+    outside = forced_pipe(tiny, "O")
+    assert outside("a b  c") == [] == outside("a b  c", ignore_labels=["O"])
+    (group,) = outside("a b  c", ignore_labels=[])
+    assert (group["entity_group"], group["word"], group["start"], group["end"]) == ("O", "a b  c", 0, 6)
+    assert group["score"] > 0.99
+    words = outside("a b  c", aggregation_strategy="none", ignore_labels=["PER"])
+    assert [(word["entity"], word["index"], word["word"], word["start"]) for word in words] == [
+        ("O", 0, "a", 0), ("O", 1, "b", 2), ("O", 2, "c", 5),
+    ]
+
+
+def test_outside_runs_are_placed_between_the_entities(random_pipe):
+    labels = random_pipe.labels
+    text = "Kawhi Leonard Lakers fan in LA LA"
+    split = split_tweet(text)
+    item = {"text": text, "words": [w for w, _, _ in split], "spans": [(s, e) for _, s, e in split]}
+    scores = word_scores(labels, [
+        {"O": 0.8}, {"B-PER": 0.9}, {"I-PER": 0.6, "I-ORG": 0.3}, {"O": 0.9}, {"O": 0.7}, {"B-LOC": 0.8}, {"O": 0.6},
+    ])
+
+    def summary(strategy):
+        return [
+            (entity.get("entity_group", entity.get("entity")), entity["word"], pytest.approx(entity["score"], abs=1e-5))
+            for entity in random_pipe.aggregate(item, scores, strategy, keep_outside=True)
+        ]
+
+    expected = [("O", "Kawhi", 0.8), ("PER", "Leonard Lakers", 0.75), ("O", "fan in", 0.8), ("LOC", "LA", 0.8),
+                ("O", "LA", 0.6)]
+    assert summary("simple") == expected
+    assert [entry[:2] for entry in summary("first")] == [entry[:2] for entry in expected]
+    assert [entry[0] for entry in summary("none")] == ["O", "B-PER", "I-PER", "O", "O", "B-LOC", "O"]
+    # the default leaves them out
+    assert [entity["entity_group"] for entity in random_pipe.aggregate(item, scores, "simple")] == ["PER", "LOC"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Task names: what transformers' pipeline() gives for a saved P-MNER folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_folder_registers_one_task_that_pipeline_finds_alone(tiny):
+    from transformers import pipeline
+
+    config = json.loads(open(os.path.join(tiny["folder"], "config.json")).read())
+    # one entry: with two, pipeline(model=folder) (no task) would refuse to choose
+    assert list(config["custom_pipelines"]) == [TASK]
+    for task in (None, TASK):
+        ner = pipeline(task, model=tiny["folder"], trust_remote_code=True, device="cpu")
+        assert type(ner).__name__ == "PMNERPipeline" and ner.task == TASK, task
+        assert ner("trump visits london") == PMNERPipeline(
+            model=tiny["model"], processor=tiny["processor"], device="cpu"
+        )("trump visits london")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the model class to refuse transformers' token-classification pipeline when it loads it "
+    "(PMNERForTokenClassification.from_pretrained, modeling_pmner): the pipeline files cannot reach that route",
+)
+def test_the_token_classification_task_never_runs_the_plain_pipeline(tiny):
+    from transformers import pipeline
+
+    for task in ("token-classification", "ner"):
+        try:
+            ner = pipeline(task, model=tiny["folder"], trust_remote_code=True, device="cpu")
+        except Exception as error:  # a refusal must say which task to use
+            assert TASK in str(error), task
+        else:
+            assert type(ner).__name__ == "PMNERPipeline", f"{task} gave {type(ner).__name__}"
+
+
+def test_saving_again_repairs_custom_pipelines(tiny, tmp_path, caplog):
+    from transformers import pipeline
+
+    folder = tmp_path / "two-entries"
+    shutil.copytree(tiny["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    entry = config["custom_pipelines"][TASK]
+    # this pipeline under a second name (breaks task=None) is dropped; another project's pipeline is kept, with a warning
+    config["custom_pipelines"] = {TASK: entry, "token-classification": entry, "other-task": {"impl": "other.Pipe"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        add_pipeline_to_folder(folder)
+    assert "registers other pipelines too (['other-task'])" in caplog.text
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == {
+        TASK: entry, "other-task": {"impl": "other.Pipe"},
+    }
+    del config["custom_pipelines"]["other-task"]
+    (folder / "config.json").write_text(json.dumps(config))
+    add_pipeline_to_folder(folder)
+    assert list(json.loads((folder / "config.json").read_text())["custom_pipelines"]) == [TASK]
+    assert type(pipeline(model=str(folder), trust_remote_code=True, device="cpu")).__name__ == "PMNERPipeline"
