@@ -601,24 +601,28 @@ Source of the text files: {_HOMEPAGE} (folder `data/`). The images are distribut
 """
 
 
+def _new_dataset_card():
+    """The dataset card of a new export or repository: metadata and description, no config yet."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    data = DatasetCardData(
+        language=["en"],
+        task_categories=["token-classification"],
+        task_ids=["named-entity-recognition"],
+        pretty_name="Twitter multimodal NER (Twitter-2015, Twitter-2017)",
+    )
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{_CARD_BODY}")
+
+
 def _write_dataset_card(folder: Path, config_name: str, dataset_dict: datasets.DatasetDict, sizes: dict) -> None:
     """Adds (or replaces) `config_name` in `<folder>/README.md`'s `configs:` and `dataset_info:` YAML,
     as `push_to_hub` does; the rest of an existing card is kept."""
     from datasets.info import DatasetInfosDict
     from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCard, DatasetCardData
+    from huggingface_hub import DatasetCard
 
     readme = folder / "README.md"
-    if readme.is_file():
-        card = DatasetCard(readme.read_text(encoding="utf-8"))
-    else:
-        data = DatasetCardData(
-            language=["en"],
-            task_categories=["token-classification"],
-            task_ids=["named-entity-recognition"],
-            pretty_name="Twitter multimodal NER (Twitter-2015, Twitter-2017)",
-        )
-        card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{_CARD_BODY}")
+    card = DatasetCard(readme.read_text(encoding="utf-8")) if readme.is_file() else _new_dataset_card()
     features = next(iter(dataset_dict.values())).features
     info = datasets.DatasetInfo(config_name=config_name, features=features, splits=datasets.SplitDict())
     for split, dataset in dataset_dict.items():
@@ -719,13 +723,13 @@ def push_twitter_mner_to_hub(
     max_shard_size: Union[int, str] = "500MB",
     commit_message: Optional[str] = None,
 ):
-    """Uploads one config to a Hub dataset repository as Parquet with embedded images.
+    """Uploads one config to a Hub dataset repository as Parquet with embedded images, by
+    `datasets.DatasetDict.push_to_hub(repo_id, config_name=...)`.
 
-    The files are exactly those `export_to_parquet` writes (`<config_name>/<split>-<i>-of-<n>.parquet` and the
-    `README.md` dataset card, with the description, features, splits, license note and citation); the card of
-    an existing repository is read first, so other configs pushed before stay listed, and the earlier Parquet
-    files of `config_name` are deleted in the same commit. After this, `datasets.load_dataset(repo_id,
-    config_name)` works with no code, streaming or not.
+    A new repository first gets this dataset's card (description, license note, citation: `DatasetCard`);
+    `push_to_hub` then adds the config's `configs:` and `dataset_info:` to it, so configs pushed before stay listed,
+    and replaces the config's earlier Parquet files. After this, `datasets.load_dataset(repo_id, config_name)` works
+    with no code, streaming or not.
 
     Args:
         dataset_dict: e.g. from `load_twitter_mner`; its `image` paths are read and embedded.
@@ -733,19 +737,17 @@ def push_twitter_mner_to_hub(
         config_name: e.g. `"twitter2017"`.
         private: visibility when the repository is created (ignored if it exists).
         token: a write token; default: `HF_TOKEN` or the token saved by `hf auth login`.
-        max_shard_size: largest Parquet file (see `export_to_parquet`).
+        max_shard_size: largest Parquet file (e.g. `"500MB"` or bytes).
         commit_message: default `"Upload <config_name>"`.
 
     Returns:
-        The `huggingface_hub.CommitInfo` of the commit.
+        The `huggingface_hub.CommitInfo` of the data commit.
 
     Raises:
         TwitterMNERHubError: no token, endpoint unreachable, or the Hub refused (e.g. 401 / 403).
     """
-    import tempfile
-
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not dataset_dict:
         raise ValueError("dataset_dict has no split to push")
@@ -760,22 +762,12 @@ def push_twitter_mner_to_hub(
         )
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="twitter-mner-push-") as workspace:
-            folder = os.path.join(workspace, "export")
-            os.makedirs(folder)
-            try:  # keep the configs already described in the repository's card
-                card = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", local_dir=os.path.join(workspace, "card"))
-                Path(folder, "README.md").write_bytes(Path(card).read_bytes())
-            except RemoteEntryNotFoundError:
-                pass  # a new repository: export_to_parquet writes a new card
-            export_to_parquet(dataset_dict, folder, config_name, max_shard_size=max_shard_size)
-            return api.upload_folder(
-                repo_id=repo_id,
-                repo_type="dataset",
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {config_name}",
-                delete_patterns=[f"{config_name}/*.parquet"],
-            )
+        if not api.file_exists(repo_id, "README.md", repo_type="dataset"):  # a new repository: the card's text first
+            _new_dataset_card().push_to_hub(repo_id, token=token, repo_type="dataset", commit_message="Dataset card")
+        return dataset_dict.push_to_hub(
+            repo_id, config_name=config_name, token=token, max_shard_size=max_shard_size,
+            commit_message=commit_message or f"Upload {config_name}",
+        )
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         hint = (

@@ -301,8 +301,11 @@ from huggingface_hub import HfApi, hf_hub_download
 
 data = load_twitter_mner("twitter2017", data_dir={data!r}, image_dir={images!r}, cache_dir={cache!r})
 first = push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017", private=True)
+first_files = sorted(HfApi().list_repo_files("user/twitter-mner", repo_type="dataset"))
 second = push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017", max_shard_size={shard!r})
-result = {{"files": sorted(HfApi().list_repo_files("user/twitter-mner", repo_type="dataset")), "commits": [first.oid, second.oid]}}
+other = push_twitter_mner_to_hub(datasets.DatasetDict(train=data["train"].select(range(3))), "user/twitter-mner", "other")
+result = {{"files": sorted(HfApi().list_repo_files("user/twitter-mner", repo_type="dataset")), "first_files": first_files,
+          "commits": [first.oid, second.oid, other.oid]}}
 result["card"] = open(hf_hub_download("user/twitter-mner", "README.md", repo_type="dataset")).read()
 for streaming in (False, True):
     loaded = datasets.load_dataset("user/twitter-mner", "twitter2017", streaming=streaming)
@@ -331,12 +334,13 @@ def rows_with_decoded_images(dataset_dict) -> dict:
 
 
 def test_twitter_mner_push_and_load_dataset(hub_server, tmp_path):
-    from processing_pmner.twitter_mner import export_to_parquet, load_twitter_mner
+    from processing_pmner.twitter_mner import load_twitter_mner
 
     data_dir, image_dir = tmp_path / "twitter2017", tmp_path / "images"
     write_twitter_fixture(data_dir, image_dir, sizes=(8, 3, 3), missing_images=("valid_1",))
     before = tree_digest(tmp_path)
-    shard = 9000  # bytes: the second push writes the train split as two shards, replacing the single first one
+    shard = 1000  # bytes (of the table before images are embedded): the second push writes the train split as several
+    # shards, replacing the single first one
     script = PUSH_SCRIPT.format(data=str(data_dir), images=str(image_dir), cache=str(tmp_path / "push-cache"), shard=shard)
     completed = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], cwd=PROJECT, env=hub_server.process_env(),
@@ -346,16 +350,17 @@ def test_twitter_mner_push_and_load_dataset(hub_server, tmp_path):
     assert {path: digest for path, digest in tree_digest(tmp_path).items() if not path.startswith("push-cache")} == before
 
     local = load_twitter_mner("twitter2017", data_dir=str(data_dir), image_dir=str(image_dir), cache_dir=str(tmp_path / "c"))
-    exported = export_to_parquet(local, tmp_path / "export", "twitter2017", max_shard_size=shard)
-    expected_files = sorted(os.path.relpath(path, tmp_path / "export") for path in exported)
-    assert [path for path in result["files"] if path.endswith(".parquet")] == expected_files
-    assert sum("train-" in path for path in expected_files) == 2  # the first push's single train shard was deleted
-    assert set(result["files"]) == set(expected_files) | {"README.md", ".gitattributes"}
-    # the card on the Hub is the exported card: description, features, splits, license note, citation
-    card = (tmp_path / "export" / "README.md").read_text()
-    assert result["card"] == card
+    shards = lambda files: sorted(path for path in files if path.endswith(".parquet"))  # noqa: E731
+    assert shards(result["first_files"]) == [f"twitter2017/{split}-00000-of-00001.parquet" for split in ("test", "train", "validation")]
+    train = [path for path in shards(result["files"]) if path.startswith("twitter2017/train-")]
+    assert len(train) >= 2 and all(path.endswith(f"-of-{len(train):05d}.parquet") for path in train)  # the single first shard was replaced
+    assert set(result["files"]) == set(shards(result["files"])) | {"README.md", ".gitattributes"}
+    assert "other/train-00000-of-00001.parquet" in result["files"] and len(set(result["commits"])) == 3
+    # the card keeps its description, license note and citation, and lists both configs
+    card = result["card"]
     for part in ("Twitter multimodal NER", "dataset_info:", "splits:", "num_examples: 8", "terms set by Twitter",
-                 "@inproceedings{lu2018visual", "config_name: twitter2017", "path: twitter2017/train-*"):
+                 "@inproceedings{lu2018visual", "config_name: twitter2017", "path: twitter2017/train-*",
+                 "config_name: other", "path: other/train-*"):
         assert part in card, part
 
     expected = rows_with_decoded_images(local)

@@ -31,6 +31,19 @@ TRAINING_ARGS = "training_args.bin"
 PUBLISHED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model")
 EXCLUDED_FILES = ("experiment.json",)  # a benchmark runner's record, not the model's
 DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
+# The card's dataset when the data did not come from a Hub dataset repository: the Twitter MNER builder's name
+# (`processing_pmner/twitter_mner.py`), with the benchmark as its config.
+CANONICAL_DATASET = "twitter_mner"
+
+
+def card_dataset(data_args, hub_dataset: str | None) -> tuple[str, str | None]:
+    """`(dataset id, config)` of the card's `model-index` and `datasets:`: the Hub dataset the data came from, with
+    its config; else the builder's canonical name with the benchmark (or `custom` for CoNLL files given by path)."""
+    if hub_dataset:
+        return hub_dataset, data_args.dataset_config_name
+    if data_args.dataset_name in DATASET_TITLES:
+        return CANONICAL_DATASET, data_args.dataset_name
+    return CANONICAL_DATASET, "custom"
 
 
 class PushError(RuntimeError):
@@ -313,12 +326,14 @@ def write_model_card(
     dataset_title = DATASET_TITLES.get(data_args.dataset_config_name or data_args.dataset_name, data_args.dataset_name)
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
     split, prefix = ("test", "predict") if "predict_f1" in results else ("validation", "eval")
+    dataset_id, dataset_config = card_dataset(data_args, hub_dataset)
     eval_results = [
         EvalResult(
             task_type="token-classification",
-            dataset_type=hub_dataset or data_args.dataset_name,
+            task_name="Named Entity Recognition",
+            dataset_type=dataset_id,
             dataset_name=dataset_title,
-            dataset_config=data_args.dataset_config_name,
+            dataset_config=dataset_config,
             dataset_split=split,
             metric_type=name,
             metric_value=round(results[f"{prefix}_{name}"], 4),
@@ -332,7 +347,7 @@ def write_model_card(
         library_name="transformers",
         pipeline_tag="token-classification",
         tags=["multimodal-ner", "named-entity-recognition", "pmner", "custom_code"],
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[dataset_id],
         base_model=hub_id_of_text_model(model_args.text_model_name_or_path) if trained_here else None,
         model_name=repo_id,
         eval_results=eval_results or None,
