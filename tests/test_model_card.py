@@ -15,7 +15,7 @@ RESULTS = {
 
 
 def write_card(tmp_path, dataset_name, config_name, hub_dataset, results=RESULTS, trained_here=True,
-               text_model="google-bert/bert-base-uncased"):
+               text_model="google-bert/bert-base-uncased", train_file=None):
     output_dir = tmp_path / "out"
     output_dir.mkdir(exist_ok=True)
     write_model_card(
@@ -23,7 +23,9 @@ def write_card(tmp_path, dataset_name, config_name, hub_dataset, results=RESULTS
         results=dict(results),
         report=None,
         model_args=SimpleNamespace(text_model_name_or_path=text_model),
-        data_args=SimpleNamespace(dataset_name=dataset_name, dataset_config_name=config_name, other_as_misc=True),
+        data_args=SimpleNamespace(
+            dataset_name=dataset_name, dataset_config_name=config_name, other_as_misc=True, train_file=train_file
+        ),
         training_args=SimpleNamespace(
             hub_model_id="user/pmner-test", num_train_epochs=3, per_device_train_batch_size=8, world_size=1,
             learning_rate=5e-5, seed=1, device="cpu",
@@ -74,3 +76,10 @@ def test_local_benchmark_files_are_named_by_the_builder_and_benchmark(tmp_path):
 def test_base_model_is_the_text_model_only_when_trained_here(tmp_path, trained_here):
     card = write_card(tmp_path, "twitter2017", None, hub_dataset=None, trained_here=trained_here)
     assert card.data.base_model == ("google-bert/bert-base-uncased" if trained_here else None)
+
+
+def test_conll_files_given_by_path_are_not_named_as_the_benchmark(tmp_path):
+    card = write_card(tmp_path, "twitter2017", None, hub_dataset=None, train_file=str(tmp_path / "my-train.txt"))
+    assert card.data.datasets == [CANONICAL_DATASET]
+    assert {(r.dataset_type, r.dataset_config) for r in card.data.eval_results} == {(CANONICAL_DATASET, "custom")}
+    assert {r.dataset_name for r in card.data.eval_results} == {"CoNLL files (`my-train.txt`, ...) with Twitter-2017's tags"}

@@ -38,12 +38,21 @@ CANONICAL_DATASET = "twitter_mner"
 
 def card_dataset(data_args, hub_dataset: str | None) -> tuple[str, str | None]:
     """`(dataset id, config)` of the card's `model-index` and `datasets:`: the Hub dataset the data came from, with
-    its config; else the builder's canonical name with the benchmark (or `custom` for CoNLL files given by path)."""
+    its config; else the builder's canonical name with the benchmark as config (`custom` for CoNLL files given by
+    `--train_file`)."""
     if hub_dataset:
         return hub_dataset, data_args.dataset_config_name
-    if data_args.dataset_name in DATASET_TITLES:
-        return CANONICAL_DATASET, data_args.dataset_name
-    return CANONICAL_DATASET, "custom"
+    if getattr(data_args, "train_file", None) or data_args.dataset_name not in DATASET_TITLES:
+        return CANONICAL_DATASET, "custom"
+    return CANONICAL_DATASET, data_args.dataset_name
+
+
+def card_dataset_title(data_args) -> str:
+    """The dataset as the card names it: the benchmark, or the CoNLL files given by `--train_file`."""
+    title = DATASET_TITLES.get(data_args.dataset_config_name or data_args.dataset_name, data_args.dataset_name)
+    if getattr(data_args, "train_file", None):
+        return f"CoNLL files (`{os.path.basename(data_args.train_file)}`, ...) with {title}'s tags"
+    return title
 
 
 class PushError(RuntimeError):
@@ -323,7 +332,7 @@ def write_model_card(
 ):
     """Fills the repository's `model_card.md` template with this run's numbers and a `model-index` (test scores when
     the run predicted test, else validation scores)."""
-    dataset_title = DATASET_TITLES.get(data_args.dataset_config_name or data_args.dataset_name, data_args.dataset_name)
+    dataset_title = card_dataset_title(data_args)
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
     split, prefix = ("test", "predict") if "predict_f1" in results else ("validation", "eval")
     dataset_id, dataset_config = card_dataset(data_args, hub_dataset)
