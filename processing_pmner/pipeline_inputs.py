@@ -21,6 +21,11 @@ INPUT_KEYS = (
     "context",
 )
 VISUAL_KEYS = INPUT_KEYS[3:9]
+class InputTypeError(TypeError, ValueError):
+    """A pipeline input (or an item of an iterable input) of a type the pipeline does not take. A `TypeError`, as in
+    Python; also a `ValueError`, which the pipeline raised for it before (callers catching that keep working)."""
+
+
 EXPECTED_ITEM = "a str (a tweet), a dict with 'text' or 'words', or a list of words (with is_split_into_words=True)"
 
 
@@ -34,7 +39,7 @@ def is_stream(inputs) -> bool:
     if isinstance(inputs, (bytes, bytearray)) or not (
         hasattr(inputs, "__iter__") or (hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__"))
     ):
-        raise TypeError(
+        raise InputTypeError(
             f"the pipeline input is a {type(inputs).__name__}; expected {EXPECTED_ITEM}, or an iterable of these"
         )
     return True
@@ -63,7 +68,7 @@ def normalise_input(item, index: int, is_split_into_words: bool, ignored_keys: s
             )
         item = {"words": list(item)}
     elif not isinstance(item, dict):
-        raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
+        raise InputTypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
     unknown = tuple(sorted(set(item) - set(INPUT_KEYS)))
     if unknown and unknown not in ignored_keys:
         # e.g. the id and tag columns of a dataset row; said once per set of keys, so that a typo is seen
@@ -181,7 +186,7 @@ def visual_inputs(pipe, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return features, mask
 
 
-__all__ = ["INPUT_KEYS", "is_stream", "iterate_inputs", "normalise_input", "visual_inputs"]
+__all__ = ["INPUT_KEYS", "InputTypeError", "is_stream", "iterate_inputs", "normalise_input", "visual_inputs"]
 
 
 def load_retrieval_index(pipe, retrieval_index):

@@ -43,6 +43,7 @@ from .grounding_pmner import (
 from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
     EXPECTED_ITEM,
     INPUT_KEYS,
+    InputTypeError,
     contexts_of,
     is_stream,
     iterate_inputs,
@@ -290,7 +291,7 @@ class PMNERPipeline(Pipeline):
             return {"text": item, "image": image}
         if isinstance(item, (list, tuple)) and split:
             return {"words": list(item), "image": image}
-        raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
+        raise InputTypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
 
     @staticmethod
     def _with_context(inputs, context, batched: bool, split: bool):
@@ -307,7 +308,7 @@ class PMNERPipeline(Pipeline):
                 return {"text": item, "context": text}
             if isinstance(item, (list, tuple)) and split:
                 return {"words": list(item), "context": text}
-            raise TypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
+            raise InputTypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
 
         if batched:
             if not isinstance(context, (list, tuple)) or len(context) != len(inputs):

@@ -129,6 +129,8 @@ def test_bad_inputs_are_type_errors_naming_the_type_and_position(random_pipe):  
         random_pipe(["a", {"b"}], image=[None, None])
     with pytest.raises(TypeError, match="tweet 1 is a int"):
         random_pipe(["a", 7], context=[None, "some context"])
+    with pytest.raises(ValueError, match="tweet 1 is a int"):  # also a ValueError, as these errors were before
+        random_pipe(["a", 7])
     # words without is_split_into_words stay a ValueError saying what to pass
     with pytest.raises(ValueError, match="is_split_into_words=True"):
         random_pipe([["a", "b"]])
