@@ -43,6 +43,10 @@ def default_verbalizer(tags) -> dict[str, list[str]]:
     return verbalizer
 
 
+PIPELINE_TASK = "multimodal-ner"  # the pipeline task of P-MNER models (`custom_pipelines` of a saved folder)
+TOKEN_CLASSIFICATION_TASKS = ("token-classification", "ner")  # transformers' names that lead to it too
+
+
 class PMNERConfig(PreTrainedConfig):
     r"""
     Configuration of a P-MNER model: a pretrained masked LM (`text_config`), the FRR object features, the text
@@ -144,6 +148,31 @@ class PMNERConfig(PreTrainedConfig):
             missing = [tag for tag in self.id2label.values() if not self.label_word_ids.get(tag)]
             if missing:
                 raise ValueError(f"label_word_ids has no token ids for the tags {missing}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.from_pretrained`. Loaded by `transformers.pipeline("token-classification" or "ner",
+        model=..., trust_remote_code=True)`, the config also names its P-MNER pipeline under that task, so
+        transformers builds it instead of its plain token-classification pipeline (which would tag sub-words
+        without the prompt template or the image). The extra name is never saved: a folder keeps one pipeline
+        task, which `pipeline(model=...)` (no task) needs."""
+        task = kwargs.get("_from_pipeline")  # the task of the `transformers.pipeline` call loading this config
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs) on request
+        entry = (getattr(config, "custom_pipelines", None) or {}).get(PIPELINE_TASK)
+        if task in TOKEN_CLASSIFICATION_TASKS and entry is not None:
+            config.custom_pipelines = {**config.custom_pipelines, task: entry}
+        return loaded
+
+    def to_dict(self):
+        output = super().to_dict()
+        pipelines = output.get("custom_pipelines")
+        if pipelines and PIPELINE_TASK in pipelines:  # the names `from_pretrained` adds for a pipeline call
+            output["custom_pipelines"] = {
+                task: entry for task, entry in pipelines.items()
+                if task not in TOKEN_CLASSIFICATION_TASKS or entry != pipelines[PIPELINE_TASK]
+            }
+        return output
 
     @property
     def hidden_size(self) -> int:

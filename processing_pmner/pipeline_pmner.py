@@ -25,6 +25,7 @@ and the processor/model label check).
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ from .quantization_pmner import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linea
 logger = logging.get_logger(__name__)
 
 TASK = "multimodal-ner"
+HANDLER_FILE = "handler.py"  # Inference Endpoints' custom handler, copied into saved folders
 # tweets read ahead and sorted by length before batching: little padding in each batch, results in input order
 BUCKET_BATCHES = 64
 LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
@@ -650,7 +652,7 @@ def add_pipeline_to_folder(folder) -> list[str]:
     """Makes a saved P-MNER model folder pipeline-ready.
 
     Copies this file and its siblings (`tweet_tokenizer.py`, `processing_pmner.py` and what that imports) into
-    `folder` and sets `custom_pipelines` (see `custom_pipelines`) in its `config.json`, so that
+    `folder`, with `handler.py` (the Inference Endpoints handler), and sets `custom_pipelines` (see `custom_pipelines`) in its `config.json`, so that
     `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
     `pipeline("multimodal-ner", model=folder, trust_remote_code=True)` work. Safe to call again.
 
@@ -671,6 +673,10 @@ def add_pipeline_to_folder(folder) -> list[str]:
             "(processor.save_pretrained(folder)), the pipeline needs it"
         )
     written = [str(path) for path in custom_object_save(PMNERPipeline, folder)]
+    handler = os.path.join(os.path.dirname(os.path.abspath(__file__)), HANDLER_FILE)
+    if os.path.isfile(handler):  # absent where this file runs as remote code: a saved folder keeps its own copy
+        shutil.copyfile(handler, os.path.join(folder, HANDLER_FILE))
+        written.append(os.path.join(folder, HANDLER_FILE))
     config["custom_pipelines"] = custom_pipelines(config.get("custom_pipelines"), folder)
     temporary = f"{config_file}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:

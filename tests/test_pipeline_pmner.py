@@ -571,33 +571,34 @@ def test_the_folder_registers_one_task_that_pipeline_finds_alone(tiny):
 
 TASK_NAMES_SCRIPT = textwrap.dedent(
     """
-    import json
+    import json, os
     from transformers import pipeline
 
     result = {{}}
-    for task in ("token-classification", "ner"):
-        try:
-            ner = pipeline(task, model={folder!r}, trust_remote_code=True, device="cpu")
-            result[task] = type(ner).__name__
-        except Exception as error:
-            result[task] = type(error).__name__ + ": " + str(error)
+    for task in ("token-classification", "ner", "multimodal-ner", None):
+        ner = pipeline(task, model={folder!r}, trust_remote_code=True, device="cpu")
+        result[str(task)] = {{"class": type(ner).__name__, "answer": ner("trump visits london", image={image!r})}}
+        if task == "token-classification":  # a model saved from it keeps one pipeline task
+            ner.model.save_pretrained({resaved!r})
+            result["resaved"] = json.load(open(os.path.join({resaved!r}, "config.json")))["custom_pipelines"]
     print("RESULT " + json.dumps(result))
     """
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pipeline files cannot reach transformers' token-classification route: it needs PMNERConfig."
-    "from_pretrained (modeling_pmner/configuration_pmner.py) to route or refuse _from_pipeline='token-classification'",
-)
-def test_the_token_classification_task_never_runs_the_plain_pipeline(tiny, tmp_path):
-    # a Hub user's process (remote code): the P-MNER pipeline, or an error naming the task to use
-    completed = run_without_project(TASK_NAMES_SCRIPT.format(folder=tiny["folder"]), tmp_path)
+def test_the_token_classification_task_names_give_the_pmner_pipeline(tiny, tmp_path):
+    # a Hub user's process (remote code): the saved config routes transformers' task names to its own pipeline
+    photo = image_file(tmp_path)
+    script = TASK_NAMES_SCRIPT.format(folder=tiny["folder"], image=photo, resaved=str(tmp_path / "resaved"))
+    completed = run_without_project(script, tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(completed.stdout.split("RESULT ", 1)[1])
-    for task, outcome in result.items():
-        assert outcome == "PMNERPipeline" or (outcome.startswith("ValueError") and TASK in outcome), (task, outcome)
+    expected = PMNERPipeline(model=tiny["model"], processor=tiny["processor"], device="cpu")("trump visits london", image=photo)
+    for task in ("token-classification", "ner", TASK, "None"):
+        assert result[task]["class"] == "PMNERPipeline", task
+        assert [entity["word"] for entity in result[task]["answer"]] == [entity["word"] for entity in expected], task
+        assert [e["score"] for e in result[task]["answer"]] == pytest.approx([e["score"] for e in expected], rel=1e-4)
+    assert list(result["resaved"]) == [TASK]
 
 
 def test_saving_again_repairs_custom_pipelines(tiny, tmp_path, caplog):
