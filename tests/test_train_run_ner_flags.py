@@ -4,6 +4,7 @@ launches that start fewer processes than asked."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,42 +104,49 @@ def test_trust_remote_code_reaches_the_text_model_loads(workspace, monkeypatch):
         ]
 
 
-def test_files_images_workers_and_cache_reach_the_run(workspace, monkeypatch, capsys):
-    """--train_file / --validation_file / --test_file with --image_dir train a visual model on those files; the
-    encoding runs in --preprocessing_num_workers processes and --overwrite_cache tokenises again."""
-    import datasets
+def train(workspace, name, *extra):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--model_name_or_path", str(workspace / "tiny-bert"), *common_args(*extra),
+         "--output_dir", str(workspace / "runs" / name)],
+        cwd=workspace, env=dict(os.environ, HF_HOME=str(workspace / "hf-home"), **ENV), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return workspace / "runs" / name, result.stdout + result.stderr
 
-    import train_pmner
 
-    for name, value in ENV.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(workspace / "datasets-cache"))
-    encodings = []
-    original = datasets.Dataset.map
-
-    def recording_map(self, *args, **kwargs):
-        if str(kwargs.get("desc", "")).startswith("Encoding"):
-            encodings.append({key: kwargs.get(key) for key in ("num_proc", "load_from_cache_file")})
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(datasets.Dataset, "map", recording_map)
+def file_args(workspace):
     files = workspace / "files"
-    output = workspace / "runs" / "files"
-    train_pmner.main(common_args(
-        "--model_name_or_path", str(workspace / "tiny-bert"), "--do_predict",
-        "--train_file", str(files / "tweets-train.conll"), "--validation_file", str(files / "dev.conll"),
-        "--test_file", str(files / "t.conll"), "--image_dir", str(workspace / "images"),
+    return ["--train_file", str(files / "tweets-train.conll"), "--validation_file", str(files / "dev.conll"),
+            "--test_file", str(files / "t.conll")]
+
+
+def test_train_validation_and_test_files_with_images(workspace):
+    output, _ = train(
+        workspace, "files", *file_args(workspace), "--do_predict", "--image_dir", str(workspace / "images"),
         "--detector", "none", "--backbone", "resnet18", "--backbone_weights", "random:1", "--crop_size", "32",
-        "--preprocessing_num_workers", "2", "--overwrite_cache", "--output_dir", str(output),
-    ))
-    capsys.readouterr()
+    )
     results = json.loads((output / "all_results.json").read_text())
     assert results["train_samples"] == 16 and results["predict_samples"] == 6
     assert results["visual_train_images_given"] == 16 and results["visual_test_images_given"] == 6
     assert json.loads((output / "config.json").read_text())["use_visual"] is True
     predictions = (output / "test_predictions.conll").read_text()
     assert predictions.startswith("IMGID:test_0\n") and predictions.count("IMGID:") == 6
-    assert encodings == [{"num_proc": 2, "load_from_cache_file": False}] * 3
+
+
+def test_tokenisation_workers_and_overwrite_cache(workspace):
+    """A second run reads the encodings cached by the first; --overwrite_cache encodes again, here in the
+    --preprocessing_num_workers processes (datasets' progress bars say how many)."""
+    encoded = re.compile(r"Encoding (train|validation|test) \(token prompts\)( \(num_proc=\d+\))?")
+    text_only = ("--data_dir", str(workspace / "data"), "--text_only")
+    _, first = train(workspace, "cache-first", *text_only)
+    assert {match.group(1) for match in encoded.finditer(first)} == {"train", "validation", "test"}
+    _, second = train(workspace, "cache-second", *text_only)
+    assert not encoded.search(second)
+    _, third = train(workspace, "cache-overwritten", *text_only, "--overwrite_cache", "--preprocessing_num_workers", "2")
+    assert {match.groups() for match in encoded.finditer(third)} == {
+        (split, " (num_proc=2)") for split in ("train", "validation", "test")
+    }
 
 
 def write_masked_lm(folder, layers: int) -> str:
