@@ -728,7 +728,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
         use_visual=use_visual,
         hub_dataset=hub_dataset,
         trained_here=training_args.do_train,
-        argv=without_token(argv),
+        argv=argv,
         model_settings={
             "fusion": model.config.fusion,
             "head": model.config.head,
@@ -742,17 +742,6 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     logger.info(" | ".join(summary) + f" | wrote {os.path.abspath(training_args.output_dir)}")
     if repo_id is not None:
         push_output_folder(training_args, repo_id)
-
-
-def without_token(argv: list[str]) -> list[str]:
-    """The command line with --token's value hidden (the card shows the command; publishing hides --hub_token)."""
-    shown = []
-    for index, item in enumerate(argv):
-        if index and argv[index - 1] == "--token":
-            shown.append("<redacted>")
-        else:
-            shown.append("--token=<redacted>" if item.startswith("--token=") else item)
-    return shown
 
 
 def saved_image_processor_settings(output_dir: str, image_processor) -> dict:

@@ -140,6 +140,16 @@ def feature_difference(images: int = 8) -> tuple[float, float, float]:
     return difference.max().item(), relative[features.abs() > 1e-3].max().item(), features.abs().max().item()
 
 
+def drop_page_cache():
+    """Writes the dirty pages and empties the page cache (needs root); exits naming the file when it cannot."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError as error:
+        raise SystemExit(f"--cold: cannot empty the page cache through /proc/sys/vm/drop_caches ({error})")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--measure":
         cache_dir, fingerprint, dtype, lookups, entries = sys.argv[2:7]
@@ -155,6 +165,8 @@ def main():
     parser.add_argument("--dir", default=None, help="where the caches are built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the caches")
     parser.add_argument("--feature-diff", action="store_true", help="also measure the float16 storage difference")
+    parser.add_argument("--cold", action="store_true", help="empty the page cache before the first run (Linux, root): "
+                        "its rows are then read from disk, whatever the build left in memory")
     args = parser.parse_args()
 
     root = args.dir or tempfile.mkdtemp(prefix="bench-cache-")
@@ -172,6 +184,8 @@ def main():
             cache = build(root, entries, args.objects, args.dim, args.shard_size, args.dtype)
             build_s = time.perf_counter() - started
             log(f"built in {build_s:.0f} s; measuring the first open (index built from the shard headers)")
+            if args.cold:
+                drop_page_cache()
             first = measure_in_subprocess(cache, args.lookups, entries)
             log("measuring a reopen (saved index)")
             again = measure_in_subprocess(cache, args.lookups, entries)
@@ -196,8 +210,8 @@ def main():
               f"{again['lookups_per_s']:,.0f} ({again['lookups_per_cpu_s']:,.0f}) |")
     print("\nfirst open: the index is built from the shard headers and saved; reopen: the saved index is read. Peak "
           "RSS growth: VmHWM after the open and the lookups minus VmRSS after the imports. Both runs look up the same "
-          "keys: the first run reads their rows from disk unless the page cache still holds them from the build, the "
-          "reopen reads them from the page cache. Lookups per CPU second leave out disk waits and other processes.")
+          "keys: the first run reads their rows from disk unless the page cache still holds them from the build (with "
+          "--cold it is emptied first), the reopen reads them from the page cache. Lookups per CPU second leave out disk waits and other processes.")
     if args.feature_diff:
         max_abs, max_relative, largest = feature_difference()
         print(f"\nfloat16 storage of ResNet-152 features (random weights, BatchNorm on batch statistics, 8 synthetic 224x224 images, 2048 values "

@@ -471,6 +471,8 @@ def test_published_card_hides_the_token_and_parsing_sees_aliases(tmp_path):
         "--hub_token", "<redacted>", "--seed", "3", "--hub-token=<redacted>"]
     assert "hf_abc" not in redacted_file_text("seed: 3\nhub_token: hf_abc\n")
     assert "hf_abc" not in redacted_file_text('{"seed": 3, "hub_token": "hf_abc"}')
+    assert redacted_argv(["--token", "hf_abc", "--token=hf_def"]) == ["--token", "<redacted>", "--token=<redacted>"]
+    assert "hf_abc" not in redacted_file_text("token: hf_abc\n") and "hf_abc" not in redacted_file_text('{"token": "hf_abc"}')
     # dash aliases and abbreviations count as given: --do-train is a request to train
     _, _, training_args = parse_arguments(["--do-train", "--tag_s", "BIOES", "--output_dir", "out", "--use_cpu"])
     assert {"do_train", "tag_scheme"} <= training_args.explicit_arguments

@@ -70,9 +70,8 @@ def test_model_name_or_path_is_the_text_model_also_in_argument_files(tmp_path):
     config.write_text("model_name_or_path: a/model\ntext_model_name_or_path: b/model\n")
     with pytest.raises(ArgumentsError, match="model_name_or_path and text_model_name_or_path are the same argument"):
         parse_arguments([str(config), "--output_dir", str(tmp_path)])
-    config.write_text("token: hf_secret\n")
-    with pytest.raises(ArgumentsError, match="run.yaml: token: the argument file is copied into the model card"):
-        parse_arguments([str(config), "--output_dir", str(tmp_path)])
+    config.write_text("token: hf_secret\n")  # allowed: the card shows the file with the value redacted
+    assert parse_arguments([str(config), "--output_dir", str(tmp_path)])[0].token == "hf_secret"
     config.write_text("label_all_tokens: true\n")
     with pytest.raises(ArgumentsError, match="run.yaml: --label_all_tokens is a run_ner.py argument"):
         parse_arguments([str(config), "--output_dir", str(tmp_path)])

@@ -445,10 +445,6 @@ def set_file_defaults(parser: HfArgumentParser, path: str) -> set[str]:
         if aliases[key] in settings:
             raise ArgumentsError(f"{path}: {key} and {aliases[key]} are the same argument: keep one")
         settings[aliases[key]] = settings.pop(key)
-    if settings.get("token"):
-        raise ArgumentsError(
-            f"{path}: token: the argument file is copied into the model card; give the token as --token or HF_TOKEN"
-        )
     refused = [key for key in settings if key in REFUSED_RUN_NER_ARGUMENTS]
     if refused:
         raise ArgumentsError(f"{path}: {refused_argument('--' + refused[0])}")

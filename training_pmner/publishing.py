@@ -214,11 +214,11 @@ class HubStrategyCallback(TrainerCallback):
 # Model card
 # ----------------------------------------------------------------------------------------------------------------------
 
-SECRET_ARGUMENTS = ("hub_token",)
+SECRET_ARGUMENTS = ("hub_token", "token")
 
 
 def redacted_argv(argv: list[str]) -> list[str]:
-    """The command line with the values of secret arguments (`--hub_token`) replaced: the card is published."""
+    """The command line with the values of secret arguments (`--hub_token`, `--token`) replaced: the card is published."""
     flags = {f"--{name}" for name in SECRET_ARGUMENTS} | {f"--{name.replace('_', '-')}" for name in SECRET_ARGUMENTS}
     redacted, hide = [], False
     for item in argv:
