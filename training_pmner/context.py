@@ -62,8 +62,11 @@ def prepare_context(raw: datasets.DatasetDict, data_args, processor, text_model:
                 "replace it; drop one of them"
             )
         name = data_args.retrieval_encoder or text_model_name or text_model
+        # the default encoder is read from the text model's own folder (a Hub model's snapshot, fetched once with
+        # --model_revision, --cache_dir and --token)
+        source = resolve_encoder(data_args.retrieval_encoder) if data_args.retrieval_encoder else text_model
         try:
-            encoder = SentenceEncoder.from_pretrained(resolve_encoder(name))
+            encoder = SentenceEncoder.from_pretrained(source)
         except (OSError, ImportError) as error:
             given = "--retrieval_encoder" if data_args.retrieval_encoder else "--text_model_name_or_path (the default encoder)"
             raise ArgumentsError(f"{given} {name!r}: {error}") from error
