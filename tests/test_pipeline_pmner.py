@@ -420,11 +420,16 @@ def word_scores(labels: list[str], rows: list[dict]) -> np.ndarray:
     return scores
 
 
+def split_item(text: str) -> dict:
+    """A tweet as the pipeline's postprocessing sees it: text, words and their character spans."""
+    split = split_tweet(text)
+    return {"text": text, "words": [w for w, _, _ in split], "spans": [(s, e) for _, s, e in split]}
+
+
 def test_aggregation_strategies_mirror_the_token_classification_pipeline(random_pipe):
     labels = random_pipe.labels
     text = "Kawhi Leonard Lakers fan in LA LA"
-    split = split_tweet(text)
-    item = {"text": text, "words": [w for w, _, _ in split], "spans": [(s, e) for _, s, e in split]}
+    item = split_item(text)
     scores = word_scores(labels, [
         {"B-PER": 0.9},
         {"I-PER": 0.6, "I-ORG": 0.3},
@@ -475,8 +480,7 @@ def test_bioes_models_group_by_their_prefixes(tiny):
         "S-PER", "S-PER",
     ]
     text = "a b c d"
-    split = split_tweet(text)
-    item = {"text": text, "words": [w for w, _, _ in split], "spans": [(s, e) for _, s, e in split]}
+    item = split_item(text)
     scores = word_scores(labels, [{"B-LOC": 0.9}, {"E-LOC": 0.9}, {"I-LOC": 0.9}, {"E-ORG": 0.9}])
     assert [(e["entity_group"], e["word"]) for e in ner.aggregate(item, scores, "simple")] == [
         ("LOC", "a b"), ("LOC", "c"), ("ORG", "d"),
@@ -529,8 +533,7 @@ def test_ignore_labels_follow_the_token_classification_pipeline(tiny, caplog):
 def test_outside_runs_are_placed_between_the_entities(random_pipe):
     labels = random_pipe.labels
     text = "Kawhi Leonard Lakers fan in LA LA"
-    split = split_tweet(text)
-    item = {"text": text, "words": [w for w, _, _ in split], "spans": [(s, e) for _, s, e in split]}
+    item = split_item(text)
     scores = word_scores(labels, [
         {"O": 0.8}, {"B-PER": 0.9}, {"I-PER": 0.6, "I-ORG": 0.3}, {"O": 0.9}, {"O": 0.7}, {"B-LOC": 0.8}, {"O": 0.6},
     ])
