@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, se
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
-from processing_pmner.twitter_mner import TwitterMNERFormatError
+from processing_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.predict_cli import unstarted_processes_warning
 from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
@@ -431,13 +431,11 @@ def main(argv: list[str] | None = None):
 def download_hub_model(model_args, training_args) -> str:
     """--model_name_or_path, a Hub repository: its snapshot at --model_revision, downloaded (into --cache_dir, with
     --token) by the main process first; the other processes then read it from the cache."""
-    import httpx
-
     name = model_args.text_model_name_or_path
     try:
         with training_args.main_process_first(desc="model download"):
             return download_text_model(name, **hub_kwargs(model_args))
-    except (OSError, ValueError, httpx.HTTPError) as error:
+    except (OSError, ValueError, *hub_transport_errors()) as error:  # the Hub's answers are OSErrors
         revision = f" (revision {model_args.model_revision!r})" if model_args.model_revision != "main" else ""
         raise ArgumentsError(
             f"--text_model_name_or_path {name!r}{revision} is neither a local folder nor a Hub model repository "

@@ -656,8 +656,7 @@ class FRRFeatureCache:
         """`(visual_features (max_objects, feature_dim) float32, visual_mask (max_objects,))` of a key; a missing key
         raises `KeyError`."""
         number, row = self._locate(key)
-        shard = self._shards.get(number) or self._shard(number)
-        fd = self._fd(number)
+        shard, fd = self._shard(number), self._fd(number)
         if shard.checked:
             stored, mask = shard.read_checked_row(fd, row)  # (M, D) in the storage dtype, (M,)
         else:  # a shard written before checksums

@@ -34,7 +34,7 @@ class EndpointHandler:
         from transformers import pipeline
 
         self.pipeline = pipeline(model=path or ".", trust_remote_code=True)  # the repository's multimodal-ner pipeline
-        if not hasattr(self.pipeline, "_sanitize_parameters") or type(self.pipeline).__name__ != "PMNERPipeline":
+        if type(self.pipeline).__name__ != "PMNERPipeline":
             raise RuntimeError(f"{path or '.'} did not give the P-MNER pipeline (got {type(self.pipeline).__name__})")
         signature = inspect.signature(self.pipeline._sanitize_parameters)
         self.parameters = sorted(
@@ -62,9 +62,9 @@ class EndpointHandler:
         if "inputs" not in data:
             raise RequestError('the request has no "inputs": give a tweet ("text") or its words (["a", "list"])')
         inputs = data["inputs"]
-        parameters = dict(data.get("parameters") or {})
         if not isinstance(data.get("parameters") or {}, dict):
             raise RequestError(f'"parameters" must be a JSON object, got {type(data["parameters"]).__name__}')
+        parameters = dict(data.get("parameters") or {})
         unknown = sorted(set(parameters) - set(self.parameters))
         if unknown:
             raise RequestError(f"unknown parameters {unknown}; this pipeline takes {self.parameters}")

@@ -21,6 +21,8 @@ INPUT_KEYS = (
     "context",
 )
 VISUAL_KEYS = INPUT_KEYS[3:9]
+
+
 class InputTypeError(TypeError, ValueError):
     """A pipeline input (or an item of an iterable input) of a type the pipeline does not take. A `TypeError`, as in
     Python; also a `ValueError`, which the pipeline raised for it before (callers catching that keep working)."""

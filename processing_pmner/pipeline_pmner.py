@@ -12,8 +12,9 @@ overlapping windows by the processor and merged back, so every word is tagged.
 A saved model folder gets the pipeline with `add_pipeline_to_folder(folder)` (or `PMNERPipeline.save_pretrained`):
 it copies this file and `tweet_tokenizer.py` into the folder and records the task in `config.json`
 (`custom_pipelines`), so that `pipeline(model=folder, trust_remote_code=True)` finds the task by itself. Only
-`multimodal-ner` is recorded: transformers infers the task only from a `custom_pipelines` of one entry, so the
-`token-classification` task name is not registered there (see `custom_pipelines`).
+`multimodal-ner` is recorded: transformers infers the task only from a `custom_pipelines` of one entry (see
+`custom_pipelines`); `PMNERConfig.from_pretrained` leads `token-classification` and `ner` to this pipeline when a
+`pipeline()` call asks for them.
 
 This file is copied flat into saved model folders (remote code): it imports only torch, numpy, transformers and the
 standard library, and relatively its siblings (copied with it): `pipeline_inputs.py` (input normalisation and visual

@@ -697,7 +697,7 @@ class TwitterMNERHubError(ConnectionError):
     dataset and its source files are never changed."""
 
 
-def _hub_transport_errors() -> tuple:
+def hub_transport_errors() -> tuple:
     """Connection-level errors of the HTTP client under `huggingface_hub` (`httpx2` in 2.x, `httpx` in 1.x), and
     its offline mode (`HF_HUB_OFFLINE=1`)."""
     import importlib
@@ -777,7 +777,7 @@ def push_twitter_mner_to_hub(
             else ""
         )
         raise TwitterMNERHubError(f"The Hub refused the push to the {where} (HTTP {status}): {err}.{hint}") from err
-    except _hub_transport_errors() as err:
+    except hub_transport_errors() as err:
         raise TwitterMNERHubError(
             f"Cannot reach the Hub to push to the {where}: {type(err).__name__}: {err}. Check HF_ENDPOINT and the "
             "network; nothing was uploaded."
@@ -799,6 +799,7 @@ __all__ = [
     "TwitterMNERSplitStats",
     "count_missing_images",
     "export_to_parquet",
+    "hub_transport_errors",
     "load_twitter_mner",
     "push_twitter_mner_to_hub",
     "read_twitter_conll",

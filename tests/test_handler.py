@@ -55,6 +55,7 @@ def test_handler_answers_like_the_pipeline_with_and_without_an_image(saved, tmp_
         "bad_base64": {"inputs": text, "image": "not base64 at all!"},
         "not_an_image": {"inputs": text, "image": base64.b64encode(b"plain text, no image").decode()},
         "unknown_parameter": {"inputs": text, "parameters": {"temperature": 0.5}},
+        "parameters_not_an_object": {"inputs": text, "parameters": "aggregation_strategy=first"},
         "bad_parameter_value": {"inputs": text, "parameters": {"aggregation_strategy": "loudest"}},
         "unknown_key": {"inputs": text, "images": encoded},
         "number_inputs": {"inputs": 42},
@@ -84,4 +85,5 @@ def test_handler_answers_like_the_pipeline_with_and_without_an_image(saved, tmp_
     assert "temperature" in errors["unknown_parameter"]["error"] and "aggregation_strategy" in errors["unknown_parameter"]["error"]
     assert "loudest" in errors["bad_parameter_value"]["error"]
     assert "images" in errors["unknown_key"]["error"]
+    assert '"parameters" must be a JSON object' in errors["parameters_not_an_object"]["error"]
     assert "int" in errors["number_inputs"]["error"]

@@ -2,6 +2,7 @@
 token, remote code), CoNLL files in place of a data folder, the tokenisation's workers and cache, --help groups, and
 launches that start fewer processes than asked."""
 
+import contextlib
 import json
 import os
 import re
@@ -235,3 +236,22 @@ def test_accelerate_launch_cpu_with_two_processes_warns_and_names_the_working_co
     assert "2 process(es) (distributed)" in two.stdout + two.stderr
     assert "started only this one" not in two.stderr
     assert (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def test_an_unreachable_hub_is_one_argument_error(monkeypatch):
+    """A connection error of the Hub's HTTP client (not an OSError in huggingface_hub 2.x) names the model."""
+    from types import SimpleNamespace
+
+    import train_pmner
+    from processing_pmner.twitter_mner import hub_transport_errors
+
+    connect_error = next(error for error in hub_transport_errors() if error.__name__ == "TransportError")
+
+    def unreachable(name, **kwargs):
+        raise connect_error("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(train_pmner, "download_text_model", unreachable)
+    model_args = SimpleNamespace(text_model_name_or_path="user/x", model_revision="main", cache_dir=None, token=None)
+    training_args = SimpleNamespace(main_process_first=lambda desc: contextlib.nullcontext())
+    with pytest.raises(train_pmner.ArgumentsError, match="'user/x' is neither a local folder nor a Hub model .*Connection refused"):
+        train_pmner.download_hub_model(model_args, training_args)
