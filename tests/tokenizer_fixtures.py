@@ -1,5 +1,5 @@
 """Tiny masked LMs of several families, each with a tokenizer whose vocabulary is trained here (with the `tokenizers`
-library) on the fixture tweets: WordPiece (BERT, DistilBERT, ELECTRA), byte-level BPE (RoBERTa) and a SentencePiece
+library) on the fixture tweets: WordPiece (BERT, DistilBERT, ELECTRA; MPNet with RoBERTa-style specials), byte-level BPE (RoBERTa) and a SentencePiece
 style Unigram (XLM-R). Saved like Hub checkpoints, offline, in about a second each."""
 
 import functools
@@ -19,6 +19,9 @@ from transformers import (
     ElectraConfig,
     ElectraForMaskedLM,
     ElectraTokenizer,
+    MPNetConfig,
+    MPNetForMaskedLM,
+    MPNetTokenizer,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaTokenizer,
@@ -30,10 +33,12 @@ from transformers import (
 from fixtures import PROJECT, make_tweet
 
 
-FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet")
 VOCAB_SIZE = 600
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's and XLM-R's ids 0-3 (+ mask)
+# all-mpnet-base-v2's: a WordPiece vocabulary (unknown word [UNK]) with <s> <pad> </s> <unk> at ids 0-3 and <mask>
+MPNET_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"]
 # mixed-case running text beside the fixture's lower-case tweets, so that words are split into several sub-words
 EXTRA_TEXT = [
     "RT @Bundesliga_EN : Kawhi Leonard wins the NBA fan vote ! #NBAAwards",
@@ -63,16 +68,17 @@ def corpus(num_tweets: int = 300, seed: int = 0) -> list[str]:
     return text
 
 
-def train_wordpiece(lowercase: bool = True) -> dict[str, int]:
-    return dict(_trained_wordpiece(lowercase))
+def train_wordpiece(lowercase: bool = True, specials: tuple[str, ...] = tuple(WORDPIECE_SPECIALS)) -> dict[str, int]:
+    return dict(_trained_wordpiece(lowercase, specials))
 
 
-@functools.lru_cache(maxsize=2)
-def _trained_wordpiece(lowercase: bool) -> dict[str, int]:  # BERT, DistilBERT and ELECTRA share one training
+@functools.lru_cache(maxsize=4)
+def _trained_wordpiece(lowercase: bool, specials: tuple[str, ...]) -> dict[str, int]:
+    # BERT, DistilBERT and ELECTRA share one training; MPNet's has its own special tokens
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=WORDPIECE_SPECIALS)
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(specials))
     backend.train_from_iterator(corpus(), trainer)
     return backend.get_vocab()
 
@@ -104,8 +110,10 @@ def build_tokenizer(family: str):
     if family in ("bert", "distilbert", "electra"):
         tokenizer_class = {"bert": BertTokenizer, "distilbert": DistilBertTokenizer, "electra": ElectraTokenizer}
         return tokenizer_class[family](vocab=train_wordpiece(), do_lower_case=True)
-    # the mask takes the space before it, as in roberta-base and xlm-roberta-base
+    # the mask takes the space before it, as in roberta-base, xlm-roberta-base and all-mpnet-base-v2
     mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+    if family == "mpnet":
+        return MPNetTokenizer(vocab=train_wordpiece(specials=tuple(MPNET_SPECIALS)), do_lower_case=True, mask_token=mask)
     if family == "roberta":
         vocab, merges = train_byte_level_bpe()
         return RobertaTokenizer(vocab=vocab, merges=merges, mask_token=mask)
@@ -126,6 +134,12 @@ def build_masked_lm(family: str, tokenizer, max_positions: int = 130):
             vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=max_positions
         )
         return DistilBertForMaskedLM(config)
+    if family == "mpnet":  # positions start after the padding id, as in RoBERTa
+        config = MPNetConfig(
+            vocab_size=vocab_size, max_position_embeddings=max_positions + 2, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY,
+        )
+        return MPNetForMaskedLM(config)
     config_class, model_class = {
         "roberta": (RobertaConfig, RobertaForMaskedLM),
         "xlm-roberta": (XLMRobertaConfig, XLMRobertaForMaskedLM),
