@@ -56,6 +56,7 @@ from training_pmner.arguments import (
 )
 from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, set_aside_broken
 from training_pmner.context import check_same_context, prepare_context
+from training_pmner.features_dataset import FeaturesDatasetError, attach_features_dataset
 from training_pmner.data import (
     OFFLINE_MINILM,
     PMNERDataCollator,
@@ -185,6 +186,7 @@ def check_paths(model_args, data_args, training_args, text_model: str) -> None:
         ("--text_model_name_or_path", text_model),
         ("--data_dir", data_args.data_dir if data_args.data_dir != "auto" else None),
         ("--image_dir", data_args.image_dir),
+        ("--features_dataset", data_args.features_dataset),  # a local folder (a Hub id is no folder here)
     ):
         if path and same_path(training_args.output_dir, path):
             raise ArgumentsError(f"--output_dir {training_args.output_dir!r} is the same folder as {name}: choose another")
@@ -493,8 +495,10 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
 
     # 1. Data: the CoNLL text (or a Hub dataset) and, where there is an image dir, the image of each tweet.
     raw, hub_dataset = load_raw_data(data_args, model_args)
-    use_visual = not data_args.text_only and (data_args.image_dir is not None or hub_dataset is not None)
-    if use_visual and "image" not in raw["train"].column_names:
+    use_visual = not data_args.text_only and (
+        data_args.image_dir is not None or hub_dataset is not None or data_args.features_dataset is not None
+    )
+    if use_visual and not data_args.features_dataset and "image" not in raw["train"].column_names:
         raise ArgumentsError(f"--dataset_name {data_args.dataset_name!r} has no image column; pass --text_only")
     if not use_visual:
         reason = "--text_only was given" if data_args.text_only else "no --image_dir was given"
@@ -557,15 +561,25 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     visual_stats = {}
     if use_visual:
         cache_dir = data_args.feature_cache_dir or os.path.join(training_args.output_dir, "frr_cache")
+        if data_args.features_dataset:  # features extracted elsewhere, checked against this run's FRR; no image read
+            try:
+                raw = attach_features_dataset(
+                    raw, data_args.features_dataset, image_processor, model.config, cache_dir=model_args.cache_dir,
+                    token=model_args.token, main_process_first=training_args.main_process_first,
+                )
+            except FeaturesDatasetError as error:
+                raise ArgumentsError(str(error)) from error
+            cache_dir = data_args.features_dataset
         # Every process takes part: the images are split between processes, each writes its share of the cache.
         for split in raw:
-            raw[split] = image_processor.extract_dataset_features(
-                raw[split],
-                cache_dir=cache_dir,
-                device=training_args.device,
-                cache_dtype=data_args.feature_cache_dtype,
-                add_num_detections=True,  # for the visual statistics; dropped by the encoding
-            )
+            if not data_args.features_dataset:
+                raw[split] = image_processor.extract_dataset_features(
+                    raw[split],
+                    cache_dir=cache_dir,
+                    device=training_args.device,
+                    cache_dtype=data_args.feature_cache_dtype,
+                    add_num_detections=True,  # for the visual statistics; dropped by the encoding
+                )
             stats = visual_statistics(raw[split], image_processor.max_objects, image_processor.add_whole_image)
             visual_stats.update({f"visual_{split}_{key}": value for key, value in stats.items()})
         logger.info(f"FRR features of {sum(len(raw[split]) for split in raw)} tweets ready in {cache_dir}: {visual_stats}")

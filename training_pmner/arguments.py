@@ -160,6 +160,14 @@ class DataArguments:
         default="float32",
         metadata={"help": "dtype the FRR features are cached in: float32, or float16 (half the disk; read as float32)."},
     )
+    features_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A features dataset (local folder or Hub dataset id) written by `python -m "
+            "training_pmner.features_dataset export`: train on its FRR features instead of --image_dir. Its FRR "
+            "settings and weights must be this run's."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes that tokenise the splits (datasets' map num_proc)."}
     )
@@ -611,6 +619,9 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         raise ArgumentsError(
             f"--feature_cache_dtype must be float32 or float16, got {data_args.feature_cache_dtype!r}"
         )
+    if data_args.features_dataset and (data_args.image_dir or data_args.text_only):
+        other = "--image_dir" if data_args.image_dir else "--text_only"
+        raise ArgumentsError(f"--features_dataset and {other} both say where the visual input comes from: pass one of them")
     if data_args.retrieval_context < 0:
         raise ArgumentsError(f"--retrieval_context must be 0 (off) or a number of neighbours, got {data_args.retrieval_context}")
     if data_args.retrieval_context and data_args.context_file:

@@ -178,7 +178,9 @@ def visual_statistics(dataset: datasets.Dataset, max_objects: int, add_whole_ima
     """What the FRR features of one split hold: images given and missing (no file), images that gave no feature
     (unreadable, or no object and no whole-image filler), the share of given images with at least one detection above
     the threshold, mean objects per image, and whole-image fallbacks."""
-    if "image" in dataset.column_names:
+    if "image_found" in dataset.column_names:  # features read from a features dataset: whether the image was there
+        given = [bool(value) for value in dataset["image_found"]]
+    elif "image" in dataset.column_names:
         given = [value is not None for value in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
     else:
         given = [False] * len(dataset)

@@ -1,0 +1,690 @@
+"""Shareable FRR features: the object features of a data set's images as a `datasets.DatasetDict`, with no image.
+
+Tweet images are hard to get and may not be redistributed; their FRR features (what the model reads of them) can be.
+An export holds, per split, one row per distinct image id of that split's tweets:
+
+- `image_id` (string): the key the tweets name (`IMGID:` of the CoNLL files);
+- `image_found` (bool): whether the tweet's image was there at export (false: a missing image, which a run from the
+  images would also have processed text-only);
+- `visual_features` (`Array2D` (max_objects, feature_dim), float32, or float16 on request);
+- `visual_mask` (max_objects bools): the slots holding an object;
+- `num_detections` (int32): detections above the threshold before the whole-image filler (-1: not recorded).
+
+The FRR feature cache keeps these and nothing more: the detector's boxes, labels and scores are not cached, so they
+are not exported. The settings that made the features (the image processor's `FEATURE_SETTINGS`, the sha256 of the
+detector and backbone weights, the feature width) are written to `pmner_features.json` (read by
+`train_pmner.py --features_dataset`, which refuses a dataset whose settings or weights differ from its run's) and to
+the dataset card (`README.md`, in its YAML metadata and its text).
+
+    python -m training_pmner.features_dataset export --processor runs/t17 --dataset_name twitter2017 \
+        --data_dir data/twitter2017 --image_dir images --feature_cache_dir runs/t17/frr_cache \
+        --push_to_hub user/twitter2017-frr-features          # or --output_dir folder (save_to_disk)
+    python train_pmner.py --dataset_name twitter2017 --data_dir data/twitter2017 \
+        --features_dataset user/twitter2017-frr-features ...  # no --image_dir
+
+`pmner-export-features` is the same command as `python -m training_pmner.features_dataset export`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import types
+
+import datasets
+import numpy as np
+
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "pmner-frr-features"
+FORMAT_VERSION = 1
+METADATA_FILE = "pmner_features.json"
+REQUIRED_FIELDS = ("image_id", "visual_features", "visual_mask")
+OPTIONAL_FIELDS = ("image_found", "num_detections")
+FEATURES_DTYPES = ("float32", "float16")
+MISSING_KEY_PREFIX = "missing:"  # how the dataset extraction keys a tweet without image (never cached)
+_EXAMPLES = 5  # ids named in a message
+
+
+class FeaturesDatasetError(ValueError):
+    """A features dataset that cannot be exported, read or used for this run; the message is one line naming the
+    dataset and the field or setting at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the features were made with
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _plain(value):
+    """`value` as JSON gives it back (tuples as lists), for comparing settings read from a file with live ones."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def frr_record(image_processor) -> dict:
+    """What identifies the features of `image_processor`: its feature settings (`FEATURE_SETTINGS`, `crop_size`
+    resolved), the sha256 of the detector and backbone weights in use, their origin, the feature width and the
+    objects per image, and its cache fingerprint."""
+    from processing_pmner.image_processing_pmner import FEATURE_SETTINGS
+
+    settings = {key: getattr(image_processor, key) for key in FEATURE_SETTINGS}
+    settings["crop_size"] = image_processor.preprocessing["crop_size"]
+    components = ["backbone"] + (["detector"] if image_processor.detector is not None else [])
+    return _plain({
+        "feature_settings": settings,
+        "weights_sha256": {component: image_processor.weights_sha256(component) for component in components},
+        "weights_origin": {"backbone": image_processor.backbone_weights,
+                           "detector": image_processor.detector_weights if image_processor.detector else None},
+        "feature_dim": image_processor.feature_dim,
+        "max_objects": image_processor.max_objects,
+        "fingerprint": image_processor.fingerprint(),
+    })
+
+
+def _features_schema(max_objects: int, feature_dim: int, dtype: str) -> datasets.Features:
+    return datasets.Features({
+        "image_id": datasets.Value("string"),
+        "image_found": datasets.Value("bool"),
+        "visual_features": datasets.Array2D(shape=(max_objects, feature_dim), dtype=dtype),
+        "visual_mask": datasets.List(datasets.Value("bool"), length=max_objects),
+        "num_detections": datasets.Value("int32"),
+    })
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_features_dataset(
+    image_processor,
+    data: datasets.DatasetDict,
+    cache_dir: str | os.PathLike,
+    features_dtype: str = "float32",
+    cache_dtype: str = "float32",
+    device=None,
+    progress: bool = True,
+) -> tuple[datasets.DatasetDict, dict]:
+    """The features dataset of `data`'s image ids: `(DatasetDict, metadata)`.
+
+    `data` holds the tweets (splits with an `image_id` column and, where the images are at hand, an `image` column of
+    paths or bytes). With images, the ones not yet in the FRR cache of `image_processor` under `cache_dir` (the
+    `--feature_cache_dir` of a training run) are extracted into it first, exactly as a training run does; a tweet
+    whose image is missing gets no features (`image_found` false, all-false mask), as it does in training. Without
+    images (an `image` column of None, or none), the features are read from the cache by image id; ids not in the
+    cache are exported without features (`image_found` false) and counted in a warning, naming a few.
+
+    Args:
+        image_processor: the `PMNERImageProcessor` whose features these are (e.g. a trained folder's).
+        data: e.g. `load_twitter_mner(..., image_dir=...)`.
+        cache_dir: the FRR cache folder (features are read from `<cache_dir>/frr-<fingerprint>[-fp16]/`).
+        features_dtype: "float32" (default; the features as cached in float32) or "float16" (half the size; a run
+            from it gives other scores than a run from the images).
+        cache_dtype: the dtype of the cache to read (and to fill).
+    """
+    from datasets.fingerprint import Hasher
+
+    if features_dtype not in FEATURES_DTYPES:
+        raise FeaturesDatasetError(f"features_dtype must be one of {FEATURES_DTYPES}, got {features_dtype!r}")
+    if not data:
+        raise FeaturesDatasetError("the data has no split to export")
+    for split, dataset in data.items():
+        if "image_id" not in dataset.column_names:
+            raise FeaturesDatasetError(f"split {split!r} of the data has no field 'image_id' (fields: {dataset.column_names})")
+    with_images = any(any(value is not None for value in _image_sources(dataset) or []) for dataset in data.values())
+    if with_images:
+        for split, dataset in data.items():  # fills the cache with what a training run extracts (same code path)
+            image_processor.extract_dataset_features(
+                dataset, cache_dir=cache_dir, device=device, progress=progress, cache_dtype=cache_dtype
+            )
+    record = frr_record(image_processor)
+    cache = image_processor.feature_cache(cache_dir).with_dtype(cache_dtype).load()
+    shards = [os.path.basename(path) for path in cache.shard_files()]
+    schema = _features_schema(record["max_objects"], record["feature_dim"], features_dtype)
+    result, counts, not_cached = {}, {}, []
+    for split, dataset in data.items():
+        ids, keys = _distinct_keys(dataset, with_images)
+        fingerprint = Hasher.hash([FORMAT_VERSION, cache.folder, shards, ids, keys, features_dtype, record])
+        result[split] = datasets.Dataset.from_generator(
+            _rows, features=schema, fingerprint=fingerprint, split=split,
+            gen_kwargs={"cache": cache, "ids": ids, "keys": keys, "record": record, "dtype": features_dtype,
+                        "with_images": with_images},
+        )
+        positions = cache.positions(keys) if keys else np.zeros(0, dtype=np.int64)
+        found = sum(1 for key in keys if not key.startswith(MISSING_KEY_PREFIX))
+        if not with_images:
+            not_cached += [image_id for image_id, position in zip(ids, positions) if position < 0]
+            found = int((positions >= 0).sum())
+        counts[split] = {"images": len(ids), "images_found": found,
+                         "images_with_features": int(np.count_nonzero(np.asarray(result[split]["visual_mask"]).any(1)))
+                         if len(ids) else 0}
+    cache.close()
+    if not_cached:
+        logger.warning(
+            f"{len(not_cached)} image ids are not in the FRR cache {cache.folder} (exported without features, "
+            f"image_found false), e.g. {', '.join(not_cached[:_EXAMPLES])}"
+        )
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **record,
+        "features_dtype": features_dtype,
+        "fields": list(schema),
+        "splits": counts,
+    }
+    return datasets.DatasetDict(result), metadata
+
+
+def _image_sources(dataset):
+    """The `image` column without decoding (paths / bytes / None), or None when there is no such column."""
+    if "image" not in dataset.column_names:
+        return None
+    if isinstance(dataset.features["image"], datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset["image"]
+
+
+def _distinct_keys(dataset, with_images: bool) -> tuple[list[str], list[str]]:
+    """The split's distinct image ids (first appearance order) and their cache keys (`missing:<id>`: no image)."""
+    image_ids = [str(value) for value in dataset["image_id"]]
+    sources = _image_sources(dataset) if with_images else None
+    keys = {}
+    for row, image_id in enumerate(image_ids):
+        if image_id not in keys:
+            missing = sources is not None and sources[row] is None
+            keys[image_id] = MISSING_KEY_PREFIX + image_id if missing else image_id
+    return list(keys), list(keys.values())
+
+
+def _rows(cache, ids, keys, record, dtype, with_images, chunk=256):
+    """The export's rows, read from the cache `chunk` at a time (features of absent keys: zeros)."""
+    objects, width = record["max_objects"], record["feature_dim"]
+    for start in range(0, len(ids), chunk):
+        part_ids, part_keys = ids[start : start + chunk], keys[start : start + chunk]
+        positions = cache.positions(part_keys)  # (n,) index position or -1
+        features = np.zeros((len(part_ids), objects, width), dtype=np.float32)  # (n, M, D)
+        masks = np.zeros((len(part_ids), objects), dtype=bool)  # (n, M)
+        detections = np.zeros(len(part_ids), dtype=np.int32)  # (n,)
+        present = positions >= 0
+        if present.any():
+            read, read_masks, read_detections = cache.read_positions(positions[present])
+            if tuple(read.shape[1:]) != (objects, width):
+                raise FeaturesDatasetError(
+                    f"the FRR cache {cache.folder} holds features of shape {tuple(read.shape[1:])}; the image "
+                    f"processor gives ({objects}, {width})"
+                )
+            features[present], masks[present], detections[present] = read.numpy(), read_masks.numpy(), read_detections.numpy()
+        if dtype == "float16":
+            stored = features.astype(np.float16)
+            if not np.isfinite(stored).all():
+                raise FeaturesDatasetError("features beyond float16's range: export them as float32")
+            features = stored
+        for index, image_id in enumerate(part_ids):
+            yield {
+                "image_id": image_id,
+                "image_found": not part_keys[index].startswith(MISSING_KEY_PREFIX) if with_images else bool(present[index]),
+                "visual_features": features[index],
+                "visual_mask": masks[index],
+                "num_detections": int(detections[index]),
+            }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The card and the metadata file
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def card_metadata(metadata: dict) -> dict:
+    """What the card's YAML records under `pmner_features` (the same as `pmner_features.json`, without the counts)."""
+    return {key: metadata[key] for key in ("format", "format_version", "fingerprint", "feature_settings",
+                                           "weights_sha256", "weights_origin", "feature_dim", "max_objects",
+                                           "features_dtype")}
+
+
+def card_text(metadata: dict) -> str:
+    """The text of the dataset card: what the data is, how to use it, its fields and the FRR settings."""
+    settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in sorted(metadata["feature_settings"].items()))
+    weights = "\n".join(
+        f"| {component} | `{metadata['weights_origin'].get(component)}` | `{sha256}` |"
+        for component, sha256 in sorted(metadata["weights_sha256"].items())
+    )
+    splits = "\n".join(
+        f"| {split} | {counts['images']} | {counts['images_found']} | {counts['images_with_features']} |"
+        for split, counts in metadata["splits"].items()
+    )
+    return f"""
+# P-MNER FRR features
+
+Object features of the images of a multimodal NER data set, extracted by the FRR image processor of P-MNER (a
+detector finds up to {metadata['max_objects']} objects per image, each crop is encoded by a ResNet backbone; the whole
+image fills a free slot where the settings say so). **It holds no image**: the features stand in for images that are
+hard to get or may not be redistributed. The tweets' text and tags are not included either; the rows are keyed by the
+image id the tweets name (`IMGID:` in the CoNLL files).
+
+Train on it with the same FRR settings and weights (the run refuses others, naming both values):
+
+```bash
+python train_pmner.py --dataset_name twitter2017 --data_dir <text files> --features_dataset <this dataset> \\
+    --do_train --do_eval --do_predict --output_dir runs/from-features ...
+```
+
+## Fields
+
+| field | what |
+| --- | --- |
+| `image_id` | the image id of the tweets |
+| `image_found` | whether the image was there at export (false: no features; a run from the images reads such a tweet as text-only) |
+| `visual_features` | ({metadata['max_objects']}, {metadata['feature_dim']}) {metadata['features_dtype']}: one feature per object slot |
+| `visual_mask` | {metadata['max_objects']} bools: the slots holding an object |
+| `num_detections` | detections above the score threshold, before the whole-image filler (-1: not recorded) |
+
+The detector's boxes, labels and scores are not kept by the FRR feature cache and are not part of this dataset.
+
+## FRR settings
+
+Feature width: **{metadata['feature_dim']}**; objects per image: **{metadata['max_objects']}**; features stored as
+{metadata['features_dtype']}; cache fingerprint `{metadata['fingerprint']}`. `{METADATA_FILE}` records the same
+settings for programs (`train_pmner.py --features_dataset` reads it).
+
+| setting | value |
+| --- | --- |
+{settings}
+
+| weights | origin | sha256 of the tensors |
+| --- | --- | --- |
+{weights}
+
+## Splits
+
+| split | images | images found | images with features |
+| --- | --- | --- | --- |
+{splits}
+
+The images these features were computed from keep their own terms of use (for the Twitter MNER benchmarks, those set
+by Twitter); check them before redistributing derived data.
+"""
+
+
+def _card(metadata: dict, existing: str | None = None):
+    """The dataset card: an existing card's YAML (what `push_to_hub` wrote: `configs`, `dataset_info`) kept, with
+    this export's `pmner_features`, tags and text."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    if existing:
+        card = DatasetCard(existing)
+    else:
+        card = DatasetCard(f"---\n{DatasetCardData().to_yaml()}\n---\n")
+    data = card.data.to_dict()
+    data.update(
+        pretty_name=data.get("pretty_name") or "P-MNER FRR features",
+        tags=sorted(set(data.get("tags") or []) | {"pmner", "frr-features", "multimodal-ner"}),
+        task_categories=data.get("task_categories") or ["token-classification"],
+        pmner_features=card_metadata(metadata),
+    )
+    return DatasetCard(f"---\n{DatasetCardData(**data).to_yaml()}\n---\n{card_text(metadata)}")
+
+
+def _metadata_bytes(metadata: dict) -> bytes:
+    return (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def save_features_dataset(dataset_dict: datasets.DatasetDict, metadata: dict, folder: str | os.PathLike) -> str:
+    """Writes the features dataset to `folder` (`save_to_disk`), with `pmner_features.json` and the card
+    (`README.md`). A folder holding anything but an earlier export is refused."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FeaturesDatasetError(f"--output_dir {folder!r} is a file, not a folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, METADATA_FILE)):
+        raise FeaturesDatasetError(f"--output_dir {folder!r} is not empty and holds no features dataset: choose a new folder")
+    dataset_dict.save_to_disk(folder)
+    with open(os.path.join(folder, METADATA_FILE), "wb") as handle:
+        handle.write(_metadata_bytes(metadata))
+    _card(metadata).save(os.path.join(folder, "README.md"))
+    return folder
+
+
+def push_features_dataset_to_hub(
+    dataset_dict: datasets.DatasetDict,
+    metadata: dict,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    max_shard_size: int | str = "500MB",
+    commit_message: str | None = None,
+):
+    """Uploads the features dataset to a Hub dataset repository as Parquet (`DatasetDict.push_to_hub`), then its card
+    (`README.md`, keeping the `configs:` and `dataset_info:` that the push wrote) and `pmner_features.json` in one
+    commit. An earlier export's `pmner_features.json` is deleted before the data is replaced, so that no reader ever
+    pairs new features with old settings. Returns the last commit's `CommitInfo`."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from processing_pmner.twitter_mner import hub_transport_errors
+
+    api = HfApi(token=token)
+    where = f"dataset repository {repo_id} on {api.endpoint}"
+    if token is None and get_token() is None:
+        raise FeaturesDatasetError(f"cannot push to the {where}: no Hub token (pass --token, set HF_TOKEN or run "
+                                   "`hf auth login`)")
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if api.file_exists(repo_id, METADATA_FILE, repo_type="dataset"):
+            api.delete_file(METADATA_FILE, repo_id, repo_type="dataset", commit_message="Features being replaced")
+        commit = dataset_dict.push_to_hub(repo_id, token=token, max_shard_size=max_shard_size,
+                                          commit_message=commit_message or "Upload FRR features")
+        readme = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=commit.oid)
+        with open(readme, encoding="utf-8") as handle:
+            card = _card(metadata, handle.read())
+        return api.create_commit(
+            repo_id, repo_type="dataset", commit_message="FRR settings and dataset card", parent_commit=commit.oid,
+            operations=[CommitOperationAdd("README.md", str(card).encode("utf-8")),
+                        CommitOperationAdd(METADATA_FILE, _metadata_bytes(metadata))],
+        )
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        raise FeaturesDatasetError(f"the Hub refused the push to the {where} (HTTP {status}): {error}") from error
+    except hub_transport_errors() as error:
+        raise FeaturesDatasetError(f"cannot reach the Hub to push to the {where}: {type(error).__name__}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading and checking (train_pmner.py --features_dataset)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_features_dataset(
+    source: str, cache_dir: str | None = None, token: str | bool | None = None, revision: str | None = None
+) -> tuple[datasets.DatasetDict, dict]:
+    """`(DatasetDict, metadata)` of a features dataset: a local folder (`save_features_dataset`'s, or Parquet files
+    with their card) or a Hub dataset repository (downloaded at one revision into `cache_dir`, with `token`)."""
+    folder = source
+    if not os.path.isdir(source):
+        from huggingface_hub import snapshot_download
+
+        from processing_pmner.twitter_mner import hub_transport_errors
+
+        try:
+            from huggingface_hub.errors import HfHubHTTPError
+        except ImportError:  # pragma: no cover
+            HfHubHTTPError = OSError
+        try:
+            folder = snapshot_download(source, repo_type="dataset", cache_dir=cache_dir, token=token, revision=revision)
+        except (OSError, ValueError, HfHubHTTPError, *hub_transport_errors()) as error:
+            message = " ".join(str(error).split())
+            raise FeaturesDatasetError(
+                f"--features_dataset {source!r} is neither a local folder nor a Hub dataset repository this run can "
+                f"download: {message}"
+            ) from error
+    path = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise FeaturesDatasetError(
+            f"--features_dataset {source!r} has no {METADATA_FILE}: it is not a features dataset written by "
+            "`python -m training_pmner.features_dataset export`"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise FeaturesDatasetError(f"--features_dataset {source!r}: {METADATA_FILE} is unreadable ({error})") from error
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise FeaturesDatasetError(f"--features_dataset {source!r}: {METADATA_FILE} is not a {FORMAT} record")
+    for key in ("feature_settings", "weights_sha256", "feature_dim", "max_objects"):
+        if key not in metadata:
+            raise FeaturesDatasetError(f"--features_dataset {source!r}: {METADATA_FILE} has no field {key!r}")
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        dataset_dict = datasets.load_from_disk(folder)
+    else:
+        dataset_dict = datasets.load_dataset(folder)
+    if not isinstance(dataset_dict, datasets.DatasetDict):
+        dataset_dict = datasets.DatasetDict(train=dataset_dict)
+    return dataset_dict, metadata
+
+
+def _shape_of(feature) -> tuple | None:
+    return tuple(feature.shape) if isinstance(feature, (datasets.Array2D,)) else None
+
+
+def check_features_dataset(
+    dataset_dict: datasets.DatasetDict, metadata: dict, image_processor, visual_feature_dim: int, max_objects: int,
+    source: str,
+) -> None:
+    """Refuses (`FeaturesDatasetError`, one line) a features dataset that this run cannot use: a required field
+    missing, features of another width or object count than the model's, or FRR settings or weights other than
+    those of the run's image processor (naming both values)."""
+    where = f"--features_dataset {source!r}"
+    for split, dataset in dataset_dict.items():
+        missing = [name for name in REQUIRED_FIELDS if name not in dataset.column_names]
+        if missing:
+            raise FeaturesDatasetError(
+                f"{where}: split {split!r} has no field {missing[0]!r} (a features dataset has "
+                f"{', '.join(REQUIRED_FIELDS)}; this one has {', '.join(dataset.column_names)})"
+            )
+        shape = _shape_of(dataset.features["visual_features"])
+        if shape is None or len(shape) != 2:
+            raise FeaturesDatasetError(
+                f"{where}: field visual_features of split {split!r} is {dataset.features['visual_features']}, not an "
+                "Array2D (max_objects, feature_dim)"
+            )
+        if shape[1] != visual_feature_dim:
+            raise FeaturesDatasetError(
+                f"{where}: field visual_features has feature width {shape[1]}; the model's visual_feature_dim is "
+                f"{visual_feature_dim}"
+            )
+        if shape[0] != max_objects:
+            raise FeaturesDatasetError(
+                f"{where}: field visual_features has {shape[0]} objects per image; the model's max_objects is "
+                f"{max_objects}"
+            )
+        mask = dataset.features["visual_mask"]
+        if getattr(mask, "length", None) != max_objects:
+            raise FeaturesDatasetError(
+                f"{where}: field visual_mask is {mask}; expected {max_objects} bools (the model's max_objects)"
+            )
+        if metadata["feature_dim"] != shape[1]:
+            raise FeaturesDatasetError(
+                f"{where}: field visual_features has feature width {shape[1]}, but {METADATA_FILE} records "
+                f"feature_dim {metadata['feature_dim']}"
+            )
+    run = frr_record(image_processor)
+    differences = []
+    saved, wanted = metadata["feature_settings"], run["feature_settings"]
+    for key in sorted(set(saved) | set(wanted)):
+        if _plain(saved.get(key, "<not recorded>")) != wanted.get(key, "<not recorded>"):
+            differences.append(f"{key} {json.dumps(saved.get(key, '<not recorded>'))} in the dataset, "
+                               f"{json.dumps(wanted.get(key, '<not recorded>'))} in this run")
+    saved, wanted = metadata["weights_sha256"], run["weights_sha256"]
+    for component in sorted(set(saved) | set(wanted)):
+        if saved.get(component) != wanted.get(component):
+            differences.append(f"{component} weights sha256 {saved.get(component) or 'none'} in the dataset, "
+                               f"{wanted.get(component) or 'none'} in this run (--{component}_weights)")
+    if differences:
+        raise FeaturesDatasetError(
+            f"{where} was extracted with other FRR settings than this run's: {'; '.join(differences)}. Pass the "
+            "dataset's FRR settings and weights (its card lists them), or extract features from the images"
+        )
+
+
+def features_dataset_columns(
+    raw: datasets.DatasetDict, dataset_dict: datasets.DatasetDict, metadata: dict, source: str
+) -> datasets.DatasetDict:
+    """`raw`'s splits with the columns a run from the images has after `extract_dataset_features`
+    (`visual_features` float32, `visual_mask`, `visual_num_detections`), plus `image_found`, looked up by
+    `image_id` in the features dataset (all its splits). Image ids of `raw` that the features dataset lacks are an
+    error naming how many and a few of them."""
+    from datasets.fingerprint import Hasher
+
+    fields = [name for name in REQUIRED_FIELDS + OPTIONAL_FIELDS if name in next(iter(dataset_dict.values())).column_names]
+    parts = [dataset.select_columns(fields) for dataset in dataset_dict.values()]
+    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    row_of = {}
+    for row, image_id in enumerate(merged["image_id"]):
+        row_of.setdefault(str(image_id), row)
+    missing = []
+    for split, dataset in raw.items():
+        missing += sorted({str(image_id) for image_id in dataset["image_id"]} - set(row_of) - set(missing))
+    if missing:
+        raise FeaturesDatasetError(
+            f"--features_dataset {source!r} has no features for {len(missing)} image ids of the data, e.g. "
+            f"{', '.join(missing[:_EXAMPLES])} (was it exported from other data?)"
+        )
+    shape = merged.features["visual_features"].shape
+    source_fingerprint = Hasher.hash([[dataset._fingerprint for dataset in dataset_dict.values()], metadata])
+    table = merged.with_format("numpy")
+    result = {}
+    for split, dataset in raw.items():
+        rows = np.array([row_of[str(image_id)] for image_id in dataset["image_id"]], dtype=np.int64)  # (tweets,)
+
+        def add(batch, indices, rows=rows):
+            values = table[rows[indices]]
+            found = values["image_found"] if "image_found" in fields else values["visual_mask"].any(1)
+            detections = values["num_detections"] if "num_detections" in fields else np.zeros(len(indices), np.int32)
+            return {
+                "visual_features": values["visual_features"].astype(np.float32),  # (b, M, D)
+                "visual_mask": values["visual_mask"].astype(bool),  # (b, M)
+                "visual_num_detections": np.maximum(detections, 0).astype(np.int32),  # (b,)
+                "image_found": found.astype(bool),  # (b,)
+            }
+
+        names = ("visual_features", "visual_mask", "visual_num_detections", "image_found")
+        existing = [name for name in names if name in dataset.column_names]
+        base = dataset.remove_columns(existing) if existing else dataset
+        features = base.features.copy()
+        features["visual_features"] = datasets.Array2D(shape=shape, dtype="float32")
+        features["visual_mask"] = datasets.List(datasets.Value("bool"), length=shape[0])
+        features["visual_num_detections"] = datasets.Value("int32")
+        features["image_found"] = datasets.Value("bool")
+        result[split] = base.map(
+            add, batched=True, with_indices=True, features=features, desc=f"Adding FRR features of {split}",
+            new_fingerprint=Hasher.hash([base._fingerprint, source_fingerprint, FORMAT_VERSION]),
+        )
+    return datasets.DatasetDict(result)
+
+
+def attach_features_dataset(raw, source: str, image_processor, model_config, cache_dir=None, token=None,
+                            main_process_first=None) -> datasets.DatasetDict:
+    """`train_pmner.py --features_dataset`: reads the features dataset (the main process first: it downloads),
+    checks it against the run's image processor and model, and adds its features to `raw`'s splits."""
+    import contextlib
+
+    guard = main_process_first(desc="features dataset") if main_process_first else contextlib.nullcontext()
+    with guard:
+        dataset_dict, metadata = load_features_dataset(source, cache_dir=cache_dir, token=token)
+        check_features_dataset(dataset_dict, metadata, image_processor, model_config.visual_feature_dim,
+                               model_config.max_objects, source)
+        return features_dataset_columns(raw, dataset_dict, metadata, source)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Export the FRR features of a data set's images as a features dataset (no image in it), to a "
+        "folder or a Hub dataset repository, for `train_pmner.py --features_dataset`.",
+    )
+    parser.add_argument("--processor", required=True,
+                        help="A trained P-MNER folder (or Hub model) or a saved image-processor folder: the FRR "
+                        "settings and weights of the features.")
+    parser.add_argument("--dataset_name", default="twitter2017", help="twitter2015 or twitter2017 (the tweets' format).")
+    parser.add_argument("--data_dir", help="Folder with train.txt, valid.txt, test.txt (the tweets' image ids).")
+    parser.add_argument("--train_file", help="CoNLL files instead of --data_dir (with --validation_file, --test_file).")
+    parser.add_argument("--validation_file")
+    parser.add_argument("--test_file")
+    parser.add_argument("--image_dir", help="Folder with <IMGID>.jpg: images not yet in the cache are extracted into "
+                        "it. Without it the features are read from the cache alone.")
+    parser.add_argument("--feature_cache_dir", required=True,
+                        help="The FRR cache (a training run's --feature_cache_dir, default <output_dir>/frr_cache).")
+    parser.add_argument("--cache_dtype", default="float32", choices=FEATURES_DTYPES, help="dtype of the cache to read.")
+    parser.add_argument("--features_dtype", default="float32", choices=FEATURES_DTYPES,
+                        help="dtype of the exported features (float16: half the size, other scores than the images').")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output_dir", help="Write the dataset here (save_to_disk, with its card).")
+    where.add_argument("--push_to_hub", metavar="REPO_ID", help="Push it to this Hub dataset repository (Parquet).")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repository private.")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`).")
+    parser.add_argument("--max_shard_size", default="500MB", help="Largest Parquet file pushed.")
+    parser.add_argument("--device", help="Where the FRR networks run (default: CUDA when available).")
+    return parser
+
+
+def export_main(argv: list[str] | None = None, prog: str = "pmner-export-features") -> int:
+    """`pmner-export-features ...` / `python -m training_pmner.features_dataset export ...`."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+
+    def fail(message: str):
+        print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        sys.exit(2)
+
+    files = [args.train_file, args.validation_file, args.test_file]
+    if any(files) and not all(files):
+        fail("--train_file, --validation_file and --test_file go together")
+    if not args.data_dir and not all(files):
+        fail("pass --data_dir (or --train_file, --validation_file and --test_file): the tweets name the image ids")
+    for name in ("data_dir", "image_dir"):
+        if getattr(args, name) and not os.path.isdir(getattr(args, name)):
+            fail(f"--{name} {getattr(args, name)!r} is not a folder")
+    if not os.path.isdir(args.feature_cache_dir) and not args.image_dir:
+        fail(f"--feature_cache_dir {args.feature_cache_dir!r} is not a folder (and no --image_dir to extract from)")
+    from processing_pmner import PMNERImageProcessor
+
+    from .data import load_raw_data
+
+    try:
+        image_processor = PMNERImageProcessor.from_pretrained(args.processor)
+        image_processor.load_models("cpu")
+    except (OSError, ValueError) as error:
+        fail(f"--processor {args.processor!r}: {error}")
+    data_args = types.SimpleNamespace(
+        dataset_name=args.dataset_name, dataset_config_name=None, data_dir=args.data_dir, train_file=args.train_file,
+        validation_file=args.validation_file, test_file=args.test_file, image_dir=args.image_dir, text_only=False,
+        other_as_misc=True, context_file=None, max_train_samples=None, max_eval_samples=None, max_predict_samples=None,
+    )
+    try:
+        data, _ = load_raw_data(data_args)
+        dataset_dict, metadata = build_features_dataset(
+            image_processor, data, args.feature_cache_dir, features_dtype=args.features_dtype,
+            cache_dtype=args.cache_dtype, device=args.device,
+        )
+        if args.output_dir:
+            save_features_dataset(dataset_dict, metadata, args.output_dir)
+            print(f"wrote the features dataset to {args.output_dir}")
+        else:
+            push_features_dataset_to_hub(dataset_dict, metadata, args.push_to_hub, private=args.private or None,
+                                         token=args.token, max_shard_size=args.max_shard_size)
+            print(f"pushed the features dataset to the Hub dataset repository {args.push_to_hub}")
+    except (FeaturesDatasetError, ValueError, OSError) as error:
+        fail(error)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training_pmner.features_dataset export ...`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "export":
+        print("usage: python -m training_pmner.features_dataset export --help", file=sys.stderr)
+        return 2
+    return export_main(argv[1:], prog="python -m training_pmner.features_dataset export")
+
+
+__all__ = [
+    "FeaturesDatasetError",
+    "attach_features_dataset",
+    "build_features_dataset",
+    "check_features_dataset",
+    "features_dataset_columns",
+    "frr_record",
+    "load_features_dataset",
+    "push_features_dataset_to_hub",
+    "save_features_dataset",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
