@@ -39,6 +39,10 @@ FRR_WEIGHTS_FILES = {"detector": "frr_detector.safetensors", "backbone": "frr_ba
 FRR_WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRR_WEIGHTS_FORMAT = 1
 FILE_PREFIX = "file:"
+# The ResNet stages whose pooled output can be the object feature (`feature_layer`), and the stem before them
+FEATURE_LAYERS = ("layer3", "layer4")
+RESNET_STEM = ["conv1", "bn1", "relu", "maxpool"]
+RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
 # from_pretrained arguments that locate files of a folder or Hub repo (passed on to `cached_file`)
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 
@@ -293,8 +297,9 @@ def check_detector_kwargs(name: str, kwargs: dict) -> None:
         raise TypeError(f"the builder {name} does not take the argument(s) {unknown}")
 
 
-def backbone_feature_dim(name: str) -> int:
-    """Width of the backbone's pooled features, read from an architecture built on the meta device (no memory)."""
+def backbone_feature_dim(name: str, feature_layer: str = "layer4") -> int:
+    """Width of the backbone's pooled features at `feature_layer`, read from an architecture built on the meta device
+    (no memory): `fc.in_features` for `"layer4"`, the channels of a meta forward through the stages otherwise."""
     import torchvision
 
     with torch.device("meta"):
@@ -302,7 +307,28 @@ def backbone_feature_dim(name: str) -> int:
     fc = getattr(model, "fc", None)
     if not isinstance(fc, torch.nn.Linear):
         raise ValueError(f"backbone={name!r}: expected a torchvision classifier with an `fc` head (ResNet family)")
-    return fc.in_features
+    if feature_layer == "layer4":
+        return fc.in_features
+    crops = torch.empty(1, 3, 64, 64, device="meta")  # (1, 3, S, S)
+    return backbone_feature_map(model.eval(), crops, feature_layer, name).shape[1]
+
+
+def backbone_feature_map(backbone: torch.nn.Module, crops: torch.Tensor, feature_layer: str, name: str = "backbone"):
+    """The feature map (N, C, h, w) of normalised crops (N, 3, S, S) after the ResNet stage `feature_layer`
+    (`"layer3"` or `"layer4"`): the stem and the stages up to it, run one by one (nothing after it)."""
+    if feature_layer not in FEATURE_LAYERS:
+        raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, got {feature_layer!r}")
+    stages = RESNET_STEM + RESNET_STAGES[: RESNET_STAGES.index(feature_layer) + 1]
+    missing = [stage for stage in stages if not isinstance(getattr(backbone, stage, None), torch.nn.Module)]
+    if missing:
+        raise ValueError(
+            f"feature_layer={feature_layer!r} reads the ResNet stages {stages}; the {name} module "
+            f"({type(backbone).__name__}) has no {missing}"
+        )
+    features = crops
+    for stage in stages:
+        features = getattr(backbone, stage)(features)
+    return features  # (N, C, h, w)
 
 
 def backbone_preprocessing(name: str, weights) -> dict:
@@ -581,9 +607,10 @@ class FRRModelsMixin:
 
     @property
     def feature_dim(self) -> int:
-        """Width of one object feature (2048 for ResNet-152), known without building the models."""
+        """Width of one object feature at `feature_layer` (ResNet-152: 2048 for `"layer4"`, 1024 for `"layer3"`),
+        known without building the models."""
         if self._feature_dim is None:
-            self._feature_dim = backbone_feature_dim(self.backbone)
+            self._feature_dim = backbone_feature_dim(self.backbone, self.feature_layer)
         return self._feature_dim
 
     @property
@@ -602,7 +629,9 @@ class FRRModelsMixin:
     def set_modules(self, backbone: torch.nn.Module, feature_dim: int, detector: torch.nn.Module | None = None):
         """Uses ready modules instead of the torchvision builders named in the settings.
 
-        `backbone` maps normalised crops (N, 3, crop_size, crop_size) to (N, feature_dim). `detector` follows the
+        `backbone` maps normalised crops (N, 3, crop_size, crop_size) to (N, feature_dim); with `feature_layer="layer3"`
+        or a `grid_size` its stages are run one by one (a torchvision ResNet: `conv1` ... `layer4`) and `feature_dim`
+        is the width of the stage `feature_layer`. `detector` follows the
         torchvision detection API in eval mode: a list of (3, H, W) float images in [0, 1] to a list of dicts with
         `boxes` (K, 4) and `scores` (K,). With `detector=None` and the `detector` setting not None, a detector is
         still built from the settings.
@@ -638,7 +667,9 @@ __all__ = [
     "FRRModelsMixin",
     "FRR_WEIGHTS_DTYPES",
     "FRR_WEIGHTS_FILES",
+    "FEATURE_LAYERS",
     "backbone_feature_dim",
+    "backbone_feature_map",
     "backbone_preprocessing",
     "build_backbone",
     "build_detector",

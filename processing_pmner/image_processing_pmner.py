@@ -6,6 +6,11 @@ A Faster R-CNN finds the objects of an image; the first `max_objects` detections
 into `visual_features` (batch, max_objects, feature_dim) and `visual_mask` (batch, max_objects), and extracts and
 caches them for a whole `datasets.Dataset` (`extract_dataset_features`).
 
+Two settings give the paper's other readings of FRR: `feature_layer="layer3"` pools ResNet's third stage instead
+(1024 values for ResNet-152, the R^1024 of eq. 3), and `grid_size=g` (with `detector=None`, `max_objects=g*g`) reads
+the whole image as a g x g grid of regions pooled from one feature map (UMT's 7 x 7 ResNet grid), so that the fusion
+attends over regions of a whole-image "T+V" input.
+
 The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and
 handles their weights (saved with the processor), `feature_cache.py` holds the feature cache, `feature_claims.py`
 its concurrent writers and `dataset_features.py` the dataset extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
@@ -29,7 +34,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .dataset_features import extract_dataset_features
 from .feature_cache import FRRFeatureCache
-from .frr_models import FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, weights_origin
+from .frr_models import FEATURE_LAYERS, FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, backbone_feature_map, weights_origin
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -59,6 +64,17 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
     backbone (`str`, *optional*, defaults to `"resnet152"`):
         Name of a torchvision classification builder with an `fc` head (ResNet family); the head is dropped and the
         pooled last stage is the object feature.
+    feature_layer (`str`, *optional*, defaults to `"layer4"`):
+        The ResNet stage whose average-pooled output is the object feature: `"layer4"` (the last stage, 2048 values
+        for ResNet-152) or `"layer3"` (1024 values for ResNet-152; 256 for ResNet-18, whose `"layer4"` gives 512).
+        `feature_dim` follows it. The saved backbone weights are the whole network either way.
+    grid_size (`int`, *optional*):
+        `None`: objects as above. An integer g >= 1: the image is g x g grid regions instead; the whole image (resized
+        as the whole-image object is) goes through the backbone once and its `feature_layer` map is average-pooled
+        to g x g (adaptive pooling), each cell one object, row by row, all in the mask. Needs `detector=None` and
+        `max_objects=g*g`. With `return_boxes`, a cell's box is its share of the image split evenly into g x g
+        (label `GRID_CELL_LABEL`, score NaN). A grid finer than the feature map (e.g. 7 over ResNet's 7 x 7 `layer4`
+        map of a 224 crop is exact; over a 2 x 2 map it repeats values) gives cells that share map positions.
     backbone_weights (`str`, *optional*, defaults to `"DEFAULT"`):
         As `detector_weights`, for the backbone (ImageNet).
     score_threshold (`float`, *optional*, defaults to 0.95):
@@ -95,6 +111,8 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
     detector_weights: str | None
     detector_kwargs: dict | None
     backbone: str
+    feature_layer: str
+    grid_size: int | None
     backbone_weights: str | None
     score_threshold: float
     max_objects: int
@@ -113,6 +131,8 @@ SETTINGS = {
     "detector_weights": "DEFAULT",
     "detector_kwargs": None,
     "backbone": "resnet152",
+    "feature_layer": "layer4",
+    "grid_size": None,
     "backbone_weights": "DEFAULT",
     "score_threshold": 0.95,
     "max_objects": 5,
@@ -132,12 +152,17 @@ FEATURE_SETTINGS = (
     "detector",
     "detector_kwargs",
     "backbone",
+    "feature_layer",
+    "grid_size",
     "score_threshold",
     "max_objects",
     "crop_size",
     "add_whole_image",
     "max_image_side",
 )
+# Feature settings added later, hashed only away from their default, so that the caches of earlier settings keep
+# their fingerprint
+FINGERPRINT_WHEN_SET = {"feature_layer": "layer4", "grid_size": None}
 
 
 def features_fingerprint(processor) -> str:
@@ -145,6 +170,9 @@ def features_fingerprint(processor) -> str:
     the weights in use (not their name, path or mtime; computed once per weights); injected modules by their
     parameters."""
     settings = {key: getattr(processor, key) for key in FEATURE_SETTINGS}
+    for key, default in FINGERPRINT_WHEN_SET.items():
+        if settings[key] == default:
+            del settings[key]
     settings["crop_size"] = processor.preprocessing["crop_size"]
     if not processor._injected:
         components = ["backbone"] + (["detector"] if processor.detector is not None else [])
@@ -169,10 +197,12 @@ def features_fingerprint(processor) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# `visual_labels` of the slots that are not a detection: the whole-image filler, and an empty slot
+# `visual_labels` of the slots that are not a detection: the whole-image filler, an empty slot, a grid cell
 WHOLE_IMAGE_LABEL = -1
 NO_OBJECT_LABEL = -2
+GRID_CELL_LABEL = -3
 WHOLE_IMAGE_NAME = "whole image"
+GRID_CELL_NAME = "grid cell"
 
 
 @torch.inference_mode()
@@ -194,10 +224,20 @@ def frr_forward(
     mean = torch.tensor(preprocessing["mean"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     std = torch.tensor(preprocessing["std"], device=device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     size = preprocessing["crop_size"]
+    grid = processor.grid_size
     crops, counts, all_boxes, detected, all_labels, all_scores = [], [], [], [], [], []
     for tensor, image_boxes, image_labels, image_scores in zip(tensors, detections, labels, scores):
         height, width = tensor.shape[-2:]
         detected.append(image_boxes.shape[0])  # before the whole-image filler
+        if grid is not None:  # one crop, the whole image, read as grid * grid cells (no detector)
+            crops.append(_resize(tensor, size, preprocessing["interpolation"]))  # (3, S, S)
+            cells = grid * grid
+            image_boxes = grid_cell_boxes(width, height, grid).to(device)  # (g*g, 4)
+            all_labels.append(torch.full((cells,), GRID_CELL_LABEL, dtype=torch.long))  # (g*g,)
+            all_scores.append(torch.full((cells,), float("nan")))  # (g*g,)
+            counts.append(cells)
+            all_boxes.append(image_boxes)
+            continue
         if processor.add_whole_image and image_boxes.shape[0] < processor.max_objects:
             whole = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device)  # (1, 4)
             image_boxes = torch.cat([image_boxes, whole])  # (k + 1, 4)
@@ -217,13 +257,36 @@ def frr_forward(
     if not crops:
         return (torch.zeros(0, processor.feature_dim), counts, all_boxes, detected) + extra
     batch = (torch.stack(crops) - mean) / std  # (N, 3, S, S)
-    features = processor._backbone_module(batch)  # (N, D)
-    if features.dim() != 2 or features.shape != (batch.shape[0], processor.feature_dim):
+    features = encode_crops(processor, batch)  # (N, D), or (N * g*g, D) with a grid
+    rows = sum(counts)
+    if features.dim() != 2 or features.shape != (rows, processor.feature_dim):
         raise ValueError(
             f"backbone {processor.backbone!r} returned shape {tuple(features.shape)}; expected "
-            f"({batch.shape[0]}, feature_dim={processor.feature_dim})"
+            f"({rows}, feature_dim={processor.feature_dim})"
         )
     return (features, counts, all_boxes, detected) + extra
+
+
+def encode_crops(processor, batch: torch.Tensor) -> torch.Tensor:
+    """Features of normalised crops (N, 3, S, S): the backbone's own forward (pooled last stage) by default; with
+    `feature_layer="layer3"` or a `grid_size`, the stage's map pooled to one vector per crop (N, D) or to g x g cells
+    per crop, row-major (N * g*g, D)."""
+    if processor.feature_layer == "layer4" and processor.grid_size is None:
+        return processor._backbone_module(batch)  # (N, D)
+    # eq. 3's R^1024 is ResNet-152's layer3 pooled; UMT's grid pools the map to g x g regions instead of 1 x 1
+    feature_map = backbone_feature_map(processor._backbone_module, batch, processor.feature_layer, processor.backbone)  # (N, D, h, w)
+    grid = processor.grid_size or 1
+    pooled = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid)  # (N, D, g, g)
+    return pooled.flatten(2).transpose(1, 2).reshape(-1, feature_map.shape[1])  # (N * g*g, D)
+
+
+def grid_cell_boxes(width: int, height: int, grid: int) -> torch.Tensor:
+    """Pixel boxes (g*g, 4) of the image split evenly into g x g cells, row-major (x1, y1, x2, y2)."""
+    edges_x = torch.linspace(0.0, float(width), grid + 1)  # (g + 1,)
+    edges_y = torch.linspace(0.0, float(height), grid + 1)  # (g + 1,)
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # (g, g) each
+    rows, columns = rows.reshape(-1), columns.reshape(-1)  # (g*g,)
+    return torch.stack([edges_x[columns], edges_y[rows], edges_x[columns + 1], edges_y[rows + 1]], dim=1)  # (g*g, 4)
 
 
 def _resize(crop: torch.Tensor, size: int, interpolation) -> torch.Tensor:
@@ -339,9 +402,9 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
     - `visual_boxes` (with `return_boxes=True`): `(batch, max_objects, 4)` boxes (x1, y1, x2, y2) in pixels of the
       image after EXIF orientation, before downscaling; with them `visual_labels` `(batch, max_objects)` int64, the
       detector's class index of each slot (`WHOLE_IMAGE_LABEL` = -1 for the whole-image filler, `NO_OBJECT_LABEL`
-      = -2 for an empty slot; `label_name` gives the name: COCO category names for torchvision's COCO detectors)
-      and `visual_scores` `(batch, max_objects)` float32, its detection score (NaN for the whole-image filler, 0 for
-      an empty slot).
+      = -2 for an empty slot, `GRID_CELL_LABEL` = -3 for a cell of `grid_size`; `label_name` gives the name: COCO
+      category names for torchvision's COCO detectors) and `visual_scores` `(batch, max_objects)` float32, its
+      detection score (NaN for the whole-image filler and grid cells, 0 for an empty slot).
 
     The torch models are built on first use (never at construction or `from_pretrained`). `set_modules` injects
     ready modules instead (tests, custom extractors).
@@ -363,6 +426,8 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         detector_weights: str | None = SETTINGS["detector_weights"],
         detector_kwargs: dict | None = SETTINGS["detector_kwargs"],
         backbone: str = SETTINGS["backbone"],
+        feature_layer: str = SETTINGS["feature_layer"],
+        grid_size: int | None = SETTINGS["grid_size"],
         backbone_weights: str | None = SETTINGS["backbone_weights"],
         score_threshold: float = SETTINGS["score_threshold"],
         max_objects: int = SETTINGS["max_objects"],
@@ -384,6 +449,8 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         self.detector_weights = weights_origin(detector, detector_weights, "detector_weights")
         self.detector_kwargs = dict(detector_kwargs) if detector_kwargs else None
         self.backbone = backbone
+        self.feature_layer = feature_layer
+        self.grid_size = int(grid_size) if isinstance(grid_size, np.integer) else grid_size
         self.backbone_weights = weights_origin(backbone, backbone_weights, "backbone_weights")
         self.score_threshold = float(score_threshold)
         self.max_objects = int(max_objects)
@@ -420,6 +487,16 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
             raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
         if self.max_objects < 1:
             raise ValueError(f"max_objects must be at least 1, got {self.max_objects}")
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
+        if self.grid_size is not None:
+            if isinstance(self.grid_size, bool) or not isinstance(self.grid_size, int) or self.grid_size < 1:
+                raise ValueError(f"grid_size must be None or an integer >= 1, got {self.grid_size!r}")
+            if self.detector is not None or self.max_objects != self.grid_size**2:
+                raise ValueError(
+                    f"grid_size={self.grid_size} needs max_objects={self.grid_size**2} (got {self.max_objects}) and "
+                    f"detector=None (got {self.detector!r}): the grid cells are the objects"
+                )
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.detector is None and not self.add_whole_image:
@@ -547,7 +624,8 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
         return extract_images(self, images, names, device, batch_size, return_num_detections, return_detections)
 
     def label_name(self, label: int) -> str | None:
-        """The name of a `visual_labels` value: `"whole image"` for the filler, `None` for an empty slot, the
+        """The name of a `visual_labels` value: `"whole image"` for the filler, `"grid cell"` for a cell of
+        `grid_size`, `None` for an empty slot, the
         detector's category name where its torchvision weights name them (COCO for the default detector, random
         weights included, as long as `detector_kwargs` keep its 91 classes), else `"class <index>"`."""
         label = int(label)
@@ -555,6 +633,8 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
             return None
         if label == WHOLE_IMAGE_LABEL:
             return WHOLE_IMAGE_NAME
+        if label == GRID_CELL_LABEL:
+            return GRID_CELL_NAME
         categories = self.detection_categories()
         if categories is not None and 0 <= label < len(categories):
             return categories[label]
@@ -612,6 +692,7 @@ __all__ = [
     "BadImageError",
     "BadImageWarning",
     "FRRFeatureCache",
+    "GRID_CELL_LABEL",
     "NO_OBJECT_LABEL",
     "PMNERImageProcessor",
     "WHOLE_IMAGE_LABEL",

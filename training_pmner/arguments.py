@@ -103,6 +103,20 @@ class ModelArguments:
     crop_size: int | None = field(
         default=None, metadata={"help": "Side of each object crop (default: the backbone weights' own, 224)."}
     )
+    feature_layer: str = field(
+        default="layer4",
+        metadata={
+            "help": "ResNet stage whose pooled output is the object feature: 'layer4' (2048-d for ResNet-152) or "
+            "'layer3' (1024-d for ResNet-152, the paper's R^1024); the model's visual_feature_dim follows it."
+        },
+    )
+    grid_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Read the whole image as a G x G grid of regions pooled from one feature map (UMT's 7 x 7 "
+            "grid), each cell one object; needs --detector none and --max_objects G*G."
+        },
+    )
     add_whole_image: bool = field(
         default=True,
         metadata={
