@@ -1,11 +1,14 @@
-"""Run folders of the benchmark sweeps (`text_only_experiments.py`, `reproduce_paper.py`).
+"""Run folders of the benchmark sweeps (`text_only_experiments.py`, `reproduce_paper.py`), and their seeds.
 
 Each folder records the settings it was started with in `experiment.json`, written before training, so that a
-finished run is read back and an interrupted one resumed only for the same settings.
+finished run is read back and an interrupted one resumed only for the same settings. `seed_list` reads a comma
+list of seeds; `seed_summary` gives the mean, sample standard deviation and per-seed values of a metric.
 """
 
+import argparse
 import json
 import os
+import statistics
 
 
 def start_or_reuse(folder: str, settings: dict) -> bool:
@@ -31,3 +34,40 @@ def start_or_reuse(folder: str, settings: dict) -> bool:
     with open(settings_file, "w") as handle:
         json.dump(settings, handle, indent=2)
     return False
+
+
+def seed_list(text: str) -> list[int]:
+    """Argparse type: a comma list of distinct seeds in [0, 2**32) (the range `train_pmner.py --seed` accepts)."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise argparse.ArgumentTypeError(f"expected a comma list of seeds such as 1,2,3, got {text!r}")
+    seeds = []
+    for item in items:
+        try:
+            seed = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not an integer (expected a comma list such as 1,2,3)") from None
+        if not 0 <= seed < 2**32:
+            raise argparse.ArgumentTypeError(f"seed {seed} is outside [0, 2**32)")
+        if seed in seeds:
+            raise argparse.ArgumentTypeError(f"seed {seed} is given twice (each seed is one run)")
+        seeds.append(seed)
+    return seeds
+
+
+def seed_summary(values: list[float]) -> dict:
+    """`values` (one per seed) as {"mean", "std" (sample standard deviation; None for one value), "n", "values"}."""
+    values = [float(value) for value in values]
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def mean_std(summary: dict, scale: float = 100.0) -> str:
+    """"mean ± std" of a `seed_summary`, times `scale`, two decimals; the value alone when there is one run."""
+    if summary["std"] is None:
+        return f"{summary['mean'] * scale:.2f}"
+    return f"{summary['mean'] * scale:.2f} ± {summary['std'] * scale:.2f}"

@@ -8,6 +8,7 @@ scheme, trainable verbalizer), each compared with the default prompt head on the
 
     python benchmarks/text_only_experiments.py                               # both datasets, 3 seeds: ~1 h
     python benchmarks/text_only_experiments.py --datasets twitter2017 --seeds 1                    # ~10 min
+    python benchmarks/text_only_experiments.py --seed-list 4,5                # seeds 4 and 5 instead of 1..3
     python benchmarks/text_only_experiments.py --variants bioes,trainable     # ~1 h more on 2 CPU cores
     python benchmarks/text_only_experiments.py --datasets twitter2017 --variants cloze \\
         --max-train-samples 200 --max-eval-samples 200                     # ~45 min
@@ -19,7 +20,9 @@ first N tweets (test stays whole) and name its folders `...-trainN-valM-...`.
 Each run writes its folder under --output-dir (default outputs/experiments); runs whose all_results.json already
 exists are read back instead of re-run, so an interrupted sweep continues where it stopped (an interrupted run
 resumes from its last checkpoint). A run folder whose settings (experiment.json, written before training) differ
-from the requested ones stops the sweep with an error instead of being reused or resumed.
+from the requested ones stops the sweep with an error instead of being reused or resumed. The table's numbers, with
+the per-seed values, are also written to `<output-dir>/results.json` (replaced by each sweep; rerunning a sweep reads
+its finished runs back).
 """
 
 import argparse
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from run_folders import start_or_reuse
+from run_folders import seed_list, seed_summary, start_or_reuse
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +52,9 @@ ARMS = {
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="twitter2017,twitter2015")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=seed_count, default=3, help="run seeds 1..N (default 3)")
     parser.add_argument(
-        "--seed-list", default=None,
+        "--seed-list", type=seed_list, default=None,
         help="comma list of seeds to run instead of 1..--seeds (e.g. 2,3 to add seeds to a finished seed 1)",
     )
     parser.add_argument("--epochs", type=float, default=2.0)
@@ -70,16 +73,19 @@ def parse_args():
     parser.add_argument("--output-dir", default=os.path.join(PROJECT, "outputs", "experiments"))
     args = parser.parse_args()
     args.output_dir = os.path.abspath(args.output_dir)
-    if args.seed_list:
-        try:
-            args.seed_values = [int(seed) for seed in args.seed_list.split(",") if seed.strip()]
-        except ValueError:
-            parser.error(f"--seed-list: expected comma-separated integers, got {args.seed_list!r}")
-        if not args.seed_values:
-            parser.error("--seed-list: no seed given")
-    else:
-        args.seed_values = list(range(1, args.seeds + 1))
+    args.seed_values = args.seed_list if args.seed_list is not None else list(range(1, args.seeds + 1))
     return args
+
+
+def seed_count(text: str) -> int:
+    """Argparse type of --seeds: a number of seeds, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seeds (runs seeds 1..N), got {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 seed, got {count}")
+    return count
 
 
 def run(args, dataset, arm, seed) -> dict:
@@ -119,6 +125,12 @@ def run(args, dataset, arm, seed) -> dict:
         print(f"  {dataset} {arm} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     with open(os.path.join(output_dir, "all_results.json")) as handle:
         return json.load(handle)
+
+
+METRICS = {  # results.json name: all_results.json key
+    "validation_f1": "eval_f1", "test_precision": "predict_precision", "test_recall": "predict_recall",
+    "test_f1": "predict_f1",
+}
 
 
 def summary(values):
@@ -167,6 +179,17 @@ def main():
             f"| {statistics.mean(r['train_runtime'] / r['epoch'] for r in runs):.0f} "
             f"| {statistics.mean(1000 * r['predict_runtime'] / r['predict_samples'] for r in runs):.1f} |"
         )
+    rows = [
+        {
+            "dataset": dataset, "arm": arm, "n": len(runs), "seeds": args.seed_values,
+            **{name: seed_summary([r[key] * 100 for r in runs]) for name, key in METRICS.items()},
+        }
+        for (dataset, arm), runs in table.items()
+    ]
+    results_file = os.path.join(args.output_dir, "results.json")
+    with open(results_file, "w") as handle:
+        json.dump({"command": f"python {' '.join(sys.argv)}", "unit": "%", "rows": rows}, handle, indent=2)
+    print(f"\nresults: {results_file}")
 
 
 if __name__ == "__main__":
