@@ -74,7 +74,8 @@ def extract_dataset_features(
     Returns:
         The dataset with more columns: `visual_features` (`Array2D` (max_objects, feature_dim) float32),
         `visual_mask` (max_objects bools) and, with `add_num_detections`, `visual_num_detections` (int32: detections
-        above the threshold before the whole-image filler; 0 without features), left out (with a warning) when part
+        above the threshold before the whole-image filler; 0 without features or detector, e.g. for `grid_size`
+        cells, which are stored like objects, boxes apart: nothing here stores boxes), left out (with a warning) when part
         of the cache was written without the counts (by an older version or `write_shard` without them). Existing
         columns of those names are replaced.
     """

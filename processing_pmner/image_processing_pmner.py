@@ -7,9 +7,9 @@ into `visual_features` (batch, max_objects, feature_dim) and `visual_mask` (batc
 caches them for a whole `datasets.Dataset` (`extract_dataset_features`).
 
 Two settings give the paper's other readings of FRR: `feature_layer="layer3"` pools ResNet's third stage instead
-(1024 values for ResNet-152, the R^1024 of eq. 3), and `grid_size=g` (with `detector=None`, `max_objects=g*g`) reads
-the whole image as a g x g grid of regions pooled from one feature map (UMT's 7 x 7 ResNet grid), so that the fusion
-attends over regions of a whole-image "T+V" input.
+(1024 values for ResNet-152, the R^1024 of section 3.2 that eq. 3 attends over), and `grid_size=g` (with
+`detector=None`, `max_objects=g*g`) reads the whole image as a g x g grid of regions pooled from one feature map
+(UMT's 7 x 7 ResNet grid), so that the fusion attends over regions of a whole-image "T+V" input.
 
 The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and
 handles their weights (saved with the processor), `feature_cache.py` holds the feature cache, `feature_claims.py`
@@ -273,7 +273,7 @@ def encode_crops(processor, batch: torch.Tensor) -> torch.Tensor:
     per crop, row-major (N * g*g, D)."""
     if processor.feature_layer == "layer4" and processor.grid_size is None:
         return processor._backbone_module(batch)  # (N, D)
-    # eq. 3's R^1024 is ResNet-152's layer3 pooled; UMT's grid pools the map to g x g regions instead of 1 x 1
+    # section 3.2's object features in R^1024 are ResNet-152's layer3 pooled; UMT's grid pools to g x g regions
     feature_map = backbone_feature_map(processor._backbone_module, batch, processor.feature_layer, processor.backbone)  # (N, D, h, w)
     grid = processor.grid_size or 1
     pooled = torch.nn.functional.adaptive_avg_pool2d(feature_map, grid)  # (N, D, g, g)
