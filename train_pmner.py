@@ -32,7 +32,7 @@ import time
 
 import datasets
 import transformers
-from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerCallback, set_seed
+from transformers import AutoConfig, AutoTokenizer, TrainerCallback, set_seed
 
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
@@ -55,6 +55,7 @@ from training_pmner.arguments import (
     set_file_defaults,
 )
 from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, set_aside_broken
+from training_pmner.optimizer import PMNERTrainer
 from training_pmner.context import check_same_context, prepare_context
 from training_pmner.features_dataset import FeaturesDatasetError, attach_features_dataset
 from training_pmner.data import (
@@ -677,7 +678,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     callbacks = [EpochTimerCallback()]
     if repo_id is not None:
         callbacks.append(HubStrategyCallback(training_args, repo_id))
-    trainer = Trainer(
+    trainer = PMNERTrainer(  # the Trainer, with --head_learning_rate for the layers P-MNER adds
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,

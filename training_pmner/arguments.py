@@ -235,6 +235,14 @@ class PMNERTrainingArguments(TrainingArguments):
     greater_is_better: bool = field(default=True, metadata={"help": "Higher metric_for_best_model is better."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is never deleted)."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the layers P-MNER adds to the text encoder (fusion, visual projection, "
+            "prompt head or classifier); the pretrained text encoder trains at --learning_rate. Default: "
+            "--learning_rate for all."
+        },
+    )
     num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "The paper's batch size is 8."})
     logging_steps: float = field(default=20, metadata={"help": "Log the loss every N steps."})
@@ -275,8 +283,16 @@ REFUSED_RUN_NER_ARGUMENTS = {
 }
 
 
+class OneLineErrorParser(HfArgumentParser):
+    """argparse's own errors (a value that is not a number, an unknown choice) as one `ArgumentsError` naming the
+    argument, instead of the usage text (a hundred lines) before it."""
+
+    def error(self, message):
+        raise ArgumentsError(message)
+
+
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(
+    return OneLineErrorParser(
         (ModelArguments, DataArguments, PMNERTrainingArguments),
         epilog="run_ner.py arguments that do not apply here and are refused: "
         + ", ".join(f"--{name}" for name in REFUSED_RUN_NER_ARGUMENTS),
@@ -492,6 +508,17 @@ def check_training_numbers(training_args) -> None:
     explicit = getattr(training_args, "explicit_arguments", frozenset())
     if not training_args.learning_rate > 0:
         raise ArgumentsError(f"--learning_rate must be a positive number, got {training_args.learning_rate}")
+    head_learning_rate = getattr(training_args, "head_learning_rate", None)
+    if head_learning_rate is not None:
+        if not 0 < head_learning_rate < float("inf"):
+            raise ArgumentsError(f"--head_learning_rate must be a positive finite number, got {head_learning_rate}")
+        from .optimizer import ungrouped_optimizer
+
+        if ungrouped_optimizer(training_args.optim):
+            raise ArgumentsError(
+                f"--head_learning_rate needs an optimizer that takes parameter groups; --optim "
+                f"{getattr(training_args.optim, 'value', training_args.optim)} builds its own"
+            )
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ArgumentsError(f"--{name} must be at least 1, got {getattr(training_args, name)}")

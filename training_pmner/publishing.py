@@ -315,6 +315,14 @@ def portable_text(text: str, output_dir: str) -> str:
     return re.sub(r"(?<![\w:])/[^\s'\",]+", lambda match: portable_path(match.group(0), output_dir)[0], text)
 
 
+def learning_rates(training_args) -> str:
+    """The learning rate, with the added layers' own when --head_learning_rate gave them one."""
+    head = getattr(training_args, "head_learning_rate", None)
+    if head is None:
+        return str(training_args.learning_rate)
+    return f"{training_args.learning_rate} (text encoder), {head} (added layers: fusion, visual projection, head)"
+
+
 def write_model_card(
     output_dir: str,
     results: dict,
@@ -407,7 +415,7 @@ def write_model_card(
         context=context_summary(model_settings.get("context_source")),
         epochs=training_args.num_train_epochs if trained_here else "n/a (not trained in this run)",
         batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
-        learning_rate=training_args.learning_rate,
+        learning_rate=learning_rates(training_args),
         seed=training_args.seed,
         best_epoch=results.get("best_epoch", "n/a"),
         train_runtime=round(results.get("train_runtime", 0.0), 1),

@@ -1,0 +1,104 @@
+"""The Trainer of `train_pmner.py`: the Trainer's own optimizer, with the layers P-MNER adds on a learning rate of
+their own (`--head_learning_rate`) beside the pretrained text encoder's (`--learning_rate`)."""
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+
+# --optim values whose optimizer does not take the Trainer's parameter groups (it builds its own, per layer or
+# per parameter), so that no group of them can be given another learning rate
+UNGROUPED_OPTIMIZERS = ("galore", "apollo", "lomo", "adalomo")
+
+
+def ungrouped_optimizer(optim) -> bool:
+    name = str(getattr(optim, "value", optim)).lower()
+    return name.startswith(UNGROUPED_OPTIMIZERS)
+
+
+def text_encoder_of(model: nn.Module) -> nn.Module:
+    """The pretrained text encoder of a P-MNER model (`PMNERModel.text_model`)."""
+    base = getattr(model, "base_model", model)
+    encoder = getattr(base, "text_model", None)
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(f"--head_learning_rate: {type(model).__name__} has no P-MNER text encoder (text_model)")
+    return encoder
+
+
+def encoder_parameter_ids(model: nn.Module) -> set[int]:
+    """Identities of the text encoder's parameters. A weight the head shares with the encoder (the word embeddings
+    that the verbalizer reads its label words from) is the encoder's."""
+    return {id(parameter) for parameter in text_encoder_of(model).parameters()}
+
+
+def split_parameter_groups(groups: list[dict], model: nn.Module, head_learning_rate: float) -> list[dict]:
+    """Splits each of the Trainer's parameter groups (weight decay / none, with their options) into its encoder
+    part and its head part: the encoder parts first, in the Trainer's order (the Trainer logs the learning rate of
+    group 0), then the head parts on `head_learning_rate`. Empty parts are left out."""
+    encoder_ids = encoder_parameter_ids(model)
+    encoder_groups, head_groups = [], []
+    for group in groups:
+        options = {key: value for key, value in group.items() if key != "params"}
+        encoder = [parameter for parameter in group["params"] if id(parameter) in encoder_ids]
+        head = [parameter for parameter in group["params"] if id(parameter) not in encoder_ids]
+        if encoder:
+            encoder_groups.append({**options, "params": encoder})
+        if head:
+            head_groups.append({**options, "params": head, "lr": head_learning_rate})
+    return encoder_groups + head_groups
+
+
+class HeadLearningRateCallback(TrainerCallback):
+    """Reads the head's learning rate after each optimizer step, before the scheduler moves it: the rate that step
+    used, as the Trainer's own `learning_rate` log is."""
+
+    def __init__(self):
+        self.group_index = None
+        self.rate = None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.group_index is not None and optimizer is not None:
+            self.rate = optimizer.param_groups[self.group_index]["lr"]
+
+
+class PMNERTrainer(Trainer):
+    """`Trainer` whose optimizer puts every parameter outside the pretrained text encoder (the fusion layers, the
+    visual projection, the prompt head with its masked-LM transform, or the linear classifier) on
+    `args.head_learning_rate` when it is set. The Trainer builds its optimizer and groups as always (weight decay
+    but none on biases and LayerNorms); each group is then split in two, and the scheduler scales each group's own
+    learning rate. Training logs carry `head_learning_rate` beside `learning_rate` (the encoder's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_rate = HeadLearningRateCallback()
+        self.add_callback(self.head_rate)
+
+    def create_optimizer(self, model=None):
+        building = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        head_learning_rate = getattr(self.args, "head_learning_rate", None)
+        if not building or head_learning_rate is None:
+            return optimizer
+        opt_model = self.model if model is None else model
+        trainable = {id(parameter) for parameter in opt_model.parameters() if parameter.requires_grad}
+        grouped = [id(parameter) for group in optimizer.param_groups for parameter in group["params"]]
+        if ungrouped_optimizer(self.args.optim) or sorted(grouped) != sorted(trainable):
+            raise ValueError(
+                f"--head_learning_rate needs an optimizer built on the Trainer's parameter groups; --optim "
+                f"{getattr(self.args.optim, 'value', self.args.optim)} builds its own"
+            )
+        groups = split_parameter_groups(optimizer.param_groups, opt_model, head_learning_rate)
+        optimizer.param_groups = []
+        for group in groups:
+            optimizer.add_param_group(group)  # refuses a parameter in two groups
+        encoder_ids = encoder_parameter_ids(opt_model)
+        heads = [index for index, group in enumerate(groups) if id(group["params"][0]) not in encoder_ids]
+        self.head_rate.group_index = heads[0] if heads else None
+        return optimizer
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "learning_rate" in logs and self.head_rate.rate is not None:
+            logs["head_learning_rate"] = self.head_rate.rate
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = ["HeadLearningRateCallback", "PMNERTrainer", "encoder_parameter_ids", "split_parameter_groups", "text_encoder_of"]
