@@ -51,6 +51,19 @@ class RunningHub:
         return env
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where torch sees no CUDA device."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in marked:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def hub_server(tmp_path_factory, monkeypatch):
     """A Hub on 127.0.0.1 (free ports) storing its files in a temp folder; stopped after the test. In this process,
