@@ -106,6 +106,7 @@ def build_features_dataset(
     cache_dtype: str = "float32",
     device=None,
     progress: bool = True,
+    datasets_cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, dict]:
     """The features dataset of `data`'s image ids: `(DatasetDict, metadata)`.
 
@@ -123,6 +124,7 @@ def build_features_dataset(
         features_dtype: "float32" (default; the features as cached in float32) or "float16" (half the size; a run
             from it gives other scores than a run from the images).
         cache_dtype: the dtype of the cache to read (and to fill).
+        datasets_cache_dir: where `datasets` writes the export's Arrow files (default: its cache).
     """
     from datasets.fingerprint import Hasher
 
@@ -148,7 +150,7 @@ def build_features_dataset(
         ids, keys = _distinct_keys(dataset, with_images)
         fingerprint = Hasher.hash([FORMAT_VERSION, cache.folder, shards, ids, keys, features_dtype, record])
         result[split] = datasets.Dataset.from_generator(
-            _rows, features=schema, fingerprint=fingerprint, split=split,
+            _rows, features=schema, fingerprint=fingerprint, split=split, cache_dir=datasets_cache_dir,
             gen_kwargs={"cache": cache, "ids": ids, "keys": keys, "record": record, "dtype": features_dtype,
                         "with_images": with_images},
         )
@@ -522,9 +524,7 @@ def features_dataset_columns(
     row_of = {}
     for row, image_id in enumerate(merged["image_id"]):
         row_of.setdefault(str(image_id), row)
-    missing = []
-    for split, dataset in raw.items():
-        missing += sorted({str(image_id) for image_id in dataset["image_id"]} - set(row_of) - set(missing))
+    missing = sorted({str(image_id) for dataset in raw.values() for image_id in dataset["image_id"]} - set(row_of))
     if missing:
         raise FeaturesDatasetError(
             f"--features_dataset {source!r} has no features for {len(missing)} image ids of the data, e.g. "
