@@ -198,9 +198,31 @@ def unmet(requirement_text: str) -> str | None:
     return None
 
 
+def unmet_requirements(names) -> list[tuple[str, str, str | None]]:
+    """(distribution, requirement, installed version or None) for each requirement of the installed distributions
+    `names` that the installed packages do not meet (markers evaluated here, extras left out)."""
+    from packaging.requirements import Requirement
+
+    problems = []
+    for name in names:
+        try:
+            requires = importlib.metadata.distribution(name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            version = installed_version(requirement.name)
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                problems.append((name, str(requirement), version))
+    return problems
+
+
 def install_wheels(folder: str, site: str) -> int:
-    """Installs the carried wheels that are needed (package missing, or its version below pyproject's) into `site`,
-    offline; then every dependency of pyproject.toml must be met (with `site` on the path)."""
+    """Installs into `site`, offline, the carried wheels that are needed: a package that is missing, whose version
+    does not meet pyproject.toml, or that a carried or project package requires at another version; then every
+    dependency of pyproject.toml must be met (with `site` on the path)."""
     from packaging.requirements import Requirement
 
     manifest_path = os.path.join(folder, "manifest.json")
@@ -209,33 +231,44 @@ def install_wheels(folder: str, site: str) -> int:
                          f"--prepare-wheels` where the registry is reachable, and carry {folder}")
     with open(manifest_path) as handle:
         manifest = json.load(handle)
-    wanted = {canonical(Requirement(text).name): text for text in project_requirements()}
-    needed = []
+    wheels = {}
     for wheel in manifest["wheels"]:
         path = os.path.join(folder, wheel["file"])
         if not os.path.isfile(path):
             raise UsageError(f"--install-wheels: {path} (listed in {manifest_path}) is missing")
-        version = installed_version(wheel["name"])
-        requirement = wanted.get(wheel["name"])
-        if version is None or (requirement is not None and unmet(requirement)):
-            needed.append(path)
-    if needed:
+        wheels[canonical(wheel["name"])] = path
+    project = [canonical(Requirement(text).name) for text in project_requirements()]
+    closure = sorted(set(project) | set(wheels) | {canonical(entry["name"]) for entry in manifest["not_carried"]})
+    installed = []
+    needed = [name for name in wheels if installed_version(name) is None]
+    needed += [canonical(Requirement(text).name) for text in project_requirements()
+               if unmet(text) and canonical(Requirement(text).name) in wheels]
+    for _ in range(4):  # a package installed may require another carried one at another version
+        needed = sorted(set(needed) - set(installed))
+        if not needed:
+            break
         os.makedirs(site, exist_ok=True)
         completed = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-             "--quiet", "--disable-pip-version-check", "--target", site, *needed],
+             "--upgrade", "--quiet", "--disable-pip-version-check", "--target", site, *(wheels[n] for n in needed)],
             capture_output=True, text=True,
         )
         if completed.returncode != 0:
             raise UsageError(f"--install-wheels: pip install failed: {(completed.stderr or completed.stdout).strip()[-500:]}")
-        sys.path.insert(0, site)
+        installed += needed
+        if site not in sys.path:
+            sys.path.insert(0, site)
         importlib.invalidate_caches()
-    print(f"installed {len(needed)} of {len(manifest['wheels'])} carried wheels into {site}: "
-          + (", ".join(os.path.basename(path) for path in needed) or "none needed"))
+        needed = [canonical(Requirement(requirement).name) for _, requirement, _ in unmet_requirements(closure)
+                  if canonical(Requirement(requirement).name) in wheels]
+    print(f"installed {len(installed)} of {len(wheels)} carried wheels into {site}: "
+          + (", ".join(os.path.basename(wheels[name]) for name in sorted(installed)) or "none needed"))
+    for name, requirement, version in unmet_requirements(closure):
+        print(f"warning: {name} requires {requirement}, installed: {version or 'none'}", file=sys.stderr)
     problems = [problem for problem in map(unmet, project_requirements()) if problem]
-    for name in [entry["name"] for entry in manifest["not_carried"]]:
-        if installed_version(name) is None:
-            problems.append(f"{name} is not installed (compiled: not carried)")
+    for entry in manifest["not_carried"]:
+        if installed_version(entry["name"]) is None and canonical(entry["name"]) not in project:
+            problems.append(f"{entry['name']} is not installed (compiled: not carried)")
     if problems:
         raise UsageError("--install-wheels: the project cannot run here: " + "; ".join(problems))
     return 0
