@@ -188,7 +188,35 @@ def test_a_features_dataset_that_does_not_fit_the_run_is_refused_in_one_line(wor
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
-def test_features_dataset_and_image_dir_are_one_or_the_other(workspace, local_export, tmp_path):
-    result = run(command(workspace, tmp_path / "out", "--features_dataset", str(local_export), "--image_dir",
-                         str(workspace / "images")), tmp_path)
-    assert result.returncode == 2 and "--features_dataset and --image_dir both say where" in result.stderr
+@pytest.mark.parametrize("flag, message", [
+    ("--image_dir", "--features_dataset and --image_dir both say where the visual input comes from"),
+    ("--text_only", "--features_dataset and --text_only both say where the visual input comes from"),
+    ("--feature_cache_dir", "--feature_cache_dir caches the features extracted from --image_dir; --features_dataset"),
+])
+def test_a_features_dataset_is_the_run_s_only_visual_input(tmp_path, flag, message):
+    from training_pmner.arguments import ArgumentsError, check_arguments, parse_arguments
+
+    value = [] if flag == "--text_only" else [str(tmp_path)]
+    model_args, data_args, training_args = parse_arguments(
+        ["--features_dataset", "user/features", "--do_train", "--output_dir", str(tmp_path / "out"), flag, *value]
+    )
+    with pytest.raises(ArgumentsError, match=re.escape(message)):
+        check_arguments(model_args, data_args, training_args, resumes_trained_folder=False)
+    model_args, data_args, training_args = parse_arguments(
+        ["--features_dataset", "user/features", "--do_train", "--output_dir", str(tmp_path / "out")]
+    )
+    check_arguments(model_args, data_args, training_args, resumes_trained_folder=False)  # alone, it is accepted
+
+
+def test_console_script_is_the_export_command(capsys):
+    import importlib
+    import tomllib
+
+    with open(os.path.join(PROJECT, "pyproject.toml"), "rb") as handle:
+        target = tomllib.load(handle)["project"]["scripts"]["pmner-export-features"]
+    module, function = target.split(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--feature_cache_dir" in out and "--push_to_hub" in out and "--features_dtype" in out

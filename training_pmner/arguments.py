@@ -663,6 +663,11 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
     if data_args.features_dataset and (data_args.image_dir or data_args.text_only):
         other = "--image_dir" if data_args.image_dir else "--text_only"
         raise ArgumentsError(f"--features_dataset and {other} both say where the visual input comes from: pass one of them")
+    if data_args.features_dataset and data_args.feature_cache_dir:
+        raise ArgumentsError(
+            "--feature_cache_dir caches the features extracted from --image_dir; --features_dataset brings its own: "
+            "drop one of them"
+        )
     if data_args.retrieval_context < 0:
         raise ArgumentsError(f"--retrieval_context must be 0 (off) or a number of neighbours, got {data_args.retrieval_context}")
     if data_args.retrieval_context and data_args.context_file:

@@ -148,7 +148,7 @@ def build_features_dataset(
     result, counts, not_cached = {}, {}, []
     for split, dataset in data.items():
         ids, keys = _distinct_keys(dataset, with_images)
-        fingerprint = Hasher.hash([FORMAT_VERSION, cache.folder, shards, ids, keys, features_dtype, record])
+        fingerprint = Hasher.hash([FORMAT_VERSION, cache.folder, shards, ids, keys, features_dtype, with_images, record])
         result[split] = datasets.Dataset.from_generator(
             _rows, features=schema, fingerprint=fingerprint, split=split, cache_dir=datasets_cache_dir,
             gen_kwargs={"cache": cache, "ids": ids, "keys": keys, "record": record, "dtype": features_dtype,
@@ -667,6 +667,9 @@ def export_main(argv: list[str] | None = None, prog: str = "pmner-export-feature
 def main(argv: list[str] | None = None) -> int:
     """`python -m training_pmner.features_dataset export ...`."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        build_parser("python -m training_pmner.features_dataset export").print_help()
+        return 0
     if not argv or argv[0] != "export":
         print("usage: python -m training_pmner.features_dataset export --help", file=sys.stderr)
         return 2
