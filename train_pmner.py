@@ -55,7 +55,7 @@ from training_pmner.arguments import (
     set_file_defaults,
 )
 from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, set_aside_broken
-from training_pmner.optimizer import PMNERTrainer
+from training_pmner.optimizer import PMNERTrainer, check_same_head_learning_rate
 from training_pmner.context import check_same_context, prepare_context
 from training_pmner.features_dataset import FeaturesDatasetError, attach_features_dataset
 from training_pmner.data import (
@@ -529,6 +529,7 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     if training_args.do_train and isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         check_same_model(f"checkpoint {checkpoint}", read_config(checkpoint), model.config.to_dict())
         check_same_context(checkpoint, processor.context_source)
+        check_same_head_learning_rate(checkpoint, training_args)
     random_frr = frr_weights_are_random(image_processor) if use_visual else []
     if training_args.push_to_hub and random_frr and not training_args.hub_allow_random_frr_weights:
         raise ArgumentsError(

@@ -151,19 +151,36 @@ def run_train(workspace, name, *extra):
     return subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_train_pmner_trains_the_added_layers_at_head_learning_rate(workspace):
+@pytest.fixture(scope="module")
+def trained(workspace):
     result = run_train(workspace, "trained", "--learning_rate", "2e-5", "--head_learning_rate", "3e-3",
                        "--logging_steps", "1", "--warmup_steps", "0")
     assert result.returncode == 0, result.stderr[-3000:]
-    output_dir = workspace / "runs" / "trained"
-    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return workspace / "runs" / "trained"
+
+
+def test_train_pmner_trains_the_added_layers_at_head_learning_rate(trained):
+    state = json.loads((trained / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "learning_rate" in entry]
     assert logged, state["log_history"]
     for entry in logged:
         assert entry["head_learning_rate"] == pytest.approx(entry["learning_rate"] * 3e-3 / 2e-5)
     assert logged[0]["learning_rate"] == pytest.approx(2e-5)
-    card = (output_dir / "README.md").read_text()
-    assert "2e-05 (text encoder), 0.003 (added layers" in card
+    assert "2e-05 (text encoder), 0.003 (added layers" in (trained / "README.md").read_text()
+
+
+def test_a_checkpoint_is_resumed_only_with_its_head_learning_rate(workspace, trained):
+    from training_pmner.optimizer import saved_head_learning_rate
+
+    checkpoints = sorted(trained.glob("checkpoint-*"))
+    assert checkpoints and saved_head_learning_rate(str(checkpoints[-1])) == 3e-3
+    result = run_train(workspace, "trained", "--learning_rate", "2e-5", "--head_learning_rate", "1e-3")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train_pmner.py: error: checkpoint {checkpoints[-1]} was trained with --head_learning_rate 0.003; this run "
+        "asks for 0.001 (resume with the same, or start over in another --output_dir)"
+    )
 
 
 def one_line_error(result) -> str:
@@ -172,22 +189,6 @@ def one_line_error(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("train_pmner.py: error: "), lines
     return lines[0]
-
-
-@pytest.mark.parametrize(
-    "value, message",
-    [
-        ("0", "--head_learning_rate must be a positive finite number, got 0.0"),
-        ("-1", "--head_learning_rate must be a positive finite number, got -1.0"),
-        ("nan", "--head_learning_rate must be a positive finite number, got nan"),
-        ("inf", "--head_learning_rate must be a positive finite number, got inf"),
-        ("abc", "argument --head_learning_rate/--head-learning-rate: invalid float value: 'abc'"),
-    ],
-)
-def test_a_head_learning_rate_that_is_not_a_positive_finite_number_is_refused(workspace, value, message):
-    line = one_line_error(run_train(workspace, "refused", f"--head_learning_rate={value}"))
-    assert line == f"train_pmner.py: error: {message}"
-    assert not (workspace / "runs" / "refused" / "model.safetensors").exists()
 
 
 def refused_in_process(capsys, argv) -> str:
@@ -199,6 +200,32 @@ def refused_in_process(capsys, argv) -> str:
         train_pmner.main([str(item) for item in argv])
     captured = capsys.readouterr()
     return one_line_error(subprocess.CompletedProcess(argv, exit_info.value.code, captured.out, captured.err))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "--head_learning_rate must be a positive finite number, got nan"),
+        ("abc", "argument --head_learning_rate/--head-learning-rate: invalid float value: 'abc'"),
+    ],
+    ids=["nan", "word"],
+)
+def test_a_head_learning_rate_that_is_not_a_number_is_refused(workspace, value, message):
+    line = one_line_error(run_train(workspace, "refused", f"--head_learning_rate={value}"))
+    assert line == f"train_pmner.py: error: {message}"
+    assert not (workspace / "runs" / "refused" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("value, shown", [("0", "0.0"), ("-1", "-1.0"), ("inf", "inf")], ids=["zero", "negative", "inf"])
+def test_a_head_learning_rate_that_is_not_positive_and_finite_is_refused(workspace, monkeypatch, capsys, value, shown):
+    for name, setting in ENV.items():
+        monkeypatch.setenv(name, setting)
+    line = refused_in_process(capsys, [
+        "--dataset_name", "twitter2017", "--data_dir", workspace / "data", "--text_only",
+        "--text_model_name_or_path", workspace / "tiny-bert", "--do_train", "--use_cpu",
+        "--output_dir", workspace / "runs" / "refused-number", f"--head_learning_rate={value}",
+    ])
+    assert line == f"train_pmner.py: error: --head_learning_rate must be a positive finite number, got {shown}"
 
 
 @pytest.mark.parametrize(

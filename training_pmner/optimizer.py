@@ -1,8 +1,14 @@
 """The Trainer of `train_pmner.py`: the Trainer's own optimizer, with the layers P-MNER adds on a learning rate of
 their own (`--head_learning_rate`) beside the pretrained text encoder's (`--learning_rate`)."""
 
+import json
+import os
+
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .arguments import ArgumentsError
 
 
 # --optim values whose optimizer does not take the Trainer's parameter groups (it builds its own, per layer or
@@ -47,13 +53,18 @@ def split_parameter_groups(groups: list[dict], model: nn.Module, head_learning_r
     return encoder_groups + head_groups
 
 
-class HeadLearningRateCallback(TrainerCallback):
+class HeadLearningRateCallback(TrainerCallback, ExportableState):
     """Reads the head's learning rate after each optimizer step, before the scheduler moves it: the rate that step
-    used, as the Trainer's own `learning_rate` log is."""
+    used, as the Trainer's own `learning_rate` log is. Checkpoints record `head_learning_rate` (in
+    trainer_state.json), which a resumed run must repeat: the optimizer state holds one group per rate."""
 
-    def __init__(self):
+    def __init__(self, head_learning_rate: float | None = None):
+        self.head_learning_rate = head_learning_rate
         self.group_index = None
         self.rate = None
+
+    def state(self) -> dict:
+        return {"args": {"head_learning_rate": self.head_learning_rate}, "attributes": {}}
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.group_index is not None and optimizer is not None:
@@ -69,7 +80,7 @@ class PMNERTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head_rate = HeadLearningRateCallback()
+        self.head_rate = HeadLearningRateCallback(getattr(self.args, "head_learning_rate", None))
         self.add_callback(self.head_rate)
 
     def create_optimizer(self, model=None):
@@ -101,4 +112,28 @@ class PMNERTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["HeadLearningRateCallback", "PMNERTrainer", "encoder_parameter_ids", "split_parameter_groups", "text_encoder_of"]
+def saved_head_learning_rate(checkpoint: str) -> float | None:
+    """The --head_learning_rate a checkpoint was trained with (`None`: not given, or a checkpoint that does not say)."""
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+        callbacks = json.load(handle).get("stateful_callbacks") or {}
+    record = callbacks.get(HeadLearningRateCallback.__name__) or {}
+    if isinstance(record, list):  # the Trainer keeps a list when a callback class is there more than once
+        record = record[0] if record else {}
+    return (record.get("args") or {}).get("head_learning_rate")
+
+
+def check_same_head_learning_rate(checkpoint: str, training_args) -> None:
+    """Resuming restores the checkpoint's optimizer and scheduler, whose groups and rates follow the
+    --head_learning_rate it was trained with: another one would fail to load, or be ignored."""
+    saved, wanted = saved_head_learning_rate(checkpoint), getattr(training_args, "head_learning_rate", None)
+    if saved != wanted:
+        def shown(value):
+            return "not given" if value is None else str(value)
+
+        raise ArgumentsError(
+            f"checkpoint {checkpoint} was trained with --head_learning_rate {shown(saved)}; this run asks for "
+            f"{shown(wanted)} (resume with the same, or start over in another --output_dir)"
+        )
+
+
+__all__ = ["check_same_head_learning_rate", "saved_head_learning_rate", "HeadLearningRateCallback", "PMNERTrainer", "encoder_parameter_ids", "split_parameter_groups", "text_encoder_of"]
