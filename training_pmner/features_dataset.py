@@ -513,14 +513,20 @@ def features_dataset_columns(
     raw: datasets.DatasetDict, dataset_dict: datasets.DatasetDict, metadata: dict, source: str
 ) -> datasets.DatasetDict:
     """`raw`'s splits with the columns a run from the images has after `extract_dataset_features`
-    (`visual_features` float32, `visual_mask`, `visual_num_detections`), plus `image_found`, looked up by
+    (`visual_features` float32, `visual_mask`, `visual_num_detections` where every count is known), plus
+    `image_found`, looked up by
     `image_id` in the features dataset (all its splits). Image ids of `raw` that the features dataset lacks are an
     error naming how many and a few of them."""
     from datasets.fingerprint import Hasher
 
-    fields = [name for name in REQUIRED_FIELDS + OPTIONAL_FIELDS if name in next(iter(dataset_dict.values())).column_names]
+    fields = [name for name in REQUIRED_FIELDS + OPTIONAL_FIELDS
+              if all(name in dataset.column_names for dataset in dataset_dict.values())]
     parts = [dataset.select_columns(fields) for dataset in dataset_dict.values()]
-    merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    try:
+        merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    except ValueError as error:
+        raise FeaturesDatasetError(f"--features_dataset {source!r}: its splits have fields of different types "
+                                   f"({' '.join(str(error).split())})") from error
     row_of = {}
     for row, image_id in enumerate(merged["image_id"]):
         row_of.setdefault(str(image_id), row)
@@ -533,6 +539,8 @@ def features_dataset_columns(
     shape = merged.features["visual_features"].shape
     source_fingerprint = Hasher.hash([[dataset._fingerprint for dataset in dataset_dict.values()], metadata])
     table = merged.with_format("numpy")
+    # detection counts, as a run from the images has them: left out where part of the features has none (-1)
+    with_counts = "num_detections" in fields and not (table[:]["num_detections"] < 0).any()
     result = {}
     for split, dataset in raw.items():
         rows = np.array([row_of[str(image_id)] for image_id in dataset["image_id"]], dtype=np.int64)  # (tweets,)
@@ -540,13 +548,14 @@ def features_dataset_columns(
         def add(batch, indices, rows=rows):
             values = table[rows[indices]]
             found = values["image_found"] if "image_found" in fields else values["visual_mask"].any(1)
-            detections = values["num_detections"] if "num_detections" in fields else np.zeros(len(indices), np.int32)
-            return {
+            output = {
                 "visual_features": values["visual_features"].astype(np.float32),  # (b, M, D)
                 "visual_mask": values["visual_mask"].astype(bool),  # (b, M)
-                "visual_num_detections": np.maximum(detections, 0).astype(np.int32),  # (b,)
                 "image_found": found.astype(bool),  # (b,)
             }
+            if with_counts:
+                output["visual_num_detections"] = values["num_detections"].astype(np.int32)  # (b,)
+            return output
 
         names = ("visual_features", "visual_mask", "visual_num_detections", "image_found")
         existing = [name for name in names if name in dataset.column_names]
@@ -554,8 +563,9 @@ def features_dataset_columns(
         features = base.features.copy()
         features["visual_features"] = datasets.Array2D(shape=shape, dtype="float32")
         features["visual_mask"] = datasets.List(datasets.Value("bool"), length=shape[0])
-        features["visual_num_detections"] = datasets.Value("int32")
         features["image_found"] = datasets.Value("bool")
+        if with_counts:
+            features["visual_num_detections"] = datasets.Value("int32")
         result[split] = base.map(
             add, batched=True, with_indices=True, features=features, desc=f"Adding FRR features of {split}",
             new_fingerprint=Hasher.hash([base._fingerprint, source_fingerprint, FORMAT_VERSION]),
@@ -591,8 +601,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--processor", required=True,
                         help="A trained P-MNER folder (or Hub model) or a saved image-processor folder: the FRR "
                         "settings and weights of the features.")
-    parser.add_argument("--dataset_name", default="twitter2017", help="twitter2015 or twitter2017 (the tweets' format).")
-    parser.add_argument("--data_dir", help="Folder with train.txt, valid.txt, test.txt (the tweets' image ids).")
+    parser.add_argument("--dataset_name", default="twitter2017",
+                        help="twitter2015 or twitter2017 (the tweets' format), or a Hub dataset repository made by "
+                        "push_twitter_mner_to_hub (with --dataset_config_name).")
+    parser.add_argument("--dataset_config_name", help="Config of a Hub dataset repository: twitter2015 or twitter2017.")
+    parser.add_argument("--data_dir", help="Folder with train.txt, valid.txt, test.txt (the tweets name the image "
+                        "ids); downloaded when omitted.")
     parser.add_argument("--train_file", help="CoNLL files instead of --data_dir (with --validation_file, --test_file).")
     parser.add_argument("--validation_file")
     parser.add_argument("--test_file")
@@ -625,12 +639,15 @@ def export_main(argv: list[str] | None = None, prog: str = "pmner-export-feature
     files = [args.train_file, args.validation_file, args.test_file]
     if any(files) and not all(files):
         fail("--train_file, --validation_file and --test_file go together")
-    if not args.data_dir and not all(files):
-        fail("pass --data_dir (or --train_file, --validation_file and --test_file): the tweets name the image ids")
+    if any(files) and args.data_dir:
+        fail("--data_dir and --train_file both name the tweets: pass one of them")
+    benchmark = args.dataset_name in ("twitter2015", "twitter2017")
+    if not benchmark and not args.dataset_config_name:
+        fail(f"--dataset_name {args.dataset_name!r} is a Hub dataset repository: also pass --dataset_config_name")
     for name in ("data_dir", "image_dir"):
         if getattr(args, name) and not os.path.isdir(getattr(args, name)):
             fail(f"--{name} {getattr(args, name)!r} is not a folder")
-    if not os.path.isdir(args.feature_cache_dir) and not args.image_dir:
+    if benchmark and not os.path.isdir(args.feature_cache_dir) and not args.image_dir:
         fail(f"--feature_cache_dir {args.feature_cache_dir!r} is not a folder (and no --image_dir to extract from)")
     from processing_pmner import PMNERImageProcessor
 
@@ -642,9 +659,10 @@ def export_main(argv: list[str] | None = None, prog: str = "pmner-export-feature
     except (OSError, ValueError) as error:
         fail(f"--processor {args.processor!r}: {error}")
     data_args = types.SimpleNamespace(
-        dataset_name=args.dataset_name, dataset_config_name=None, data_dir=args.data_dir, train_file=args.train_file,
-        validation_file=args.validation_file, test_file=args.test_file, image_dir=args.image_dir, text_only=False,
-        other_as_misc=True, context_file=None, max_train_samples=None, max_eval_samples=None, max_predict_samples=None,
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, data_dir=args.data_dir,
+        train_file=args.train_file, validation_file=args.validation_file, test_file=args.test_file,
+        image_dir=args.image_dir, text_only=False, other_as_misc=True, context_file=None, max_train_samples=None,
+        max_eval_samples=None, max_predict_samples=None,
     )
     try:
         data, _ = load_raw_data(data_args)
