@@ -46,7 +46,8 @@ def seed_list(text: str) -> list[int]:
         try:
             seed = int(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not an integer (expected a comma list such as 1,2,3)") from None
+            message = f"{item!r} is not an integer (expected a comma list such as 1,2,3)"
+            raise argparse.ArgumentTypeError(message) from None
         if not 0 <= seed < 2**32:
             raise argparse.ArgumentTypeError(f"seed {seed} is outside [0, 2**32)")
         if seed in seeds:
