@@ -106,10 +106,13 @@ def test_one_step_moves_each_weight_by_its_groups_learning_rate(tmp_path):
         lr_scheduler_type="constant", logging_strategy="no",
     )
     PMNERTrainer(model=model, args=args, train_dataset=_Rows(_accumulation_rows())).train()
-    moved = {name: (parameter.detach() - before[name]).abs().max().item() for name, parameter in model.named_parameters()}
-    for name in ("pmner.text_model.encoder.layer.0.attention.self.query.weight", "pmner.text_model.embeddings.word_embeddings.weight"):
+    moved = {name: (value.detach() - before[name]).abs().max().item() for name, value in model.named_parameters()}
+    encoder = ("pmner.text_model.encoder.layer.0.attention.self.query.weight",
+               "pmner.text_model.embeddings.word_embeddings.weight")
+    head = ("pmner.fusion.text_to_fused.query.weight", "pmner.visual_projection.weight", "verbalizer_head.dense.weight")
+    for name in encoder:
         assert moved[name] == pytest.approx(ENCODER_LR, rel=0.01), name
-    for name in ("pmner.fusion.text_to_fused.query.weight", "pmner.visual_projection.weight", "verbalizer_head.dense.weight"):
+    for name in head:
         assert moved[name] == pytest.approx(HEAD_LR, rel=0.01), name
 
 
@@ -216,7 +219,9 @@ def test_a_head_learning_rate_that_is_not_a_number_is_refused(workspace, value, 
     assert not (workspace / "runs" / "refused" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("value, shown", [("0", "0.0"), ("-1", "-1.0"), ("inf", "inf")], ids=["zero", "negative", "inf"])
+@pytest.mark.parametrize(
+    "value, shown", [("0", "0.0"), ("-1", "-1.0"), ("inf", "inf")], ids=["zero", "negative", "inf"]
+)
 def test_a_head_learning_rate_that_is_not_positive_and_finite_is_refused(workspace, monkeypatch, capsys, value, shown):
     for name, setting in ENV.items():
         monkeypatch.setenv(name, setting)

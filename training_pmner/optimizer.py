@@ -60,15 +60,14 @@ class HeadLearningRateCallback(TrainerCallback, ExportableState):
 
     def __init__(self, head_learning_rate: float | None = None):
         self.head_learning_rate = head_learning_rate
-        self.group_index = None
-        self.rate = None
+        self.rates = None  # each optimizer group's rate in the last step
 
     def state(self) -> dict:
         return {"args": {"head_learning_rate": self.head_learning_rate}, "attributes": {}}
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.group_index is not None and optimizer is not None:
-            self.rate = optimizer.param_groups[self.group_index]["lr"]
+        if optimizer is not None:
+            self.rates = [group["lr"] for group in optimizer.param_groups]
 
 
 class PMNERTrainer(Trainer):
@@ -78,10 +77,11 @@ class PMNERTrainer(Trainer):
     but none on biases and LayerNorms); each group is then split in two, and the scheduler scales each group's own
     learning rate. Training logs carry `head_learning_rate` beside `learning_rate` (the encoder's)."""
 
+    head_group_index = None  # the first head group of the optimizer, once split
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head_rate = HeadLearningRateCallback(getattr(self.args, "head_learning_rate", None))
-        self.add_callback(self.head_rate)
+        self.add_callback(HeadLearningRateCallback(getattr(self.args, "head_learning_rate", None)))
 
     def create_optimizer(self, model=None):
         building = self.optimizer is None
@@ -103,12 +103,15 @@ class PMNERTrainer(Trainer):
             optimizer.add_param_group(group)  # refuses a parameter in two groups
         encoder_ids = encoder_parameter_ids(opt_model)
         heads = [index for index, group in enumerate(groups) if id(group["params"][0]) not in encoder_ids]
-        self.head_rate.group_index = heads[0] if heads else None
+        self.head_group_index = heads[0] if heads else None
         return optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "learning_rate" in logs and self.head_rate.rate is not None:
-            logs["head_learning_rate"] = self.head_rate.rate
+        # the callback is looked up each time: resuming with restore_callback_states_from_checkpoint replaces it
+        recorders = [item for item in self.callback_handler.callbacks if isinstance(item, HeadLearningRateCallback)]
+        recorder = recorders[0] if recorders else None
+        if "learning_rate" in logs and self.head_group_index is not None and recorder and recorder.rates:
+            logs["head_learning_rate"] = recorder.rates[self.head_group_index]
         super().log(logs, *args, **kwargs)
 
 
@@ -136,4 +139,12 @@ def check_same_head_learning_rate(checkpoint: str, training_args) -> None:
         )
 
 
-__all__ = ["check_same_head_learning_rate", "saved_head_learning_rate", "HeadLearningRateCallback", "PMNERTrainer", "encoder_parameter_ids", "split_parameter_groups", "text_encoder_of"]
+__all__ = [
+    "HeadLearningRateCallback",
+    "PMNERTrainer",
+    "check_same_head_learning_rate",
+    "encoder_parameter_ids",
+    "saved_head_learning_rate",
+    "split_parameter_groups",
+    "text_encoder_of",
+]
