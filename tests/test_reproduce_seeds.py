@@ -88,6 +88,9 @@ def test_dry_run_gives_each_row_one_command_per_seed(tmp_path):
 
 
 def test_grid_rows_ask_for_a_7x7_grid_without_detector(tmp_path):
+    from processing_pmner.image_processing_pmner import PMNERImageProcessor
+    from train_pmner import parse_arguments
+
     result = reproduce_paper(
         "--dry-run", "--datasets", "twitter2017", "--rows", "T+V+grid,T+V+TCFM+grid,OURS", "--output-dir",
         str(tmp_path / "p"), "--", "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--max_objects", "5",
@@ -99,6 +102,15 @@ def test_grid_rows_ask_for_a_7x7_grid_without_detector(tmp_path):
         assert value_of(command, "--fusion") == fusion and value_of(command, "--head") == "linear"
         assert value_of(command, "--detector") == "none" and value_of(command, "--grid_size") == "7"
         assert value_of(command, "--max_objects") == "49" and value_of(command, "--add_whole_image") == "true"
+        # train_pmner.py reads these settings, and the image processor accepts them together
+        model_args, _, _ = parse_arguments(command[1:] + ["--use_cpu", "true"])
+        assert (model_args.grid_size, model_args.feature_layer, model_args.max_objects) == (7, "layer3", 49)
+        processor = PMNERImageProcessor(
+            detector=None, grid_size=model_args.grid_size, max_objects=model_args.max_objects,
+            add_whole_image=model_args.add_whole_image, feature_layer=model_args.feature_layer,
+            backbone="resnet18", backbone_weights=None,
+        )
+        assert processor.grid_size == 7
     assert value_of(ours, "--detector") == "fasterrcnn_mobilenet_v3_large_320_fpn" and "--grid_size" not in ours
     assert value_of(ours, "--max_objects") == "5"
     assert all(value_of(command, "--feature_layer") == "layer3" for command in (grid, grid_tcfm, ours))
