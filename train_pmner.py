@@ -417,8 +417,8 @@ def main(argv: list[str] | None = None):
     except KeyboardInterrupt:
         if training_args.process_index == 0:
             set_aside_broken(training_args.output_dir)  # a checkpoint cut short while saving is not resumed from
-            print(
-                f"train_pmner.py: interrupted; run the same command again to resume from the last checkpoint in "
+            print(  # on a line of its own: a progress bar may be mid-line
+                f"\ntrain_pmner.py: interrupted; run the same command again to resume from the last checkpoint in "
                 f"{training_args.output_dir}", file=sys.stderr,
             )
         sys.exit(130)
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None):
         set_aside = set_aside_broken(training_args.output_dir) if training_args.process_index == 0 else []
         moved = f"; the half-written {', '.join(set_aside)} set aside" if set_aside else ""
         where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
-        print(f"train_pmner.py: error: no space left{where} ({one_line(cause)}){moved}", file=sys.stderr)
+        print(f"\ntrain_pmner.py: error: no space left{where} ({one_line(cause)}){moved}", file=sys.stderr)
         sys.exit(1)
 
 
