@@ -246,6 +246,10 @@ def holds_only_runs(folder: str) -> bool:
 
 # Model switches that a trained folder fixes: given explicitly with another value, the run is refused.
 FOLDER_SWITCHES = ("fusion", "head", "tag_scheme", "verbalizer_trainable", "fusion_num_heads")
+# FRR settings a trained folder's image processor keeps (its features are what the model was trained on)
+FOLDER_FRR_SETTINGS = (
+    "detector", "backbone", "feature_layer", "grid_size", "score_threshold", "max_objects", "crop_size", "add_whole_image",
+)
 
 
 def settings_error(what: str, error: Exception) -> ArgumentsError:
@@ -293,7 +297,9 @@ def build_model_and_processor(model_args, explicit, text_model, trained_folder, 
             raise settings_error(text_model, error) from error
         kept = {"prompt_mode": processor.prompt_mode, "prompt_template": processor.prompt_template,
                 "max_seq_length": processor.max_length}
-        differ = [name for name in kept if name in explicit and kept[name] != getattr(model_args, name)]
+        kept.update({name: getattr(processor.image_processor, name) for name in FOLDER_FRR_SETTINGS})
+        wanted = {name: getattr(model_args, name) for name in kept} | {"detector": none_if_none(model_args.detector)}
+        differ = [name for name in kept if name in explicit and kept[name] != wanted[name]]
         if differ:
             raise mismatch(
                 f"{text_model} has a processor with",

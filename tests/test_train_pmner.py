@@ -420,6 +420,13 @@ def test_evaluating_a_trained_folder_says_it_was_not_trained_here(visual_run, wo
                                                       "--text_only", "--tag_scheme", "BIO", "--output_dir",
                                                       str(workspace / "switch"))[2:])
     assert "is a trained P-MNER with tag_scheme='BIOES'" in message and "--tag_scheme BIO" in message
+    # and its own FRR settings (an explicit setting equal to the folder's passes the check)
+    message = run_refused(workspace, training_command(workspace, "--text_model_name_or_path", str(trained),
+                                                      "--image_dir", str(workspace / "images"), "--detector", "none",
+                                                      "--feature_layer", "layer3", "--output_dir",
+                                                      str(workspace / "frr-switch"))[2:])
+    assert "has a processor with feature_layer='layer4'" in message and "--feature_layer layer3" in message
+    assert "detector" not in message.split("has a processor with")[1].split("--feature_layer")[0]
 
 
 def test_resuming_another_kind_of_model_is_refused(workspace):
