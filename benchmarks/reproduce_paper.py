@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 
-from run_folders import mean_std, seed_list, seed_summary, start_or_reuse
+from run_folders import METRICS, mean_std, seed_list, seed_summary, start_or_reuse
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,12 +157,6 @@ def run_or_read(args, dataset, row, seed) -> dict:
         print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     with open(os.path.join(folder, "all_results.json")) as handle:
         return json.load(handle)
-
-
-METRICS = {  # results.json name: all_results.json key
-    "validation_f1": "eval_f1", "test_precision": "predict_precision", "test_recall": "predict_recall",
-    "test_f1": "predict_f1",
-}
 
 
 def seed_after_dashes(extra: list[str]):

@@ -2,13 +2,20 @@
 
 Each folder records the settings it was started with in `experiment.json`, written before training, so that a
 finished run is read back and an interrupted one resumed only for the same settings. `seed_list` reads a comma
-list of seeds; `seed_summary` gives the mean, sample standard deviation and per-seed values of a metric.
+list of seeds; `METRICS` names the scores the sweeps report; `seed_summary` gives the mean, sample standard deviation
+and per-seed values of a metric.
 """
 
 import argparse
 import json
 import os
 import statistics
+
+
+METRICS = {  # results.json name: all_results.json key
+    "validation_f1": "eval_f1", "test_precision": "predict_precision", "test_recall": "predict_recall",
+    "test_f1": "predict_f1",
+}
 
 
 def start_or_reuse(folder: str, settings: dict) -> bool:

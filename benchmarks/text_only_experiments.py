@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from run_folders import seed_list, seed_summary, start_or_reuse
+from run_folders import METRICS, seed_list, seed_summary, start_or_reuse
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,16 +127,10 @@ def run(args, dataset, arm, seed) -> dict:
         return json.load(handle)
 
 
-METRICS = {  # results.json name: all_results.json key
-    "validation_f1": "eval_f1", "test_precision": "predict_precision", "test_recall": "predict_recall",
-    "test_f1": "predict_f1",
-}
-
-
 def summary(values):
-    mean = statistics.mean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean * 100:.2f} ± {spread * 100:.2f}"
+    """"mean ± std" in %, the spread 0.00 for one run."""
+    stats = seed_summary(values)
+    return f"{stats['mean'] * 100:.2f} ± {(stats['std'] or 0.0) * 100:.2f}"
 
 
 def main():
