@@ -175,14 +175,7 @@ def extract_dataset_features(
             output["visual_num_detections"] = out_counts
         return output
 
-    names = ("visual_features", "visual_mask", "visual_num_detections")
-    existing = [name for name in names if name in dataset.column_names]
-    base = dataset.remove_columns(existing) if existing else dataset
-    features = base.features.copy()
-    features["visual_features"] = datasets.Array2D(shape=(processor.max_objects, feature_dim), dtype="float32")
-    features["visual_mask"] = datasets.List(datasets.Value("bool"), length=processor.max_objects)
-    if with_counts:
-        features["visual_num_detections"] = datasets.Value("int32")
+    base, features = feature_columns(dataset, processor.max_objects, feature_dim, with_counts)
     map_kwargs = dict(
         batched=True, with_indices=True, features=features, new_fingerprint=new_fingerprint,
         desc="Adding FRR features",
@@ -194,6 +187,26 @@ def extract_dataset_features(
         torch.distributed.barrier()
     cache.close()
     return result
+
+
+def feature_columns(dataset, max_objects: int, feature_dim: int, with_counts: bool, extra: dict | None = None):
+    """`(base, features)` for adding FRR feature columns to `dataset` with `base.map(..., features=features)`: `base` is
+    `dataset` without its columns of the names added (they are replaced), `features` its features plus
+    `visual_features` (`Array2D` (max_objects, feature_dim) float32), `visual_mask` (max_objects bools), with
+    `with_counts` `visual_num_detections` (int32), and the `extra` columns (name: `datasets` feature)."""
+    added = {
+        "visual_features": datasets.Array2D(shape=(max_objects, feature_dim), dtype="float32"),
+        "visual_mask": datasets.List(datasets.Value("bool"), length=max_objects),
+    }
+    if with_counts:
+        added["visual_num_detections"] = datasets.Value("int32")
+    added.update(extra or {})
+    replaced = ("visual_features", "visual_mask", "visual_num_detections", *(extra or {}))
+    existing = [name for name in replaced if name in dataset.column_names]
+    base = dataset.remove_columns(existing) if existing else dataset
+    features = base.features.copy()
+    features.update(added)
+    return base, features
 
 
 def _with_counts(cache, positions, wanted: bool) -> bool:
@@ -250,4 +263,4 @@ def _extract_keys(processor, raw, image_column, keys, first_row, cache, rank, ba
         bar.close()
 
 
-__all__ = ["extract_dataset_features"]
+__all__ = ["extract_dataset_features", "feature_columns"]

@@ -145,6 +145,94 @@ def test_float16_export_rounds_the_cached_features(workspace, local_export, tmp_
     np.testing.assert_array_equal(rounded, full.astype(np.float16))  # stored as float16, read back as float32
 
 
+def test_training_from_float16_features_says_so(workspace, local_export, tmp_path, caplog):
+    import logging
+    import types
+
+    from processing_pmner import PMNERImageProcessor
+    from processing_pmner.twitter_mner import load_twitter_mner
+    from training_pmner.features_dataset import attach_features_dataset, build_features_dataset, save_features_dataset
+
+    processor = PMNERImageProcessor.from_pretrained(str(workspace / "from-images"))
+    data = load_twitter_mner("twitter2017", data_dir=str(workspace / "data"), cache_dir=str(tmp_path / "data-cache"))
+    half, metadata = build_features_dataset(processor, data, workspace / "cache", features_dtype="float16",
+                                            datasets_cache_dir=str(tmp_path / "export-cache"))
+    save_features_dataset(half, metadata, tmp_path / "half")
+    config = types.SimpleNamespace(visual_feature_dim=512, max_objects=2)
+    said = []
+    for source in (local_export, tmp_path / "half"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="training_pmner.features_dataset"):
+            attached = attach_features_dataset(data, str(source), processor, config)
+        said.append([record.getMessage() for record in caplog.records if "float16" in record.getMessage()])
+    assert said[0] == []  # float32 features: nothing to say
+    assert len(said[1]) == 1 and f"--features_dataset {str(tmp_path / 'half')!r} holds float16 features" in said[1][0]
+    assert attached["test"].features["visual_features"] == datasets.Array2D(shape=(2, 512), dtype="float32")
+
+
+def cache_only_export_error(result):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if " export: error: " in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_cache_only_export_from_a_cache_folder_that_does_not_exist_is_refused(workspace, local_export, tmp_path):
+    (existing,) = [name for name in os.listdir(workspace / "cache") if name.startswith("frr-")]
+    # another --cache_dtype: the float16 folder of the same settings was never written
+    error = cache_only_export_error(export(workspace, "--feature_cache_dir", str(workspace / "cache"), "--cache_dtype",
+                                           "float16", "--output_dir", str(tmp_path / "half")))
+    wanted = os.path.join(str(workspace / "cache"), f"{existing}-fp16")
+    assert f"the FRR cache folder {wanted} (" in error and "--cache_dtype float16) does not exist" in error, error
+    assert f"{workspace / 'cache'} holds {existing}." in error, error
+    # another --feature_cache_dir: no FRR cache in it at all
+    (tmp_path / "other-cache").mkdir()
+    error = cache_only_export_error(export(workspace, "--feature_cache_dir", str(tmp_path / "other-cache"),
+                                           "--output_dir", str(tmp_path / "other")))
+    assert f"the FRR cache folder {os.path.join(str(tmp_path / 'other-cache'), existing)} (" in error, error
+    assert f"{tmp_path / 'other-cache'} holds no FRR cache folder (frr-*)" in error, error
+    assert not os.path.exists(tmp_path / "half") and not os.path.exists(tmp_path / "other")
+
+
+def test_cache_only_export_of_ids_the_cache_lacks(workspace, tmp_path, caplog):
+    import logging
+
+    from processing_pmner import PMNERImageProcessor
+    from processing_pmner.twitter_mner import load_twitter_mner
+    from training_pmner.features_dataset import FeaturesDatasetError, build_features_dataset
+
+    processor = PMNERImageProcessor.from_pretrained(str(workspace / "from-images"))
+    data = load_twitter_mner("twitter2017", data_dir=str(workspace / "data"), cache_dir=str(tmp_path / "data-cache"))
+
+    def renamed(which):
+        return datasets.DatasetDict({
+            split: dataset.map(lambda row: {"image_id": "other_" + row["image_id"] if which(row) else row["image_id"]})
+            for split, dataset in data.items()
+        })
+
+    # some ids not cached (train_3's image was missing in training): exported without features, counted and named
+    # in a warning
+    some = renamed(lambda row: row["image_id"] in ("test_1", "test_4"))
+    with caplog.at_level(logging.WARNING, logger="training_pmner.features_dataset"):
+        exported, metadata = build_features_dataset(processor, some, workspace / "cache", progress=False,
+                                                    datasets_cache_dir=str(tmp_path / "export-cache"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("3 image ids are not in the FRR cache "), warnings
+    assert warnings[0].endswith("e.g. train_3, other_test_1, other_test_4"), warnings[0]
+    rows = {row["image_id"]: row for row in exported["test"]}
+    assert not rows["other_test_1"]["image_found"] and not any(rows["other_test_1"]["visual_mask"])
+    assert rows["test_0"]["image_found"] and metadata["splits"]["test"]["images_found"] == 6
+
+    # none of the ids cached: refused, naming the folder that was read
+    folder = processor.feature_cache(workspace / "cache").folder
+    with pytest.raises(FeaturesDatasetError) as error:
+        build_features_dataset(processor, renamed(lambda row: True), workspace / "cache", progress=False,
+                               datasets_cache_dir=str(tmp_path / "export-cache"))
+    assert f"the FRR cache folder {folder} (" in str(error.value), error.value
+    assert f"holds none of the data's 40 image ids ({len(processor.feature_cache(workspace / 'cache').load())} " \
+        "images cached there)" in str(error.value), error.value
+
+
 def edited_copy(source, target, edit):
     """A copy of the features dataset at `source` with `edit(split dataset)` applied to each split."""
     exported = datasets.load_from_disk(str(source))
@@ -188,15 +276,18 @@ def test_a_features_dataset_that_does_not_fit_the_run_is_refused_in_one_line(wor
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--image_dir", "--features_dataset and --image_dir both say where the visual input comes from"),
-    ("--text_only", "--features_dataset and --text_only both say where the visual input comes from"),
-    ("--feature_cache_dir", "--feature_cache_dir caches the features extracted from --image_dir; --features_dataset"),
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image_dir", "<tmp>", "--features_dataset and --image_dir both say where the visual input comes from"),
+    ("--text_only", None, "--features_dataset and --text_only both say where the visual input comes from"),
+    ("--feature_cache_dir", "<tmp>", "--feature_cache_dir caches the features extracted from --image_dir; --features_dataset"),
+    # given, even at its default value: it would be ignored
+    ("--feature_cache_dtype", "float32", "--feature_cache_dtype is the dtype of the cache of features extracted from "
+     "--image_dir; --features_dataset brings its features in its own dtype: drop --feature_cache_dtype"),
 ])
-def test_a_features_dataset_is_the_run_s_only_visual_input(tmp_path, flag, message):
+def test_a_features_dataset_is_the_run_s_only_visual_input(tmp_path, flag, value, message):
     from training_pmner.arguments import ArgumentsError, check_arguments, parse_arguments
 
-    value = [] if flag == "--text_only" else [str(tmp_path)]
+    value = [] if value is None else [str(tmp_path) if value == "<tmp>" else value]
     model_args, data_args, training_args = parse_arguments(
         ["--features_dataset", "user/features", "--do_train", "--output_dir", str(tmp_path / "out"), flag, *value]
     )
@@ -220,3 +311,95 @@ def test_console_script_is_the_export_command(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--feature_cache_dir" in out and "--push_to_hub" in out and "--features_dtype" in out
+
+
+def minimal_metadata():
+    return {"format": "pmner-frr-features", "feature_settings": {}, "weights_sha256": {}, "feature_dim": 4,
+            "max_objects": 2}
+
+
+def small_features(rows, max_objects=2, feature_dim=4, num_detections=1):
+    features = datasets.Features({
+        "image_id": datasets.Value("string"),
+        "image_found": datasets.Value("bool"),
+        "visual_features": datasets.Array2D(shape=(max_objects, feature_dim), dtype="float32"),
+        "visual_mask": datasets.List(datasets.Value("bool"), length=max_objects),
+        "num_detections": datasets.Value("int32"),
+    })
+    return datasets.Dataset.from_dict({
+        "image_id": [f"img_{row}" for row in range(rows)],
+        "image_found": [True] * rows,
+        "visual_features": np.ones((rows, max_objects, feature_dim), dtype=np.float32),
+        "visual_mask": [[True] + [False] * (max_objects - 1)] * rows,
+        "num_detections": [num_detections] * rows,
+    }, features=features)
+
+
+def break_arrow_file(folder):
+    (arrow,) = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                if name.endswith(".arrow")]
+    with open(arrow, "r+b") as handle:
+        handle.truncate(64)
+
+
+def write_bad_parquet(folder):
+    os.makedirs(folder / "data")
+    (folder / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 this is no parquet file")
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_a_features_dataset_whose_data_cannot_be_read_is_refused_in_one_line(tmp_path, layout):
+    from training_pmner.features_dataset import FeaturesDatasetError, load_features_dataset
+
+    folder = tmp_path / "features"
+    if layout == "save_to_disk":
+        datasets.DatasetDict(train=small_features(3)).save_to_disk(str(folder))
+        break_arrow_file(folder)
+    else:
+        write_bad_parquet(folder)
+    (folder / "pmner_features.json").write_text(json.dumps(minimal_metadata()))
+    with pytest.raises(FeaturesDatasetError) as error:
+        load_features_dataset(str(folder), cache_dir=str(tmp_path / "hf-cache"))
+    message = str(error.value)
+    assert message.startswith(f"--features_dataset {str(folder)!r} has pmner_features.json but its data cannot be "
+                              "read: "), message
+    assert "\n" not in message
+
+
+def test_detection_counts_are_read_without_the_features(tmp_path):
+    import tracemalloc
+
+    import processing_pmner.dataset_features  # noqa: F401  (imported before measuring: its imports are no data)
+    from training_pmner.features_dataset import features_dataset_columns
+
+    rows, width = 300, 4096
+    features = small_features(rows, feature_dim=width)  # 300 x 2 x 4096 float32: 9.8 MB of features
+    raw = datasets.DatasetDict(train=datasets.Dataset.from_dict({"image_id": ["img_7"], "tokens": [["a"]]}))
+    metadata = {**minimal_metadata(), "feature_dim": width}
+    tracemalloc.start()
+    try:
+        result = features_dataset_columns(raw, datasets.DatasetDict(train=features), metadata, "features")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["train"]["visual_num_detections"][:] == [1]  # the counts were read (and are all known)
+    assert peak < rows * 2 * width * 4 / 4, f"{peak / 1e6:.1f} MB held to add one tweet's features"
+
+
+def test_feature_columns_replace_the_columns_they_add():
+    from processing_pmner.dataset_features import feature_columns
+
+    dataset = datasets.Dataset.from_dict({"tokens": [["a"]], "visual_mask": [[True]], "image_found": [False],
+                                          "visual_num_detections": [3]})
+    base, features = feature_columns(dataset, 2, 8, with_counts=False, extra={"image_found": datasets.Value("bool")})
+    assert base.column_names == ["tokens"]
+    assert features == datasets.Features({
+        "tokens": dataset.features["tokens"],
+        "visual_features": datasets.Array2D(shape=(2, 8), dtype="float32"),
+        "visual_mask": datasets.List(datasets.Value("bool"), length=2),
+        "image_found": datasets.Value("bool"),
+    })
+    base, features = feature_columns(dataset, 2, 8, with_counts=True)
+    assert base.column_names == ["tokens", "image_found"]
+    assert list(features) == ["tokens", "image_found", "visual_features", "visual_mask", "visual_num_detections"]
+    assert features["visual_num_detections"] == datasets.Value("int32")

@@ -668,6 +668,11 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
             "--feature_cache_dir caches the features extracted from --image_dir; --features_dataset brings its own: "
             "drop one of them"
         )
+    if data_args.features_dataset and "feature_cache_dtype" in getattr(training_args, "explicit_arguments", ()):
+        raise ArgumentsError(
+            "--feature_cache_dtype is the dtype of the cache of features extracted from --image_dir; --features_dataset "
+            "brings its features in its own dtype: drop --feature_cache_dtype"
+        )
     if data_args.retrieval_context < 0:
         raise ArgumentsError(f"--retrieval_context must be 0 (off) or a number of neighbours, got {data_args.retrieval_context}")
     if data_args.retrieval_context and data_args.context_file:

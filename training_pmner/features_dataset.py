@@ -34,6 +34,7 @@ import types
 
 import datasets
 import numpy as np
+import pyarrow
 
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,9 @@ def build_features_dataset(
     `--feature_cache_dir` of a training run) are extracted into it first, exactly as a training run does; a tweet
     whose image is missing gets no features (`image_found` false, all-false mask), as it does in training. Without
     images (an `image` column of None, or none), the features are read from the cache by image id; ids not in the
-    cache are exported without features (`image_found` false) and counted in a warning, naming a few.
+    cache are exported without features (`image_found` false) and counted in a warning, naming a few. A cache that
+    holds none of the ids (its folder missing: other settings, weights or `cache_dtype` than the run that filled
+    it) is refused (`FeaturesDatasetError` naming the folder looked for and the cache folders there are).
 
     Args:
         image_processor: the `PMNERImageProcessor` whose features these are (e.g. a trained folder's).
@@ -145,20 +148,25 @@ def build_features_dataset(
     cache = image_processor.feature_cache(cache_dir).with_dtype(cache_dtype).load()
     shards = [os.path.basename(path) for path in cache.shard_files()]
     schema = _features_schema(record["max_objects"], record["feature_dim"], features_dtype)
-    result, counts, not_cached = {}, {}, []
-    for split, dataset in data.items():
-        ids, keys = _distinct_keys(dataset, with_images)
+    splits = {split: _distinct_keys(dataset, with_images) for split, dataset in data.items()}  # split: (ids, keys)
+    not_cached = []
+    if not with_images:  # the cache is all there is: one of other settings, weights or dtype would export nothing
+        all_ids = [image_id for ids, _ in splits.values() for image_id in ids]
+        not_cached = [image_id for image_id, position in zip(all_ids, cache.positions(all_ids)) if position < 0]
+        if all_ids and len(not_cached) == len(all_ids):
+            cache.close()
+            raise FeaturesDatasetError(_empty_cache_message(cache, cache_dir, len(all_ids)))
+    result, counts = {}, {}
+    for split, (ids, keys) in splits.items():
         fingerprint = Hasher.hash([FORMAT_VERSION, cache.folder, shards, ids, keys, features_dtype, with_images, record])
         result[split] = datasets.Dataset.from_generator(
             _rows, features=schema, fingerprint=fingerprint, split=split, cache_dir=datasets_cache_dir,
             gen_kwargs={"cache": cache, "ids": ids, "keys": keys, "record": record, "dtype": features_dtype,
                         "with_images": with_images},
         )
-        positions = cache.positions(keys) if keys else np.zeros(0, dtype=np.int64)
         found = sum(1 for key in keys if not key.startswith(MISSING_KEY_PREFIX))
         if not with_images:
-            not_cached += [image_id for image_id, position in zip(ids, positions) if position < 0]
-            found = int((positions >= 0).sum())
+            found = int((cache.positions(keys) >= 0).sum()) if keys else 0
         counts[split] = {"images": len(ids), "images_found": found,
                          "images_with_features": int(np.count_nonzero(np.asarray(result[split]["visual_mask"]).any(1)))
                          if len(ids) else 0}
@@ -177,6 +185,27 @@ def build_features_dataset(
         "splits": counts,
     }
     return datasets.DatasetDict(result), metadata
+
+
+def _empty_cache_message(cache, cache_dir, count: int) -> str:
+    """Why a read from the cache alone finds none of the data's `count` image ids: the folder of the processor's
+    fingerprint and dtype is missing or holds other images; names the FRR cache folders that `cache_dir` does hold."""
+    cache_dir = os.fspath(cache_dir)
+    others = sorted(
+        name for name in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])
+        if name.startswith("frr-") and os.path.isdir(os.path.join(cache_dir, name))
+    )
+    held = f"{cache_dir} holds {', '.join(others)}" if others else f"{cache_dir} holds no FRR cache folder (frr-*)"
+    if not os.path.isdir(cache.folder):
+        what = "does not exist"
+    else:
+        what = f"holds none of the data's {count} image ids ({len(cache)} images cached there)"
+    return (
+        f"no image to extract from and the FRR cache folder {cache.folder} (the --processor's fingerprint "
+        f"{cache.fingerprint}, --cache_dtype {cache.dtype}) {what}; {held}. Pass the --feature_cache_dir, "
+        "--cache_dtype and processor (trained folder: same FRR settings and weights, frr_weights_dtype included) of "
+        "the run that filled the cache, or --image_dir to extract the features"
+    )
 
 
 def _image_sources(dataset):
@@ -397,6 +426,11 @@ def push_features_dataset_to_hub(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# what `load_from_disk` / `load_dataset` raise on a folder with missing, truncated or foreign data files
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, NotImplementedError,
+                datasets.exceptions.DatasetsError, pyarrow.ArrowException)
+
+
 def load_features_dataset(
     source: str, cache_dir: str | None = None, token: str | bool | None = None, revision: str | None = None
 ) -> tuple[datasets.DatasetDict, dict]:
@@ -436,10 +470,18 @@ def load_features_dataset(
     for key in ("feature_settings", "weights_sha256", "feature_dim", "max_objects"):
         if key not in metadata:
             raise FeaturesDatasetError(f"--features_dataset {source!r}: {METADATA_FILE} has no field {key!r}")
-    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-        dataset_dict = datasets.load_from_disk(folder)
-    else:
-        dataset_dict = datasets.load_dataset(folder)
+    try:
+        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+            dataset_dict = datasets.load_from_disk(folder)
+        else:
+            dataset_dict = datasets.load_dataset(folder)
+    except _READ_ERRORS as error:
+        where = "" if folder == source else f" (downloaded to {folder})"
+        message = " ".join(str(error).split())
+        raise FeaturesDatasetError(
+            f"--features_dataset {source!r}{where} has {METADATA_FILE} but its data cannot be read: "
+            f"{type(error).__name__}: {message}"
+        ) from error
     if not isinstance(dataset_dict, datasets.DatasetDict):
         dataset_dict = datasets.DatasetDict(train=dataset_dict)
     return dataset_dict, metadata
@@ -519,6 +561,8 @@ def features_dataset_columns(
     error naming how many and a few of them."""
     from datasets.fingerprint import Hasher
 
+    from processing_pmner.dataset_features import feature_columns
+
     fields = [name for name in REQUIRED_FIELDS + OPTIONAL_FIELDS
               if all(name in dataset.column_names for dataset in dataset_dict.values())]
     parts = [dataset.select_columns(fields) for dataset in dataset_dict.values()]
@@ -539,8 +583,11 @@ def features_dataset_columns(
     shape = merged.features["visual_features"].shape
     source_fingerprint = Hasher.hash([[dataset._fingerprint for dataset in dataset_dict.values()], metadata])
     table = merged.with_format("numpy")
-    # detection counts, as a run from the images has them: left out where part of the features has none (-1)
-    with_counts = "num_detections" in fields and not (table[:]["num_detections"] < 0).any()
+    # detection counts, as a run from the images has them: left out where part of the features has none (-1); only
+    # that column is read (the features of a whole data set can take gigabytes)
+    with_counts = "num_detections" in fields and not (
+        merged.select_columns(["num_detections"]).with_format("numpy")[:]["num_detections"] < 0
+    ).any()
     result = {}
     for split, dataset in raw.items():
         rows = np.array([row_of[str(image_id)] for image_id in dataset["image_id"]], dtype=np.int64)  # (tweets,)
@@ -557,15 +604,8 @@ def features_dataset_columns(
                 output["visual_num_detections"] = values["num_detections"].astype(np.int32)  # (b,)
             return output
 
-        names = ("visual_features", "visual_mask", "visual_num_detections", "image_found")
-        existing = [name for name in names if name in dataset.column_names]
-        base = dataset.remove_columns(existing) if existing else dataset
-        features = base.features.copy()
-        features["visual_features"] = datasets.Array2D(shape=shape, dtype="float32")
-        features["visual_mask"] = datasets.List(datasets.Value("bool"), length=shape[0])
-        features["image_found"] = datasets.Value("bool")
-        if with_counts:
-            features["visual_num_detections"] = datasets.Value("int32")
+        base, features = feature_columns(dataset, shape[0], shape[1], with_counts,
+                                         extra={"image_found": datasets.Value("bool")})
         result[split] = base.map(
             add, batched=True, with_indices=True, features=features, desc=f"Adding FRR features of {split}",
             new_fingerprint=Hasher.hash([base._fingerprint, source_fingerprint, FORMAT_VERSION]),
@@ -584,6 +624,9 @@ def attach_features_dataset(raw, source: str, image_processor, model_config, cac
         dataset_dict, metadata = load_features_dataset(source, cache_dir=cache_dir, token=token)
         check_features_dataset(dataset_dict, metadata, image_processor, model_config.visual_feature_dim,
                                model_config.max_objects, source)
+        if metadata.get("features_dtype") == "float16":
+            logger.info(f"--features_dataset {source!r} holds float16 features (read as float32): the scores differ "
+                        "from those of a run from the images or from float32 features")
         return features_dataset_columns(raw, dataset_dict, metadata, source)
 
 
