@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback, set_seed
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
+from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS
 from processing_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.predict_cli import unstarted_processes_warning
@@ -54,7 +55,7 @@ from training_pmner.arguments import (
     parse_arguments,
     set_file_defaults,
 )
-from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, set_aside_broken
+from training_pmner.checkpoints import check_checkpoint, intact_checkpoint, saved_image_processor, set_aside_broken
 from training_pmner.optimizer import PMNERTrainer, check_same_head_learning_rate
 from training_pmner.context import check_same_context, prepare_context
 from training_pmner.features_dataset import FeaturesDatasetError, attach_features_dataset
@@ -161,6 +162,28 @@ def check_same_model(source: str, saved: dict, wanted: dict) -> None:
             [f"{key}={saved[key]!r}" for key in differ],
             [f"{key}={wanted[key]!r}" for key in differ],
             "use the same settings, or another --output_dir to start over",
+        )
+
+
+def check_same_features(checkpoint: str, image_processor) -> None:
+    """Refuses to resume a visual run from `checkpoint` when its saved image processor gives other features than
+    this run's (a setting of FEATURE_SETTINGS differs: the model would go on training on other input). A checkpoint
+    without a saved processor is not checked."""
+    saved = saved_image_processor(checkpoint)
+    if saved is None:
+        return
+    saved = {key: saved.get(key, IMAGE_SETTINGS[key]) for key in FEATURE_SETTINGS}  # settings added later: defaults
+    wanted = {key: getattr(image_processor, key) for key in FEATURE_SETTINGS}
+    if saved["crop_size"] is None and saved["backbone"] == wanted["backbone"]:  # the backbone's own crop size
+        saved["crop_size"] = image_processor.preprocessing["crop_size"]
+    wanted["crop_size"] = image_processor.preprocessing["crop_size"]
+    differ = [key for key in FEATURE_SETTINGS if saved[key] != wanted[key]]
+    if differ:
+        raise mismatch(
+            f"checkpoint {checkpoint} was trained on the features of",
+            [f"{key}={saved[key]!r}" for key in differ],
+            [f"{key}={wanted[key]!r}" for key in differ],
+            "use the same FRR settings, or another --output_dir to start over",
         )
 
 
@@ -534,6 +557,8 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if training_args.do_train and isinstance(checkpoint, str) and checkpoint.lower() not in ("true", "false"):
         check_same_model(f"checkpoint {checkpoint}", read_config(checkpoint), model.config.to_dict())
+        if use_visual:
+            check_same_features(checkpoint, image_processor)
         check_same_context(checkpoint, processor.context_source)
         check_same_head_learning_rate(checkpoint, training_args)
     random_frr = frr_weights_are_random(image_processor) if use_visual else []
@@ -590,10 +615,12 @@ def run(model_args, data_args, training_args, text_model: str, trained_folder: b
                     cache_dtype=data_args.feature_cache_dtype,
                     add_num_detections=True,  # for the visual statistics; dropped by the encoding
                 )
-            stats = visual_statistics(raw[split], image_processor.max_objects, image_processor.add_whole_image)
+            stats = visual_statistics(
+                raw[split], image_processor.max_objects, image_processor.add_whole_image, image_processor.grid_size
+            )
             visual_stats.update({f"visual_{split}_{key}": value for key, value in stats.items()})
         logger.info(f"FRR features of {sum(len(raw[split]) for split in raw)} tweets ready in {cache_dir}: {visual_stats}")
-        if image_processor.detector is not None and "train" in raw:
+        if image_processor.detector is not None and "train" in raw:  # no detector (a grid among them): nothing detected
             train_stats = {key[len("visual_train_") :]: value for key, value in visual_stats.items() if key.startswith("visual_train_")}
             message = no_object_message(train_stats, image_processor.score_threshold)
             if message and model_args.require_objects:

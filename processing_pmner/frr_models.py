@@ -297,6 +297,27 @@ def check_detector_kwargs(name: str, kwargs: dict) -> None:
         raise TypeError(f"the builder {name} does not take the argument(s) {unknown}")
 
 
+def has_resnet_stages(name: str) -> bool:
+    """Whether the torchvision builder `name` gives a ResNet (its stem and `layer1` .. `layer4` stages, which
+    `feature_layer` and `grid_size` read), from the class the builder returns: nothing is built (some architectures,
+    RegNet among them, cannot be built on the meta device). `True` for a name torchvision does not know (the
+    builder's own error comes when it is used)."""
+    import typing
+
+    import torchvision
+    from torchvision.models.resnet import ResNet
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        return True
+    try:
+        returned = typing.get_type_hints(builder).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve: left to the forward's own check
+        return True
+    return isinstance(returned, type) and issubclass(returned, ResNet)
+
+
 def backbone_feature_dim(name: str, feature_layer: str = "layer4") -> int:
     """Width of the backbone's pooled features at `feature_layer`, read from an architecture built on the meta device
     (no memory): `fc.in_features` for `"layer4"`, the channels of a meta forward through the stages otherwise."""
@@ -672,6 +693,7 @@ __all__ = [
     "backbone_feature_map",
     "backbone_preprocessing",
     "build_backbone",
+    "has_resnet_stages",
     "build_detector",
     "locate_frr_weights",
     "read_weights_file",

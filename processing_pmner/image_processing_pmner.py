@@ -34,7 +34,15 @@ from transformers.processing_utils import ImagesKwargs
 
 from .dataset_features import extract_dataset_features
 from .feature_cache import FRRFeatureCache
-from .frr_models import FEATURE_LAYERS, FRR_WEIGHTS_DTYPES, FRRModelsMixin, _weights_enum, backbone_feature_map, weights_origin
+from .frr_models import (
+    FEATURE_LAYERS,
+    FRR_WEIGHTS_DTYPES,
+    FRRModelsMixin,
+    _weights_enum,
+    backbone_feature_map,
+    has_resnet_stages,
+    weights_origin,
+)
 from .image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -63,7 +71,7 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
         Extra arguments of the detector builder (e.g. `{"min_size": 512}`, `{"box_score_thresh": 0.0}`).
     backbone (`str`, *optional*, defaults to `"resnet152"`):
         Name of a torchvision classification builder with an `fc` head (ResNet family); the head is dropped and the
-        pooled last stage is the object feature.
+        pooled last stage is the object feature. `feature_layer="layer3"` and `grid_size` need a ResNet (its stages).
     feature_layer (`str`, *optional*, defaults to `"layer4"`):
         The ResNet stage whose average-pooled output is the object feature: `"layer4"` (the last stage, 2048 values
         for ResNet-152) or `"layer3"` (1024 values for ResNet-152; 256 for ResNet-18, whose `"layer4"` gives 512).
@@ -84,7 +92,8 @@ class PMNERImageProcessorKwargs(ImagesKwargs, total=False):
     crop_size (`int`, *optional*):
         Side of the square each object crop is resized to. Defaults to the backbone weights' `crop_size` (224).
     add_whole_image (`bool`, *optional*, defaults to `True`):
-        When fewer than `max_objects` detections pass, the whole image is added as one more object.
+        When fewer than `max_objects` detections pass, the whole image is added as one more object. Not used with
+        `grid_size` (the cells are the objects).
     on_bad_image (`str`, *optional*, defaults to `"blank"`):
         `"blank"`: a missing/unreadable image gives zero features and an all-false mask, with a `BadImageWarning`
         naming it (counted in `bad_image_count`). `"error"`: raise `BadImageError` naming it.
@@ -497,9 +506,17 @@ class PMNERImageProcessor(FRRModelsMixin, BaseImageProcessor):
                     f"grid_size={self.grid_size} needs max_objects={self.grid_size**2} (got {self.max_objects}) and "
                     f"detector=None (got {self.detector!r}): the grid cells are the objects"
                 )
+        reads_stages = [f"feature_layer={self.feature_layer!r}"] if self.feature_layer != "layer4" else []
+        reads_stages += [f"grid_size={self.grid_size}"] if self.grid_size is not None else []
+        if reads_stages and not has_resnet_stages(self.backbone):
+            raise ValueError(
+                f"{' and '.join(reads_stages)} {'reads' if len(reads_stages) == 1 else 'read'} the ResNet stages "
+                "(layer1 .. layer4) of the backbone; "
+                f"backbone={self.backbone!r} has none: use a ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)"
+            )
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if self.detector is None and not self.add_whole_image:
+        if self.detector is None and not self.add_whole_image and self.grid_size is None:  # a grid's cells are objects
             raise ValueError("detector=None needs add_whole_image=True (there would be no object at all)")
         if self.crop_size is not None and self.crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {self.crop_size}")

@@ -124,6 +124,30 @@ def test_fingerprint_follows_feature_layer_and_grid_size():
     assert processor(max_objects=4, feature_layer="layer3").fingerprint() == fingerprints["layer3"]
 
 
+def test_fingerprints_of_earlier_settings_stay_as_they_were():
+    # the values the code gave before feature_layer and grid_size existed: a new setting must leave them alone, or
+    # every existing feature cache would be recomputed
+    base = dict(detector=None, backbone="resnet18", backbone_weights="random:0")
+    assert PMNERImageProcessor(**base).fingerprint() == "3877ce48eebf3570"
+    varied = dict(base, crop_size=64, max_objects=3, score_threshold=0.5, max_image_side=640)
+    assert PMNERImageProcessor(**varied).fingerprint() == "48043bdea932d51c"
+    detector = dict(
+        base, detector="fasterrcnn_mobilenet_v3_large_320_fpn", detector_weights="random:0",
+        detector_kwargs={"min_size": 128}, add_whole_image=False,
+    )
+    assert PMNERImageProcessor(**detector).fingerprint() == "340c90b6df7a4d6c"
+
+
+def test_a_grid_needs_no_whole_image_filler(images):
+    # the cells are the objects: add_whole_image=False is accepted and changes nothing in the features
+    without = processor(grid_size=2, max_objects=4, add_whole_image=False)(images)
+    with_filler = processor(grid_size=2, max_objects=4)(images)
+    assert without["visual_mask"].all()
+    assert torch.equal(without["visual_features"], with_filler["visual_features"])
+    with pytest.raises(ValueError, match=re.escape("detector=None needs add_whole_image=True")):
+        processor(add_whole_image=False)
+
+
 def test_save_and_load_keep_both_settings_and_the_features(images, tmp_path):
     frr = processor(feature_layer="layer3", grid_size=2, max_objects=4)
     expected = frr(images)["visual_features"]
@@ -147,8 +171,20 @@ def test_save_and_load_keep_both_settings_and_the_features(images, tmp_path):
             dict(grid_size=2, max_objects=4, detector="fasterrcnn_mobilenet_v3_large_320_fpn", detector_weights="random"),
             "grid_size=2 needs max_objects=4 (got 4) and detector=None (got 'fasterrcnn_mobilenet_v3_large_320_fpn')",
         ),
+        (
+            dict(backbone="regnet_y_400mf", grid_size=2, max_objects=4),
+            "grid_size=2 reads the ResNet stages (layer1 .. layer4) of the backbone; backbone='regnet_y_400mf' has none",
+        ),
+        (
+            dict(backbone="googlenet", feature_layer="layer3"),
+            "feature_layer='layer3' reads the ResNet stages (layer1 .. layer4) of the backbone; backbone='googlenet' "
+            "has none",
+        ),
     ],
-    ids=["feature_layer", "grid_size zero", "grid_size float", "grid_size objects", "grid_size detector"],
+    ids=[
+        "feature_layer", "grid_size zero", "grid_size float", "grid_size objects", "grid_size detector",
+        "grid_size regnet", "feature_layer googlenet",
+    ],
 )
 def test_bad_settings_name_the_setting(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -193,8 +229,13 @@ def run_train(workspace, name, *extra):
         (["--feature_layer", "layer9"], "feature_layer must be one of ('layer3', 'layer4'), got 'layer9'"),
         (["--grid_size", "2"], "grid_size=2 needs max_objects=4 (got 5) and detector=None (got None): the grid cells "
                                "are the objects"),
+        (
+            ["--backbone", "regnet_y_400mf", "--grid_size", "2", "--max_objects", "4"],
+            "grid_size=2 reads the ResNet stages (layer1 .. layer4) of the backbone; backbone='regnet_y_400mf' has "
+            "none: use a ResNet (resnet18 .. resnet152, resnext*, wide_resnet*)",
+        ),
     ],
-    ids=["feature_layer", "grid_size"],
+    ids=["feature_layer", "grid_size", "grid_size non-ResNet backbone"],
 )
 def test_train_pmner_refuses_bad_flags_in_one_line(workspace, flags, message):
     result = run_train(workspace, "refused", *flags)
@@ -209,3 +250,28 @@ def test_train_pmner_grid_run_gives_the_model_the_layer_width(workspace):
     assert config["visual_feature_dim"] == 256 and config["max_objects"] == 4
     saved = json.loads((workspace / "grid" / "processor_config.json").read_text())["image_processor"]
     assert saved["feature_layer"] == "layer3" and saved["grid_size"] == 2
+    # a grid has no detector: its statistics count cells, never detections or whole-image fallbacks
+    results = json.loads((workspace / "grid" / "all_results.json").read_text())
+    assert results["visual_train_grid_cells"] == 4 and results["visual_train_mean_objects_per_image"] == 4
+    assert not [key for key in results if "share_with_object" in key or "whole_image_fallbacks" in key], results
+    assert "no object detected" not in result.stderr
+
+
+def test_train_pmner_resume_keeps_the_checkpoint_features(workspace):
+    first = run_train(workspace, "resume", "--max_objects", "4", "--save_strategy", "epoch")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    checkpoint = workspace / "resume" / "checkpoint-1"
+    assert (checkpoint / "processor_config.json").is_file()
+    # same width and object count (the model fits), other features: refused before any training
+    refused = run_train(workspace, "resume", "--grid_size", "2", "--max_objects", "4", "--num_train_epochs", "2")
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-4000:]
+    assert stderr_lines(refused.stderr) == [
+        f"train_pmner.py: error: checkpoint {checkpoint} was trained on the features of grid_size=None; this run asks "
+        "for grid_size=2 (use the same FRR settings, or another --output_dir to start over)"
+    ]
+    refused = run_train(workspace, "resume", "--max_objects", "4", "--num_train_epochs", "2", "--crop_size", "32")
+    assert refused.returncode == 2 and "crop_size=64; this run asks for crop_size=32" in refused.stderr
+    # the same settings resume
+    resumed = run_train(workspace, "resume", "--max_objects", "4", "--num_train_epochs", "2")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert (workspace / "resume" / "checkpoint-2").is_dir()

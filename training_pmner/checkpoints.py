@@ -96,6 +96,20 @@ def intact_checkpoint(output_dir: str, warn) -> str | None:
     return None
 
 
+def saved_image_processor(folder: str) -> dict | None:
+    """The image processor's settings saved in a checkpoint or model folder (`processor_config.json`'s
+    `image_processor`, else `preprocessor_config.json`); `None` when it holds neither."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            saved = saved.get(key) if key else saved
+            if isinstance(saved, dict):
+                return saved
+    return None
+
+
 def check_checkpoint(folder: str) -> None:
     """`--resume_from_checkpoint FOLDER`: raises `ValueError` naming what is broken (never another checkpoint)."""
     if not os.path.isdir(folder):

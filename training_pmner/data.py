@@ -174,10 +174,13 @@ def entity_types_of(label_names: list[str]) -> list[str]:
     return types
 
 
-def visual_statistics(dataset: datasets.Dataset, max_objects: int, add_whole_image: bool) -> dict:
+def visual_statistics(
+    dataset: datasets.Dataset, max_objects: int, add_whole_image: bool, grid_size: int | None = None
+) -> dict:
     """What the FRR features of one split hold: images given and missing (no file), images that gave no feature
     (unreadable, or no object and no whole-image filler), the share of given images with at least one detection above
-    the threshold, mean objects per image, and whole-image fallbacks."""
+    the threshold, mean objects per image, and whole-image fallbacks. With `grid_size` (no detector: every image is
+    its g x g cells) the grid's `grid_cells` per image instead of the two detection figures."""
     if "image_found" in dataset.column_names:  # features read from a features dataset: whether the image was there
         given = [bool(value) for value in dataset["image_found"]]
     elif "image" in dataset.column_names:
@@ -192,6 +195,9 @@ def visual_statistics(dataset: datasets.Dataset, max_objects: int, add_whole_ima
         "images_without_features": sum(1 for seen, count in zip(given, objects) if seen and not count),
         "mean_objects_per_image": round(sum(objects) / images, 4) if images else 0.0,
     }
+    if grid_size is not None:
+        stats["grid_cells"] = grid_size * grid_size
+        return stats
     if "visual_num_detections" in dataset.column_names:
         detections = list(dataset["visual_num_detections"])
     elif not add_whole_image:
