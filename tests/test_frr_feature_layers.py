@@ -255,6 +255,9 @@ def test_train_pmner_grid_run_gives_the_model_the_layer_width(workspace):
     assert results["visual_train_grid_cells"] == 4 and results["visual_train_mean_objects_per_image"] == 4
     assert not [key for key in results if "share_with_object" in key or "whole_image_fallbacks" in key], results
     assert "no object detected" not in result.stderr
+    card = (workspace / "grid" / "README.md").read_text()
+    assert "detector: none (the whole image as a 2 x 2 grid of regions)" in card
+    assert "no detector: the whole image as a 2 x 2 grid (4 regions)" in card and "the only object" not in card
 
 
 def test_train_pmner_resume_keeps_the_checkpoint_features(workspace):

@@ -251,7 +251,9 @@ def frr_weights_summary(settings: dict, use_visual: bool) -> str:
     for role in ("detector", "backbone"):
         name = settings.get(role)
         if name is None:
-            parts.append(f"{role}: none (the whole image is the only object)")
+            grid = settings.get("grid_size")
+            whole = f"the whole image as a {grid} x {grid} grid of regions" if grid else "the whole image is the only object"
+            parts.append(f"{role}: none ({whole})")
             continue
         saved = record.get(role) or {}
         origin = saved.get("origin") or settings.get(f"{role}_weights")
@@ -264,10 +266,12 @@ def frr_weights_summary(settings: dict, use_visual: bool) -> str:
     return "; ".join(parts)
 
 
-def detections_summary(results: dict, use_visual: bool, detector) -> str:
+def detections_summary(results: dict, use_visual: bool, detector, grid_size=None) -> str:
     """The training split's detections as the card states them, with the warning `train_pmner.py` gave."""
     if not use_visual:
         return "n/a (text-only model)"
+    if grid_size:
+        return f"no detector: the whole image as a {grid_size} x {grid_size} grid ({grid_size * grid_size} regions)"
     if detector is None:
         return "no detector: the whole image is the only object"
     share_with = results.get("visual_train_share_with_object_above_threshold")
@@ -405,7 +409,7 @@ def write_model_card(
         num_eval=num_examples.get("validation"),
         num_test=num_examples.get("test"),
         text_model=text_model,
-        detections=detections_summary(results, use_visual, frr_settings.get("detector")),
+        detections=detections_summary(results, use_visual, frr_settings.get("detector"), frr_settings.get("grid_size")),
         visual_input="FRR object features" if use_visual else "none (text only)",
         frr_weights=frr_weights_summary(frr_settings, use_visual),
         fusion=model_settings["fusion"],
