@@ -323,7 +323,10 @@ def backbone_feature_dim(name: str, feature_layer: str = "layer4") -> int:
     (no memory): `fc.in_features` for `"layer4"`, the channels of a meta forward through the stages otherwise."""
     import torchvision
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None)
+    except (NotImplementedError, RuntimeError):  # some initialisations (RegNet's) copy data: built for real once
         model = torchvision.models.get_model(name, weights=None)
     fc = getattr(model, "fc", None)
     if not isinstance(fc, torch.nn.Linear):

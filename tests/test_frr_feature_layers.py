@@ -278,3 +278,10 @@ def test_train_pmner_resume_keeps_the_checkpoint_features(workspace):
     resumed = run_train(workspace, "resume", "--max_objects", "4", "--num_train_epochs", "2")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert (workspace / "resume" / "checkpoint-2").is_dir()
+
+
+def test_a_backbone_that_cannot_be_sized_on_the_meta_device_still_gives_its_pooled_features(images):
+    # RegNet's initialisation copies data, which the meta device refuses: its width is read from a real build
+    frr = PMNERImageProcessor(detector=None, backbone="regnet_y_400mf", backbone_weights="random:0")
+    assert frr.feature_dim == 440
+    assert frr(images[:1])["visual_features"].shape == (1, frr.max_objects, 440)
