@@ -155,14 +155,9 @@ def identity_of(config: dict) -> dict:
 def check_same_model(source: str, saved: dict, wanted: dict) -> None:
     """Refuses to go on from `source` (a checkpoint or a trained folder) when it is another kind of model."""
     saved, wanted = identity_of(saved), identity_of(wanted)
-    differ = [key for key in saved if saved[key] != wanted[key]]
-    if differ:
-        raise mismatch(
-            f"{source} holds a model with",
-            [f"{key}={saved[key]!r}" for key in differ],
-            [f"{key}={wanted[key]!r}" for key in differ],
-            "use the same settings, or another --output_dir to start over",
-        )
+    refuse_differences(
+        f"{source} holds a model with", saved, wanted, "use the same settings, or another --output_dir to start over"
+    )
 
 
 def check_same_features(checkpoint: str, image_processor) -> None:
@@ -177,14 +172,16 @@ def check_same_features(checkpoint: str, image_processor) -> None:
     if saved["crop_size"] is None and saved["backbone"] == wanted["backbone"]:  # the backbone's own crop size
         saved["crop_size"] = image_processor.preprocessing["crop_size"]
     wanted["crop_size"] = image_processor.preprocessing["crop_size"]
-    differ = [key for key in FEATURE_SETTINGS if saved[key] != wanted[key]]
+    refuse_differences(f"checkpoint {checkpoint} was trained on the features of", saved, wanted,
+                       "use the same FRR settings, or another --output_dir to start over")
+
+
+def refuse_differences(subject: str, saved: dict, wanted: dict, hint: str) -> None:
+    """A `mismatch` naming every key whose saved value differs from the wanted one (none: nothing happens)."""
+    differ = [key for key in saved if saved[key] != wanted[key]]
     if differ:
-        raise mismatch(
-            f"checkpoint {checkpoint} was trained on the features of",
-            [f"{key}={saved[key]!r}" for key in differ],
-            [f"{key}={wanted[key]!r}" for key in differ],
-            "use the same FRR settings, or another --output_dir to start over",
-        )
+        saved_values = [f"{key}={saved[key]!r}" for key in differ]
+        raise mismatch(subject, saved_values, [f"{key}={wanted[key]!r}" for key in differ], hint)
 
 
 def mismatch(subject: str, saved: list[str], wanted: list[str], hint: str) -> ArgumentsError:
