@@ -126,6 +126,15 @@ for _name in {modules!r}:
 """
 
 
+def write_training_workspace(root, sizes=(16, 4, 4), with_images: bool = False):
+    """A folder for train_pmner.py runs: a tiny masked LM in `tiny-bert`, Twitter-format CoNLL files of `sizes`
+    tweets in `data` and, `with_images`, their images in `images`. Returns `root`."""
+    write_tiny_masked_lm(os.path.join(root, "tiny-bert"))
+    images = os.path.join(root, "images") if with_images else None
+    write_twitter_fixture(os.path.join(root, "data"), images, sizes=sizes)
+    return root
+
+
 def run_without_project(script: str, cwd, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `script` in a fresh Python that cannot import this project, like a Hub user's process loading a saved
     folder with `trust_remote_code=True`: the editable-install finder, the project folder and PYTHONPATH are removed

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, write_training_workspace
 from test_bad_input import ENV, stderr_lines
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
@@ -203,10 +203,7 @@ def test_an_injected_backbone_without_resnet_stages_is_refused_naming_feature_la
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("feature-layers")
-    write_tiny_masked_lm(root / "tiny-bert")
-    write_twitter_fixture(root / "data", root / "images", sizes=(8, 4, 4))
-    return root
+    return write_training_workspace(tmp_path_factory.mktemp("feature-layers"), sizes=(8, 4, 4), with_images=True)
 
 
 def run_train(workspace, name, *extra):

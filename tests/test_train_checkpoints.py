@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, write_training_workspace
 from training_pmner.checkpoints import checkpoint_problems
 
 
@@ -21,10 +21,7 @@ ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    write_tiny_masked_lm(root / "tiny-bert")
-    write_twitter_fixture(root / "data", sizes=(16, 4, 4))
-    return root
+    return write_training_workspace(tmp_path_factory.mktemp("checkpoints"))
 
 
 def command(workspace, output_dir, epochs="2", *extra):

@@ -9,15 +9,12 @@ import sys
 
 import pytest
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, write_training_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("context")
-    write_tiny_masked_lm(tmp_path / "tiny-bert")
-    write_twitter_fixture(tmp_path / "data", sizes=(32, 8, 8))
-    return tmp_path
+    return write_training_workspace(tmp_path_factory.mktemp("context"), sizes=(32, 8, 8))
 
 
 def train(workspace, output_dir, *extra, text_model=None):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
+from fixtures import PROJECT, write_training_workspace
 from test_modeling_conventions import _accumulation_rows, _Rows
 from test_modeling_pmner import tester
 from modeling_pmner import PMNERForTokenClassification
@@ -136,10 +136,7 @@ def test_the_schedule_scales_each_groups_own_rate_and_the_logs_carry_both(tmp_pa
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("head-lr")
-    write_tiny_masked_lm(root / "tiny-bert")
-    write_twitter_fixture(root / "data", sizes=(16, 4, 4))
-    return root
+    return write_training_workspace(tmp_path_factory.mktemp("head-lr"))
 
 
 def run_train(workspace, name, *extra):

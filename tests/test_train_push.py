@@ -11,16 +11,15 @@ import sys
 import pytest
 from PIL import Image
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture, write_unrebuildable_weights
+from fixtures import (
+    PROJECT, write_tiny_masked_lm, write_training_workspace, write_twitter_fixture, write_unrebuildable_weights,
+)
 from test_hub_roundtrip import closed_port_url, compare_hub_and_local, tree_digest
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("push")
-    write_tiny_masked_lm(tmp_path / "tiny-bert")
-    write_twitter_fixture(tmp_path / "data", tmp_path / "images", sizes=(32, 8, 8))
-    return tmp_path
+    return write_training_workspace(tmp_path_factory.mktemp("push"), sizes=(32, 8, 8), with_images=True)
 
 
 def push_command(workspace, output_dir, *extra):
