@@ -36,10 +36,12 @@ def encoder_parameter_ids(model: nn.Module) -> set[int]:
     return {id(parameter) for parameter in text_encoder_of(model).parameters()}
 
 
-def split_parameter_groups(groups: list[dict], model: nn.Module, head_learning_rate: float) -> list[dict]:
+def split_parameter_groups(
+    groups: list[dict], model: nn.Module, head_learning_rate: float
+) -> tuple[list[dict], list[dict]]:
     """Splits each of the Trainer's parameter groups (weight decay / none, with their options) into its encoder
-    part and its head part: the encoder parts first, in the Trainer's order (the Trainer logs the learning rate of
-    group 0), then the head parts on `head_learning_rate`. Empty parts are left out."""
+    part and its head part: the encoder parts, in the Trainer's order (the Trainer logs the learning rate of group
+    0, so they come first in the optimizer), and the head parts on `head_learning_rate`. Empty parts are left out."""
     encoder_ids = encoder_parameter_ids(model)
     encoder_groups, head_groups = [], []
     for group in groups:
@@ -50,7 +52,7 @@ def split_parameter_groups(groups: list[dict], model: nn.Module, head_learning_r
             encoder_groups.append({**options, "params": encoder})
         if head:
             head_groups.append({**options, "params": head, "lr": head_learning_rate})
-    return encoder_groups + head_groups
+    return encoder_groups, head_groups
 
 
 class HeadLearningRateCallback(TrainerCallback, ExportableState):
@@ -97,17 +99,16 @@ class PMNERTrainer(Trainer):
                 f"--head_learning_rate needs an optimizer built on the Trainer's parameter groups; --optim "
                 f"{getattr(self.args.optim, 'value', self.args.optim)} builds its own"
             )
-        groups = split_parameter_groups(optimizer.param_groups, opt_model, head_learning_rate)
+        encoder_groups, head_groups = split_parameter_groups(optimizer.param_groups, opt_model, head_learning_rate)
         optimizer.param_groups = []
-        for group in groups:
+        for group in encoder_groups + head_groups:
             optimizer.add_param_group(group)  # refuses a parameter in two groups
-        encoder_ids = encoder_parameter_ids(opt_model)
-        heads = [index for index, group in enumerate(groups) if id(group["params"][0]) not in encoder_ids]
-        self.head_group_index = heads[0] if heads else None
+        self.head_group_index = len(encoder_groups) if head_groups else None
         return optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # the callback is looked up each time: resuming with restore_callback_states_from_checkpoint replaces it
+        # looked up each time: resuming replaces stateful callbacks with new instances (Trainer._load_callback_state)
         recorders = [item for item in self.callback_handler.callbacks if isinstance(item, HeadLearningRateCallback)]
         recorder = recorders[0] if recorders else None
         if "learning_rate" in logs and self.head_group_index is not None and recorder and recorder.rates:
