@@ -108,7 +108,6 @@ class PMNERTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # the callback is looked up each time: resuming with restore_callback_states_from_checkpoint replaces it
-        # looked up each time: resuming replaces stateful callbacks with new instances (Trainer._load_callback_state)
         recorders = [item for item in self.callback_handler.callbacks if isinstance(item, HeadLearningRateCallback)]
         recorder = recorders[0] if recorders else None
         if "learning_rate" in logs and self.head_group_index is not None and recorder and recorder.rates:
