@@ -174,18 +174,29 @@ FEATURE_SETTINGS = (
 FINGERPRINT_WHEN_SET = {"feature_layer": "layer4", "grid_size": None}
 
 
+def feature_settings(processor) -> dict:
+    """The settings that change the features (`FEATURE_SETTINGS`), `crop_size` as resolved from the backbone."""
+    settings = {key: getattr(processor, key) for key in FEATURE_SETTINGS}
+    settings["crop_size"] = processor.preprocessing["crop_size"]
+    return settings
+
+
+def frr_weights_sha256(processor) -> dict:
+    """The sha256 of the FRR weights in use, per network (`backbone`, and `detector` when there is one)."""
+    components = ["backbone"] + (["detector"] if processor.detector is not None else [])
+    return {component: processor.weights_sha256(component) for component in components}
+
+
 def features_fingerprint(processor) -> str:
     """Cache fingerprint of an image processor: hash of the settings that change the features, with the sha256 of
     the weights in use (not their name, path or mtime; computed once per weights); injected modules by their
     parameters."""
-    settings = {key: getattr(processor, key) for key in FEATURE_SETTINGS}
+    settings = feature_settings(processor)
     for key, default in FINGERPRINT_WHEN_SET.items():
         if settings[key] == default:
             del settings[key]
-    settings["crop_size"] = processor.preprocessing["crop_size"]
     if not processor._injected:
-        components = ["backbone"] + (["detector"] if processor.detector is not None else [])
-        settings["weights_sha256"] = {component: processor.weights_sha256(component) for component in components}
+        settings["weights_sha256"] = frr_weights_sha256(processor)
     else:
         settings.update(detector_weights=processor.detector_weights, backbone_weights=processor.backbone_weights)
         digest = hashlib.sha1()

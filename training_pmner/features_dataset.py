@@ -68,14 +68,11 @@ def frr_record(image_processor) -> dict:
     """What identifies the features of `image_processor`: its feature settings (`FEATURE_SETTINGS`, `crop_size`
     resolved), the sha256 of the detector and backbone weights in use, their origin, the feature width and the
     objects per image, and its cache fingerprint."""
-    from processing_pmner.image_processing_pmner import FEATURE_SETTINGS
+    from processing_pmner.image_processing_pmner import feature_settings, frr_weights_sha256
 
-    settings = {key: getattr(image_processor, key) for key in FEATURE_SETTINGS}
-    settings["crop_size"] = image_processor.preprocessing["crop_size"]
-    components = ["backbone"] + (["detector"] if image_processor.detector is not None else [])
     return _plain({
-        "feature_settings": settings,
-        "weights_sha256": {component: image_processor.weights_sha256(component) for component in components},
+        "feature_settings": feature_settings(image_processor),
+        "weights_sha256": frr_weights_sha256(image_processor),
         "weights_origin": {"backbone": image_processor.backbone_weights,
                            "detector": image_processor.detector_weights if image_processor.detector else None},
         "feature_dim": image_processor.feature_dim,
