@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback, set_seed
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.context_files import ContextFileError
-from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS
+from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
 from processing_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from processing_pmner.predict_cli import unstarted_processes_warning
@@ -168,10 +168,9 @@ def check_same_features(checkpoint: str, image_processor) -> None:
     if saved is None:
         return
     saved = {key: saved.get(key, IMAGE_SETTINGS[key]) for key in FEATURE_SETTINGS}  # settings added later: defaults
-    wanted = {key: getattr(image_processor, key) for key in FEATURE_SETTINGS}
+    wanted = feature_settings(image_processor)  # crop_size resolved
     if saved["crop_size"] is None and saved["backbone"] == wanted["backbone"]:  # the backbone's own crop size
-        saved["crop_size"] = image_processor.preprocessing["crop_size"]
-    wanted["crop_size"] = image_processor.preprocessing["crop_size"]
+        saved["crop_size"] = wanted["crop_size"]
     refuse_differences(f"checkpoint {checkpoint} was trained on the features of", saved, wanted,
                        "use the same FRR settings, or another --output_dir to start over")
 
