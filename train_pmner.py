@@ -36,14 +36,14 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback, set_seed
 
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
-from processing_pmner.context_files import ContextFileError
+from training_pmner.context_files import ContextFileError
 from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
-from processing_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
+from training_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
-from processing_pmner.predict_cli import unstarted_processes_warning
-from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
+from predict_pmner.cli import unstarted_processes_warning
+from processing_pmner.text_retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS
 from processing_pmner.processing_pmner import DEFAULT_PROMPT_TEMPLATE, check_processor_matches_model
-from processing_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
+from training_pmner.seqeval_metric import load_seqeval_metric, ner_classification_report
 from training_pmner.arguments import (
     ArgumentsError,
     DataArguments,

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from processing_pmner.feature_cache import FRRFeatureCache  # noqa: E402
+from processing_pmner.image_feature_cache import FRRFeatureCache  # noqa: E402
 
 
 def log(message: str):

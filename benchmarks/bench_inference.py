@@ -27,7 +27,7 @@ contestants rotated each round, median reported), every tweet of --data, raw tex
   pmner              the `multimodal-ner` pipeline on the text-only P-MNER model (--model, else built on --text-model)
   pmner-int8         the same with quantize="int8" (int8 feed-forward layers of the encoder)
 With --model (a trained folder) and a CoNLL --data, it also tags the file's words with and without int8 and scores
-both against the gold tags (entity micro F1, processing_pmner.seqeval_metric).
+both against the gold tags (entity micro F1, training_pmner.seqeval_metric).
 
     python benchmarks/bench_inference.py --compare-transformers --model outputs/speed-model
 """
@@ -81,7 +81,7 @@ def parse_args(argv=None):
 
 def read_tweets(path: str, count: int) -> tuple[list[list[str]], str]:
     """`count` tweets (lists of words) from a CoNLL file, cycled if it has fewer; synthetic if it is missing."""
-    from processing_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
+    from training_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
 
     tweets = []
     if path and os.path.isfile(path):
@@ -301,8 +301,8 @@ def compare_transformers(args, text_model: str):
     """--compare-transformers: tweets/s of the three pipelines, interleaved, and the int8 F1 difference."""
     import torch
 
-    from processing_pmner.seqeval_metric import compute_ner_scores
-    from processing_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
+    from training_pmner.seqeval_metric import compute_ner_scores
+    from training_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -66,7 +66,7 @@ def main():
 
     import modeling_pmner  # noqa: F401
     from processing_pmner.pipeline_pmner import PMNERPipeline, register_pipeline
-    from processing_pmner.retrieval_context import RetrievalIndex
+    from processing_pmner.text_retrieval_context import RetrievalIndex
 
     if args.threads:
         torch.set_num_threads(args.threads)

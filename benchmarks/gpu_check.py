@@ -15,7 +15,7 @@ Steps (one markdown table at the end: step, setting, result, seconds):
                       batched: images/s. Real size: fasterrcnn_resnet50_fpn_v2 + resnet152, random weights,
                       score threshold 0 (every image gives max_objects crops, the heaviest case)
   4. pipeline         the multimodal-ner pipeline (PMNERPipeline), raw tweets in, entities out, batched: tweets/s
-  5. pmner-predict    `torchrun --standalone --nproc_per_node 1 -m processing_pmner.predict_cli` on a JSONL of
+  5. pmner-predict    `torchrun --standalone --nproc_per_node 1 -m predict_pmner` on a JSONL of
                       tweets (every fourth with an image): tweets/s over the whole command, model loading included
 
     python benchmarks/gpu_check.py                      # on the CUDA machine (after --install-wheels)
@@ -517,7 +517,7 @@ def predict_step(plan, state) -> str:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     launcher = [torchrun] if os.path.isfile(torchrun) else [sys.executable, "-m", "torch.distributed.run"]
     command = [
-        *launcher, "--standalone", "--nproc_per_node", "1", "-m", "processing_pmner.predict_cli",
+        *launcher, "--standalone", "--nproc_per_node", "1", "-m", "predict_pmner.cli",
         state["model_folder"], source, "-o", output, "--batch-size", str(plan.pipeline_batch),
         "--device", plan.device, "--no-progress",
     ] + (["--image-dir", state["images"]] if images else [])

@@ -2,11 +2,11 @@
 
 Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
 `AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
-`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`prompt_rows.py`, `tag_schemes.py`,
-`word_start_spaces.py`, `sentence_windows.py`, `image_loading.py`, `frr_models.py`, `feature_cache.py`, ...) into
+`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`text_prompt_rows.py`, `text_tag_schemes.py`,
+`text_word_start_spaces.py`, `text_windows.py`, `image_loading.py`, `image_frr_models.py`, `image_feature_cache.py`, ...) into
 the folder, and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
-`train_pmner.py` adds the pipeline (`pipeline_pmner.py` with `pipeline_inputs.py`, `entity_aggregation.py`,
-`grounding_pmner.py`, `quantization_pmner.py`, `retrieval_context.py`, `tweet_tokenizer.py`) the same way: the
+`train_pmner.py` adds the pipeline (`pipeline_pmner.py` with `pipeline_inputs.py`, `pipeline_entities.py`,
+`pipeline_grounding.py`, `pipeline_quantization.py`, `text_retrieval_context.py`, `text_tweet_tokenizer.py`) the same way: the
 files travel because they are imported relatively.
 """
 

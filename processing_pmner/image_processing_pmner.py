@@ -11,9 +11,9 @@ Two settings give the paper's other readings of FRR: `feature_layer="layer3"` po
 `detector=None`, `max_objects=g*g`) reads the whole image as a g x g grid of regions pooled from one feature map
 (UMT's 7 x 7 ResNet grid), so that the fusion attends over regions of a whole-image "T+V" input.
 
-The work is split by concern: `image_loading.py` decodes images, `frr_models.py` builds the FRR networks and
-handles their weights (saved with the processor), `feature_cache.py` holds the feature cache, `feature_claims.py`
-its concurrent writers and `dataset_features.py` the dataset extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
+The work is split by concern: `image_loading.py` decodes images, `image_frr_models.py` builds the FRR networks and
+handles their weights (saved with the processor), `image_feature_cache.py` holds the feature cache, `image_feature_claims.py`
+its concurrent writers and `image_dataset_features.py` the dataset extraction; this file holds the forward pass, the cache fingerprint and the processor, and re-exports the public
 names of its siblings.
 
 This file and its siblings are copied flat into saved processor folders (remote code): they import only torch,
@@ -32,9 +32,9 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from .dataset_features import extract_dataset_features
-from .feature_cache import FRRFeatureCache
-from .frr_models import (
+from .image_dataset_features import extract_dataset_features
+from .image_feature_cache import FRRFeatureCache
+from .image_frr_models import (
     FEATURE_LAYERS,
     FRR_WEIGHTS_DTYPES,
     FRRModelsMixin,

@@ -2,7 +2,7 @@
 features of a batch (`visual_inputs`: images through the FRR image processor, or precomputed features).
 
 This file is copied flat into saved model folders with the pipeline (remote code): it imports torch, numpy,
-transformers and its sibling `tweet_tokenizer.py` relatively.
+transformers and its sibling `text_tweet_tokenizer.py` relatively.
 """
 
 import warnings
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .tweet_tokenizer import join_words, split_tweet
+from .text_tweet_tokenizer import join_words, split_tweet
 
 
 logger = logging.get_logger(__name__)
@@ -194,7 +194,7 @@ __all__ = ["INPUT_KEYS", "InputTypeError", "is_stream", "iterate_inputs", "norma
 def load_retrieval_index(pipe, retrieval_index):
     """The index the pipeline retrieves context from: `retrieval_index` (a `RetrievalIndex`, or a folder / Hub repo
     holding one), else the one saved with a model trained with `--retrieval_context`; `None` for other models."""
-    from .retrieval_context import RetrievalIndex
+    from .text_retrieval_context import RetrievalIndex
 
     source = getattr(pipe.processor, "context_source", None) or {}
     if isinstance(retrieval_index, RetrievalIndex) or retrieval_index is not None:

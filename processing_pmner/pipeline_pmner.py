@@ -5,12 +5,12 @@
     ner("Kawhi Leonard wins the fan vote ! #NBAAwards", image="photo.jpg")
     # [{'entity_group': 'PER', 'score': 0.98, 'word': 'Kawhi Leonard', 'start': 0, 'end': 13}, ...]
 
-Raw text is split into words as the Twitter MNER benchmark is (see `tweet_tokenizer.py`), with character offsets;
+Raw text is split into words as the Twitter MNER benchmark is (see `text_tweet_tokenizer.py`), with character offsets;
 the model predicts one tag per word (at its first sub-word); tweets longer than the model's `max_length` are cut into
 overlapping windows by the processor and merged back, so every word is tagged.
 
 A saved model folder gets the pipeline with `add_pipeline_to_folder(folder)` (or `PMNERPipeline.save_pretrained`):
-it copies this file and `tweet_tokenizer.py` into the folder and records the task in `config.json`
+it copies this file and `text_tweet_tokenizer.py` into the folder and records the task in `config.json`
 (`custom_pipelines`), so that `pipeline(model=folder, trust_remote_code=True)` finds the task by itself. Only
 `multimodal-ner` is recorded: transformers infers the task only from a `custom_pipelines` of one entry (see
 `custom_pipelines`); `PMNERConfig.from_pretrained` leads `token-classification` and `ner` to this pipeline when a
@@ -18,8 +18,8 @@ it copies this file and `tweet_tokenizer.py` into the folder and records the tas
 
 This file is copied flat into saved model folders (remote code): it imports only torch, numpy, transformers and the
 standard library, and relatively its siblings (copied with it): `pipeline_inputs.py` (input normalisation and visual
-features, with `tweet_tokenizer.py`), `entity_aggregation.py` (word tags to entities), `grounding_pmner.py`
-(`return_grounding`), `quantization_pmner.py` (`quantize="int8"`) and `processing_pmner.py` (the tag-scheme helpers
+features, with `text_tweet_tokenizer.py`), `pipeline_entities.py` (word tags to entities), `pipeline_grounding.py`
+(`return_grounding`), `pipeline_quantization.py` (`quantize="int8"`) and `processing_pmner.py` (the tag-scheme helpers
 and the processor/model label check).
 """
 
@@ -35,8 +35,8 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .entity_aggregation import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
-from .grounding_pmner import (
+from .pipeline_entities import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
+from .pipeline_grounding import (
     DEFAULT_GROUNDING_THRESHOLD,
     add_grounding,
     check_grounding_threshold,
@@ -56,7 +56,7 @@ from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
     visual_inputs,
 )
 from .processing_pmner import bio_to_bioes, bioes_to_bio, check_processor_matches_model, tag_parts
-from .quantization_pmner import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
+from .pipeline_quantization import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
 
 
 logger = logging.get_logger(__name__)
@@ -127,7 +127,7 @@ class PMNERPipeline(Pipeline):
             text-to-object attention of its words points to most, `{"slot", "box" (x1, y1, x2, y2 in the original
             image's pixels), "label" (detector category, or "whole image"), "score" (detector score), "weight"
             (attention)}`, or `None` (no object, or weight not clearly above uniform, see `grounding_threshold`). It is read from attention:
-            the model has no grounding supervision (see `grounding_pmner.py`). For precomputed `visual_features`,
+            the model has no grounding supervision (see `pipeline_grounding.py`). For precomputed `visual_features`,
             give `visual_boxes` (objects, 4), `visual_labels` and `visual_scores` (objects,) to get boxes; without
             them `box`, `label` and `score` are `None`.
         grounding_threshold (`float`, defaults to 0.25): how far above uniform attention an entity's top weight
@@ -652,7 +652,7 @@ def custom_pipelines(existing: dict | None, folder, warn: bool = True) -> dict:
 def add_pipeline_to_folder(folder) -> list[str]:
     """Makes a saved P-MNER model folder pipeline-ready.
 
-    Copies this file and its siblings (`tweet_tokenizer.py`, `processing_pmner.py` and what that imports) into
+    Copies this file and its siblings (`text_tweet_tokenizer.py`, `processing_pmner.py` and what that imports) into
     `folder`, with `handler.py` (the Inference Endpoints handler), and sets `custom_pipelines` (see `custom_pipelines`) in its `config.json`, so that
     `pipeline(model=folder, trust_remote_code=True)` (task found from the config) and
     `pipeline("multimodal-ner", model=folder, trust_remote_code=True)` work. Safe to call again.

@@ -18,9 +18,9 @@ Sentences longer than `max_length` are split into overlapping word windows (`ove
 predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
 (`overflow="truncate"`). Nothing is cut silently.
 
-The rows themselves (template, windows, context, labels, padding) are built in `prompt_rows.py`; the tag schemes
-and the processor/model label check live in `tag_schemes.py`, the word-start spaces of byte-level
-BPE tokenizers in `word_start_spaces.py`, the windows in `sentence_windows.py`; their public names are re-exported
+The rows themselves (template, windows, context, labels, padding) are built in `text_prompt_rows.py`; the tag schemes
+and the processor/model label check live in `text_tag_schemes.py`, the word-start spaces of byte-level
+BPE tokenizers in `text_word_start_spaces.py`, the windows in `text_windows.py`; their public names are re-exported
 here. This file is copied flat into saved processor folders (remote code) with those siblings: it imports them only
 relatively.
 """
@@ -36,11 +36,11 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .frr_models import hub_kwargs_of, resolve_revision_once, save_with_frr_weights
+from .image_frr_models import hub_kwargs_of, resolve_revision_once, save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
-from .prompt_rows import PromptRowsMixin, TruncationWarning
-from .sentence_windows import window_owner, word_windows
-from .tag_schemes import (
+from .text_prompt_rows import PromptRowsMixin, TruncationWarning
+from .text_windows import window_owner, word_windows
+from .text_tag_schemes import (
     _split_tag,
     bio_to_bioes,
     bioes_to_bio,
@@ -49,7 +49,7 @@ from .tag_schemes import (
     tag_parts,
     tag_scheme_of,
 )
-from .word_start_spaces import PROBE_WORDS, split_words_match_running_text, with_word_start_spaces
+from .text_word_start_spaces import PROBE_WORDS, split_words_match_running_text, with_word_start_spaces
 
 
 logger = logging.get_logger(__name__)

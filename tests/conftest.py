@@ -1,12 +1,22 @@
-"""Pytest fixtures shared by the test files: `hub_server`, a real-HTTP Hub on 127.0.0.1 (see hub_server.py)."""
+"""Pytest fixtures shared by the test folders: `hub_server`, a real-HTTP Hub on 127.0.0.1 (support/hub_server.py).
+
+The test folders follow the packages (modeling/, processing/, predict/, training/, app/, benchmarks/); what several
+of them share (tiny models, tokenizers, builders, the Hub server, a folder saved by older code) is in support/."""
 
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 
 import pytest
 
-from hub_server import HubServer
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_TESTS, "support"))
+# TEMPORARY while shared helpers move into support/: test folders importable from each other
+for _folder in ("modeling", "processing", "predict", "training", "app", "benchmarks"):
+    sys.path.insert(1, os.path.join(_TESTS, _folder))
+
+from hub_server import HubServer  # noqa: E402
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from datasets.fingerprint import Hasher
 
-from processing_pmner.retrieval_context import RetrievalIndex, SentenceEncoder
+from processing_pmner.text_retrieval_context import RetrievalIndex, SentenceEncoder
 
 from .arguments import ArgumentsError
 

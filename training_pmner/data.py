@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from processing_pmner.context_files import file_sha256
-from processing_pmner.twitter_mner import TwitterMNER, _source_hash, load_twitter_mner
+from training_pmner.context_files import file_sha256
+from training_pmner.twitter_mner import TwitterMNER, _source_hash, load_twitter_mner
 
 
 logger = logging.getLogger(__name__)

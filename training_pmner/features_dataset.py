@@ -390,7 +390,7 @@ def push_features_dataset_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    from processing_pmner.twitter_mner import hub_transport_errors
+    from training_pmner.twitter_mner import hub_transport_errors
 
     api = HfApi(token=token)
     where = f"dataset repository {repo_id} on {api.endpoint}"
@@ -437,7 +437,7 @@ def load_features_dataset(
     if not os.path.isdir(source):
         from huggingface_hub import snapshot_download
 
-        from processing_pmner.twitter_mner import hub_transport_errors
+        from training_pmner.twitter_mner import hub_transport_errors
 
         try:
             from huggingface_hub.errors import HfHubHTTPError
@@ -558,7 +558,7 @@ def features_dataset_columns(
     error naming how many and a few of them."""
     from datasets.fingerprint import Hasher
 
-    from processing_pmner.dataset_features import feature_columns
+    from processing_pmner.image_dataset_features import feature_columns
 
     fields = [name for name in REQUIRED_FIELDS + OPTIONAL_FIELDS
               if all(name in dataset.column_names for dataset in dataset_dict.values())]

@@ -15,7 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 from transformers import TrainerCallback
 
-from processing_pmner.retrieval_context import ENCODER_FOLDER, INDEX_RECORD
+from processing_pmner.text_retrieval_context import ENCODER_FOLDER, INDEX_RECORD
 
 from .arguments import ARGUMENT_FILE_SUFFIXES
 from .data import NO_OBJECT_SHARE_LIMIT, hub_id_of_text_model
@@ -32,7 +32,7 @@ PUBLISHED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model")
 EXCLUDED_FILES = ("experiment.json",)  # a benchmark runner's record, not the model's
 DATASET_TITLES = {"twitter2015": "Twitter-2015", "twitter2017": "Twitter-2017"}
 # The card's dataset when the data did not come from a Hub dataset repository: the Twitter MNER builder's name
-# (`processing_pmner/twitter_mner.py`), with the benchmark as its config.
+# (`training_pmner/twitter_mner.py`), with the benchmark as its config.
 CANONICAL_DATASET = "twitter_mner"
 
 
