@@ -1,11 +1,11 @@
-"""A model folder saved by older code (tests/support/old_folder, written by tests/support/make_old_folder.py at the
-commit named in old_folder_expected.json) still loads and predicts what that code predicted: with today's classes,
+"""A model folder saved by older code (tests/support/old_folder.zip, written by tests/support/make_old_folder.py at
+the commit named in old_folder_expected.json) still loads and predicts what that code predicted: with today's classes,
 with the folder's own remote code in a process that cannot import this project, and once re-saved by today's code
 (its remote code then today's, loaded the same way)."""
 
 import json
 import os
-import shutil
+import zipfile
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ import torch
 from fixtures import PROJECT, run_without_project
 
 SUPPORT = os.path.join(PROJECT, "tests", "support")
-OLD_FOLDER = os.path.join(SUPPORT, "old_folder")
+OLD_ZIP = os.path.join(SUPPORT, "old_folder.zip")
 PHOTO = os.path.join(SUPPORT, "old_folder_photo.png")
 with open(os.path.join(SUPPORT, "old_folder_expected.json"), encoding="utf-8") as _handle:
     EXPECTED = json.load(_handle)
@@ -47,21 +47,30 @@ def assert_same_predictions(result: dict) -> None:
             assert [e["score"] for e in got] == pytest.approx([e["score"] for e in want], abs=1e-5)
 
 
-def test_the_fixture_predicts_entities_and_uses_the_image():
+@pytest.fixture(scope="module")
+def old_folder(tmp_path_factory) -> str:
+    """The old folder unzipped into a temporary folder (loading it never writes into the checked-in fixture)."""
+    root = tmp_path_factory.mktemp("old")
+    with zipfile.ZipFile(OLD_ZIP) as archive:
+        archive.extractall(root)
+    return str(root / "old_folder")
+
+
+def test_the_fixture_predicts_entities_and_uses_the_image(old_folder):
     assert sum(len(found) for found in EXPECTED["pipeline_with_image"]) >= 5
     scores = [e["score"] for found in EXPECTED["pipeline_with_image"] for e in found]
     text_only = [e["score"] for found in EXPECTED["pipeline_text_only"] for e in found]
     assert scores != text_only, "the image changes nothing: the visual path would go unchecked"
-    assert "frr_backbone.safetensors" in os.listdir(OLD_FOLDER)
+    assert {"frr_backbone.safetensors", "processing_pmner.py", "image_processing_pmner.py"} <= set(os.listdir(old_folder))
 
 
-def test_todays_classes_load_the_old_folder_and_predict_the_same():
+def test_todays_classes_load_the_old_folder_and_predict_the_same(old_folder):
     from modeling_pmner import PMNERForTokenClassification
     from processing_pmner import PMNERProcessor
     from processing_pmner.pipeline_pmner import PMNERPipeline
 
-    model = PMNERForTokenClassification.from_pretrained(OLD_FOLDER).eval()
-    processor = PMNERProcessor.from_pretrained(OLD_FOLDER)
+    model = PMNERForTokenClassification.from_pretrained(old_folder).eval()
+    processor = PMNERProcessor.from_pretrained(old_folder)
     texts = EXPECTED["texts"]
     batch = processor([text.split() for text in texts], images=[PHOTO] * len(texts))
     with torch.no_grad():
@@ -85,20 +94,18 @@ def remote_result(folder, cwd) -> dict:
     return result
 
 
-def test_the_old_folder_runs_its_own_remote_code(tmp_path):
-    folder = tmp_path / "old"
-    shutil.copytree(OLD_FOLDER, folder)  # loading never writes into the checked-in folder
-    assert_same_predictions(remote_result(folder, tmp_path))
+def test_the_old_folder_runs_its_own_remote_code(old_folder, tmp_path):
+    assert_same_predictions(remote_result(old_folder, tmp_path))
 
 
-def test_the_old_folder_resaved_by_todays_code_travels_with_todays_remote_code(tmp_path):
+def test_the_old_folder_resaved_by_todays_code_travels_with_todays_remote_code(old_folder, tmp_path):
     from modeling_pmner import PMNERForTokenClassification
     from processing_pmner import PMNERProcessor
     from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 
     folder = tmp_path / "resaved"
-    PMNERForTokenClassification.from_pretrained(OLD_FOLDER).save_pretrained(folder)
-    PMNERProcessor.from_pretrained(OLD_FOLDER).save_pretrained(folder)
+    PMNERForTokenClassification.from_pretrained(old_folder).save_pretrained(folder)
+    PMNERProcessor.from_pretrained(old_folder).save_pretrained(folder)
     add_pipeline_to_folder(folder)
     here = {name for name in os.listdir(os.path.join(PROJECT, "processing_pmner")) if name.endswith(".py")}
     travelled = {name for name in os.listdir(folder) if name.endswith(".py")}

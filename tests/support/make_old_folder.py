@@ -1,6 +1,7 @@
-"""Writes `tests/support/old_folder/`: a tiny visual P-MNER model folder saved by the code of the commit that ran this
-script (its remote code included), with `expected.json`, what that code predicted for it. The test
-`tests/test_saved_folder_compat.py` loads the checked-in folder with today's code and checks the same predictions.
+"""Writes `tests/support/old_folder.zip`: a tiny visual P-MNER model folder saved by the code of the commit that ran
+this script (its remote code included, zipped so that the old code is never edited, linted or run in place), with
+`old_folder_expected.json`, what that code predicted for it. `tests/processing/test_saved_folder_compat.py` loads
+the folder with today's code and checks the same predictions.
 
 Run from the repository root, once, by the code whose format is to be kept: `python tests/support/make_old_folder.py`.
 The folder is small: a 2-layer BERT of width 32 and a ShuffleNetV2 x0.5 backbone (its 0.34 M weights in bfloat16),
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import torch
 from PIL import Image
@@ -28,7 +30,7 @@ from modeling_pmner import PMNERForTokenClassification  # noqa: E402
 from processing_pmner import PMNERImageProcessor, PMNERProcessor  # noqa: E402
 from processing_pmner.pipeline_pmner import PMNERPipeline, add_pipeline_to_folder  # noqa: E402
 
-FOLDER = os.path.join(HERE, "old_folder")
+FOLDER = os.path.join(HERE, "old_folder")  # zipped into old_folder.zip, then removed
 TEXTS = ["trump visits london today", "rt @user : apple meets obama in paris", "the nba festival vote"]
 
 
@@ -86,7 +88,15 @@ def main() -> None:
         json.dump(expected, handle, indent=1)
         handle.write("\n")
     entities = sum(len(found) for found in expected["pipeline_with_image"])
-    print(f"{FOLDER}: {sorted(os.listdir(FOLDER))}; {entities} entities predicted with the image")
+    names = sorted(os.listdir(FOLDER))
+    with zipfile.ZipFile(FOLDER + ".zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in names:  # fixed dates and modes: the same folder gives the same zip
+            info = zipfile.ZipInfo(f"old_folder/{name}", date_time=(2026, 12, 7, 0, 0, 0))
+            info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+            with open(os.path.join(FOLDER, name), "rb") as handle:
+                archive.writestr(info, handle.read())
+    shutil.rmtree(FOLDER)
+    print(f"{FOLDER}.zip: {names}; {entities} entities predicted with the image")
 
 
 if __name__ == "__main__":
