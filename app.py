@@ -53,21 +53,21 @@ table.pmner-table td, table.pmner-table th { padding: 2px 8px; }
 def load_model(model: str, trust_remote_code: bool = False, device: str | None = "cpu"):
     """The `multimodal-ner` pipeline of a P-MNER folder or Hub id: this package's classes when it is installed,
     else (or with `trust_remote_code`) the code saved with the model."""
-    from transformers import pipeline
-
-    if not trust_remote_code:
-        try:
-            import modeling_pmner  # noqa: F401  (registers the P-MNER classes with the Auto classes)
-            import processing_pmner  # noqa: F401
-            from processing_pmner.pipeline_pmner import PMNERPipeline, register_pipeline
-        except ImportError as error:
+    try:
+        if not trust_remote_code:  # the classes load_pipeline uses: a missing one is named in the message below
+            import modeling_pmner  # noqa: F401
+            import processing_pmner.pipeline_pmner  # noqa: F401
+        from predict_pmner.loading import load_pipeline
+    except ImportError as error:  # as on a Space: only the model folder's code is there
+        if not trust_remote_code:
             raise SystemExit(
                 f"app.py: the pmner package is not installed ({error}); pass --trust-remote-code (or set "
                 "PMNER_TRUST_REMOTE_CODE=1) to run the code saved with the model"
             ) from error
-        register_pipeline()
-        return pipeline("multimodal-ner", model=model, device=device, pipeline_class=PMNERPipeline)
-    return pipeline("multimodal-ner", model=model, device=device, trust_remote_code=True)
+        from transformers import pipeline
+
+        return pipeline("multimodal-ner", model=model, device=device, trust_remote_code=True)
+    return load_pipeline(model, device, trust_remote_code=trust_remote_code)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -54,15 +54,15 @@ partial output is kept for `--resume`; a killed process keeps it too, up to the 
 
 import argparse
 import itertools
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import warnings
 
-from .output import (  # noqa: F401  (re-exported: the CLI's names stay importable from here)
+from processing_pmner.pipeline_grounding import DEFAULT_GROUNDING_THRESHOLD
+from .loading import load_pipeline  # noqa: F401  (the CLI's names stay importable from here)
+from .output import (  # noqa: F401
     OUTPUT_SETTINGS,
     PARTIAL_SUFFIX,
     PROGRESS_SUFFIX,
@@ -73,12 +73,20 @@ from .output import (  # noqa: F401  (re-exported: the CLI's names stay importab
     check_arguments,
     check_input,
     check_output,
+    format_conll,
+    format_jsonl,
     output_target,
     run_settings,
 )
-from processing_pmner.image_feature_cache import CorruptCacheShard
-from processing_pmner.pipeline_grounding import DEFAULT_GROUNDING_THRESHOLD
-from .processes import Processes, batches_of, parse_device  # noqa: F401
+from .predictor import Predictor
+from .processes import (  # noqa: F401
+    RANK_VARIABLES,
+    Processes,
+    batches_of,
+    launcher_process_count,
+    parse_device,
+    unstarted_processes_warning,
+)
 from .reading import (  # noqa: F401
     CONLL_EXTENSIONS,
     IMGID_PREFIX,
@@ -92,11 +100,6 @@ from .reading import (  # noqa: F401
     read_conll,
     read_jsonl,
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def one_line(message: str) -> str:
@@ -113,211 +116,6 @@ def one_line(message: str) -> str:
         if line.strip():
             lines.append(line.strip())
     return " ".join(lines)
-
-
-def load_pipeline(
-    model: str, device: str | None, aggregation_strategy: str, trust_remote_code: bool, quantize: str | None = None,
-    retrieval_index: str | None = None,
-):
-    """The `multimodal-ner` pipeline of a P-MNER folder or Hub id, with this package's classes (or, with
-    `trust_remote_code`, with the code saved in the folder); `quantize="int8"`: int8 linear layers (CPU only)."""
-    from transformers import pipeline
-
-    options = {"quantize": quantize} if quantize is not None else {}
-    if retrieval_index is not None:
-        options["retrieval_index"] = retrieval_index
-    if trust_remote_code:
-        return pipeline(
-            "multimodal-ner", model=model, device=device, trust_remote_code=True,
-            aggregation_strategy=aggregation_strategy, **options,
-        )
-    import modeling_pmner  # noqa: F401  (registers the P-MNER classes with the Auto classes)
-    import processing_pmner  # noqa: F401
-
-    from processing_pmner.pipeline_pmner import PMNERPipeline, register_pipeline
-
-    register_pipeline()
-    return pipeline(
-        "multimodal-ner", model=model, device=device, pipeline_class=PMNERPipeline,
-        aggregation_strategy=aggregation_strategy, **options,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Running
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class Predictor:
-    """Tags batches of records with the pipeline, with visual features from the FRR cache when it has them."""
-
-    def __init__(self, pipe, args, report):
-        self.pipe = pipe
-        self.args = args
-        self.bad_images = []  # (line, message) since the last `take_bad_images`
-        self.cached_features = self.computed_features = self.written_features = 0
-        self.use_visual = pipe.use_visual
-        self.image_processor = pipe.processor.image_processor
-        self.cache = None
-        self.pending = ([], [], [], [])  # keys, features, masks, detection counts waiting to be written to the cache
-        self.written_keys = set()
-        if args.feature_cache_dir and self.use_visual:
-            self.cache = self.image_processor.feature_cache(args.feature_cache_dir).load()
-            where = self.cache.folder
-            if len(self.cache):
-                report(f"feature cache: {len(self.cache)} images in {where}")
-            else:
-                report(
-                    f"feature cache: nothing cached yet in {where} for this model's FRR settings; features are "
-                    + ("computed and added to it" if not args.no_cache_write else "computed (--no-cache-write)")
-                )
-        elif args.feature_cache_dir:
-            report("the model is text-only (use_visual=False): --feature-cache-dir and images are not used")
-
-    def cache_key(self, record: Record) -> str | None:
-        if record.image_id is not None:
-            return record.image_id
-        if record.image is not None and os.path.isfile(record.image):
-            from processing_pmner.image_processing_pmner import content_key
-
-            return content_key(record.image)
-        return None
-
-    def visual_inputs(self, records: list[Record]) -> list:
-        """Per record `(features (M, D), mask (M,))` or `None` (no image, or an unreadable one)."""
-        result = [None] * len(records)
-        if not self.use_visual:
-            return result
-        to_compute = []
-        for index, record in enumerate(records):
-            key = self.cache_key(record) if self.cache is not None else None
-            # with --grounding an image is encoded again when it can be: the cache holds no boxes
-            boxes_needed = self.args.grounding and record.image is not None and os.path.isfile(record.image)
-            if key is not None and key in self.cache and not boxes_needed:
-                try:
-                    result[index] = self.cache.get(key)
-                    self.cached_features += 1
-                    continue
-                except CorruptCacheShard as error:  # set aside with a warning; computed again from the image
-                    if record.image is None:
-                        raise ValueError(f"{error}, and the record names no image to compute it from") from None
-            if record.image is not None:
-                to_compute.append((index, key))
-        if not to_compute:
-            return result
-        from processing_pmner.image_processing_pmner import BadImageWarning
-
-        images = [records[index].image for index, _ in to_compute]
-        names = [records[index].image for index, _ in to_compute]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", BadImageWarning)
-            features, masks, boxes, bad, detections, labels, scores = self.image_processor.extract(
-                images, names, device=self.pipe.device, return_num_detections=True, return_detections=True
-            )
-        for warning in caught:
-            if not issubclass(warning.category, BadImageWarning):
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        bad = set(bad)
-        messages = {name: message for name, message in self.image_processor.bad_images}
-        self.image_processor.reset_bad_images()
-        for row, (index, key) in enumerate(to_compute):
-            line = records[index].line
-            if row in bad:
-                message = messages.get(names[row], f"image {records[index].image} could not be read")
-                self.bad_images.append((line, message))
-                continue
-            result[index] = (features[row], masks[row], boxes[row], labels[row], scores[row])
-            self.computed_features += 1
-            writable = self.cache is not None and key is not None and not self.args.no_cache_write
-            if writable and key not in self.written_keys and key not in self.cache:
-                self.pending[0].append(key)
-                self.pending[1].append(features[row])
-                self.pending[2].append(masks[row])
-                self.pending[3].append(int(detections[row]))
-        if len(self.pending[0]) >= self.args.cache_flush_size:
-            self.flush_cache()
-        return result
-
-    def flush_cache(self):
-        """Writes the features computed since the last flush as one cache shard. They are not kept in memory: a
-        later tweet with the same key (a repeated image) is encoded again, and not written twice."""
-        keys, features, masks, detections = self.pending
-        self.pending = ([], [], [], [])
-        unique = {}
-        for key, feature, mask, count in zip(keys, features, masks, detections):
-            if key not in self.written_keys:
-                unique.setdefault(key, (feature, mask, count))
-        if not unique:
-            return
-        import torch
-
-        self.cache.write_shard(
-            list(unique),
-            torch.stack([value[0] for value in unique.values()]),  # (n, M, D)
-            torch.stack([value[1] for value in unique.values()]),  # (n, M)
-            num_detections=[value[2] for value in unique.values()],  # (n,): detections before the whole-image filler
-        )
-        self.written_keys.update(unique)
-        self.written_features += len(unique)
-
-    def take_bad_images(self) -> list:
-        taken, self.bad_images = self.bad_images, []
-        return taken
-
-    def pipeline_item(self, record: Record, visual) -> dict:
-        item = {"text": record.text} if record.text is not None else {"words": record.words}
-        if record.context is not None:
-            item["context"] = record.context
-        if visual is not None:
-            item["visual_features"], item["visual_mask"] = visual[:2]
-            if len(visual) > 2 and self.args.grounding:  # computed here: boxes (M, 4), labels (M,), scores (M,)
-                item["visual_boxes"], item["visual_labels"], item["visual_scores"] = visual[2:]
-        return item
-
-    def run(self, records: list[Record]) -> list:
-        """Per record, the pipeline's result (`{"text", "entities", "words"}`), or an exception for a record
-        that failed. A failing batch is retried one record at a time to find the failing lines."""
-        try:
-            visual = self.visual_inputs(records)
-            items = [self.pipeline_item(record, entry) for record, entry in zip(records, visual)]
-            grounding = {"return_grounding": True, "grounding_threshold": self.args.grounding_threshold}
-            return self.pipe(items, batch_size=len(items), return_words=True, **(grounding if self.args.grounding else {}))
-        except Exception as error:  # isolated below, record by record; each failure is reported with its line
-            if len(records) == 1:
-                return [error]
-            return [self.run([record])[0] for record in records]
-
-
-def format_jsonl(record: Record, result: dict, word_tags: bool) -> str:
-    output = {"line": record.line}
-    if record.has_id:
-        output["id"] = record.record_id
-    if record.image_id is not None:
-        output["image_id"] = record.image_id
-    output["text"] = result["text"]
-    output["entities"] = result["entities"]
-    if word_tags:
-        output["tokens"] = [word["word"] for word in result["words"]]
-        output["tags"] = [word["tag"] for word in result["words"]]
-    return json.dumps(output, ensure_ascii=False) + "\n"
-
-
-def format_conll(record: Record, result: dict) -> str:
-    lines = []
-    if record.image_id is not None:
-        lines.append(f"{IMGID_PREFIX}{record.image_id}")
-    elif record.has_id:
-        lines.append(f"{IMGID_PREFIX}{record.record_id}")
-    tokens = record.words if record.words is not None else [word["word"] for word in result["words"]]
-    tags = [word["tag"] for word in result["words"]]
-    if len(tokens) != len(tags):
-        raise RuntimeError(f"line {record.line}: {len(tokens)} tokens but {len(tags)} predicted tags")
-    for index, (token, tag) in enumerate(zip(tokens, tags)):
-        if record.gold is not None:
-            lines.append(f"{token}\t{record.gold[index]}\t{tag}")
-        else:
-            lines.append(f"{token}\t{tag}")
-    return "\n".join(lines) + "\n\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,46 +249,6 @@ def summary_line(summary: Summary, per_process: list[int], elapsed: float, featu
         added = f", {written} added to the cache" if written else ""
         parts.append(f"visual features: {cached} from cache, {computed} computed{added}")
     return "pmner-predict: " + "; ".join(parts)
-
-
-# set by launchers that do start one process per rank (torchrun and `accelerate launch --multi_gpu`, MPI)
-RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def launcher_process_count(pid: int) -> int | None:
-    """The `--num_processes N` on the command line of process `pid` (an `accelerate launch`); None when it has none
-    or cannot be read (not Linux, another user's process)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            words = handle.read().decode(errors="replace").split("\0")
-    except OSError:
-        return None
-    for index, word in enumerate(words):
-        name, _, value = word.partition("=")
-        if name in ("--num_processes", "--num-processes"):
-            value = value or (words[index + 1] if index + 1 < len(words) else "")
-            return int(value) if value.isdigit() else None
-    return None
-
-
-def unstarted_processes_warning(program: str, command: str) -> str | None:
-    """A one-line warning when `accelerate launch` was asked for several processes but started only this one (its
-    plain launcher, e.g. `--num_processes 2 --cpu`, runs one process: it sets MASTER_ADDR / MASTER_PORT for more than
-    one process, but no WORLD_SIZE); it names the commands that start them. `command`: how this program is named after
-    the launcher, with its CPU flag. None when nothing is wrong."""
-    env = os.environ
-    if "ACCELERATE_MIXED_PRECISION" not in env or "MASTER_PORT" not in env or any(name in env for name in RANK_VARIABLES):
-        return None
-    asked = launcher_process_count(os.getppid())
-    if asked is not None and asked < 2:
-        return None  # e.g. --num_machines 2 with one process each
-    count = asked or "N"
-    return (
-        f"{program}: warning: `accelerate launch` was asked for {'several' if asked is None else asked} "
-        f"processes but started only this one (without --multi_gpu it runs a single process, --cpu or not); for "
-        f"{count} CPU processes run `accelerate launch --multi_gpu --num_processes {count} {command}` or "
-        f"`torchrun --nproc_per_node {count} {command}`"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

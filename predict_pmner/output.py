@@ -1,6 +1,7 @@
 """Where the output of `pmner-predict` goes, and the checks made before the model loads: arguments, input and
 output that cannot be used (`UsageError`, exit status 2), an output that would destroy the input, and the progress
-of an interrupted run for `--resume`; `OutputWriter` writes `<output>.partial` and renames it when complete.
+of an interrupted run for `--resume`; `OutputWriter` writes `<output>.partial` and renames it when complete;
+`format_jsonl` / `format_conll` write one tagged record.
 """
 
 import errno
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from processing_pmner.pipeline_grounding import check_grounding_threshold
-from .reading import guess_format
+from .reading import IMGID_PREFIX, Record, guess_format
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -279,3 +280,35 @@ class OutputWriter:
     def close(self):
         if self.handle is not None:
             self.handle.close()
+
+
+def format_jsonl(record: Record, result: dict, word_tags: bool) -> str:
+    output = {"line": record.line}
+    if record.has_id:
+        output["id"] = record.record_id
+    if record.image_id is not None:
+        output["image_id"] = record.image_id
+    output["text"] = result["text"]
+    output["entities"] = result["entities"]
+    if word_tags:
+        output["tokens"] = [word["word"] for word in result["words"]]
+        output["tags"] = [word["tag"] for word in result["words"]]
+    return json.dumps(output, ensure_ascii=False) + "\n"
+
+
+def format_conll(record: Record, result: dict) -> str:
+    lines = []
+    if record.image_id is not None:
+        lines.append(f"{IMGID_PREFIX}{record.image_id}")
+    elif record.has_id:
+        lines.append(f"{IMGID_PREFIX}{record.record_id}")
+    tokens = record.words if record.words is not None else [word["word"] for word in result["words"]]
+    tags = [word["tag"] for word in result["words"]]
+    if len(tokens) != len(tags):
+        raise RuntimeError(f"line {record.line}: {len(tokens)} tokens but {len(tags)} predicted tags")
+    for index, (token, tag) in enumerate(zip(tokens, tags)):
+        if record.gold is not None:
+            lines.append(f"{token}\t{record.gold[index]}\t{tag}")
+        else:
+            lines.append(f"{token}\t{tag}")
+    return "\n".join(lines) + "\n\n"

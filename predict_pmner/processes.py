@@ -1,6 +1,7 @@
 """The processes of a distributed `pmner-predict` run (`torchrun`, `accelerate launch`): ranks from the
 environment, one device per process, results gathered as JSON in byte tensors, and the input cut into the same
-batches in one process or many.
+batches in one process or many; `unstarted_processes_warning` says when `accelerate launch` started fewer processes
+than it was asked for.
 """
 
 import json
@@ -98,3 +99,43 @@ def batches_of(entries, batch_size: int):
                 batch, records = [], 0
     if batch:
         yield batch
+
+
+# set by launchers that do start one process per rank (torchrun and `accelerate launch --multi_gpu`, MPI)
+RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_process_count(pid: int) -> int | None:
+    """The `--num_processes N` on the command line of process `pid` (an `accelerate launch`); None when it has none
+    or cannot be read (not Linux, another user's process)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for index, word in enumerate(words):
+        name, _, value = word.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (words[index + 1] if index + 1 < len(words) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def unstarted_processes_warning(program: str, command: str) -> str | None:
+    """A one-line warning when `accelerate launch` was asked for several processes but started only this one (its
+    plain launcher, e.g. `--num_processes 2 --cpu`, runs one process: it sets MASTER_ADDR / MASTER_PORT for more than
+    one process, but no WORLD_SIZE); it names the commands that start them. `command`: how this program is named after
+    the launcher, with its CPU flag. None when nothing is wrong."""
+    env = os.environ
+    if "ACCELERATE_MIXED_PRECISION" not in env or "MASTER_PORT" not in env or any(name in env for name in RANK_VARIABLES):
+        return None
+    asked = launcher_process_count(os.getppid())
+    if asked is not None and asked < 2:
+        return None  # e.g. --num_machines 2 with one process each
+    count = asked or "N"
+    return (
+        f"{program}: warning: `accelerate launch` was asked for {'several' if asked is None else asked} "
+        f"processes but started only this one (without --multi_gpu it runs a single process, --cpu or not); for "
+        f"{count} CPU processes run `accelerate launch --multi_gpu --num_processes {count} {command}` or "
+        f"`torchrun --nproc_per_node {count} {command}`"
+    )
