@@ -38,7 +38,8 @@ from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from training_pmner.context_files import ContextFileError
 from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
-from training_pmner.twitter_mner import TwitterMNERFormatError, hub_transport_errors
+from training_pmner.twitter_mner import TwitterMNERFormatError
+from training_pmner.twitter_mner_hub import hub_transport_errors
 from processing_pmner.pipeline_pmner import add_pipeline_to_folder
 from predict_pmner.cli import unstarted_processes_warning
 from processing_pmner.text_retrieval_context import ENCODER_FOLDER, INDEX_RECORD, INDEX_WEIGHTS

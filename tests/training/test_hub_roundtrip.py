@@ -296,7 +296,8 @@ def test_visual_model_round_trip_with_an_image(hub_server, tmp_path):
 PUSH_SCRIPT = """
 import json, hashlib, sys
 import datasets
-from training_pmner.twitter_mner import load_twitter_mner, push_twitter_mner_to_hub
+from training_pmner.twitter_mner import load_twitter_mner
+from training_pmner.twitter_mner_hub import push_twitter_mner_to_hub
 from huggingface_hub import HfApi, hf_hub_download
 
 data = load_twitter_mner("twitter2017", data_dir={data!r}, image_dir={images!r}, cache_dir={cache!r})
@@ -372,7 +373,8 @@ def test_twitter_mner_push_and_load_dataset(hub_server, tmp_path):
 
 FAIL_SCRIPT = """
 import json
-from training_pmner.twitter_mner import TwitterMNERHubError, load_twitter_mner, push_twitter_mner_to_hub
+from training_pmner.twitter_mner import load_twitter_mner
+from training_pmner.twitter_mner_hub import TwitterMNERHubError, push_twitter_mner_to_hub
 
 data = load_twitter_mner("twitter2017", data_dir={data!r}, image_dir={images!r}, cache_dir={cache!r})
 result = {{}}

@@ -132,7 +132,8 @@ def test_push_without_credentials_or_hub_fails_clearly_before_training(hub_serve
 
 
 PUSH_DATASET = """
-from training_pmner.twitter_mner import load_twitter_mner, push_twitter_mner_to_hub
+from training_pmner.twitter_mner import load_twitter_mner
+from training_pmner.twitter_mner_hub import push_twitter_mner_to_hub
 data = load_twitter_mner("twitter2017", data_dir={data!r}, cache_dir={cache!r})
 push_twitter_mner_to_hub(data, "user/twitter-mner", "twitter2017")
 """

@@ -243,7 +243,7 @@ def test_an_unreachable_hub_is_one_argument_error(monkeypatch):
     from types import SimpleNamespace
 
     import train_pmner
-    from training_pmner.twitter_mner import hub_transport_errors
+    from training_pmner.twitter_mner_hub import hub_transport_errors
 
     connect_error = next(error for error in hub_transport_errors() if error.__name__ == "TransportError")
 

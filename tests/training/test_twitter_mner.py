@@ -16,11 +16,10 @@ from training_pmner.twitter_mner import (
     TwitterMNERDownloadError,
     TwitterMNERFormatError,
     count_missing_images,
-    export_to_parquet,
     load_twitter_mner,
-    push_twitter_mner_to_hub,
     read_twitter_conll,
 )
+from training_pmner.twitter_mner_hub import export_to_parquet, push_twitter_mner_to_hub
 
 
 REAL_DATA = Path("/work/shared/data")
