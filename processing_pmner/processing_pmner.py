@@ -18,16 +18,16 @@ Sentences longer than `max_length` are split into overlapping word windows (`ove
 predictions are merged back to one tag per word, or cut with a warning and a count of dropped words
 (`overflow="truncate"`). Nothing is cut silently.
 
-The rows themselves (template, windows, context, labels, padding) are built in `text_prompt_rows.py`; the tag schemes
-and the processor/model label check live in `text_tag_schemes.py`, the word-start spaces of byte-level
-BPE tokenizers in `text_word_start_spaces.py`, the windows in `text_windows.py`; their public names are re-exported
-here. This file is copied flat into saved processor folders (remote code) with those siblings: it imports them only
-relatively.
+The rows themselves (plan, windows, context, padding) are built by `PromptRows` (`text_prompt_rows.py`), which the
+processor owns; the template is parsed in `text_prompt_template.py`, tags are turned into ids and aligned to sub-words
+in `text_label_alignment.py`, the tag schemes and the processor/model label check live in `text_tag_schemes.py`, the
+word-start spaces of byte-level BPE tokenizers in `text_word_start_spaces.py`, the windows in `text_windows.py`, the
+row-to-word mapping in `text_row_mapping.py`; their public names are re-exported here. This file is copied flat into
+saved processor folders (remote code) with those siblings: it imports them only relatively.
 """
 
 import json
 import os
-import string
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,7 +38,9 @@ from transformers.utils import logging
 
 from .image_frr_models import hub_kwargs_of, resolve_revision_once, save_with_frr_weights
 from .image_processing_pmner import PMNERImageProcessor
-from .text_prompt_rows import PromptRowsMixin, TruncationWarning
+from .text_prompt_rows import PromptRows, TruncationWarning, as_batch
+from .text_prompt_template import DEFAULT_PROMPT_TEMPLATE, PromptTemplate
+from .text_row_mapping import mapping_columns, mapping_of, merge_rows
 from .text_windows import window_owner, word_windows
 from .text_tag_schemes import (
     _split_tag,
@@ -54,11 +56,9 @@ from .text_word_start_spaces import PROBE_WORDS, split_words_match_running_text,
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_PROMPT_TEMPLATE = "{sentence} , the word of {word} is {mask} ."
 PROMPT_MODES = ("token", "cloze")
 OVERFLOW_MODES = ("window", "truncate")
 DEFAULT_LABEL_NAMES = ["O"] + [f"{p}-{e}" for e in ("PER", "LOC", "ORG", "MISC") for p in ("B", "I")]
-TEMPLATE_FIELDS = ("sentence", "word", "mask")
 
 
 def _as_float_tensor(values, name: str) -> torch.Tensor:
@@ -77,10 +77,51 @@ def _as_float_tensor(values, name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _as_list(values) -> list:
-    if isinstance(values, (torch.Tensor, np.ndarray)):
-        return values.tolist()
-    return list(values)
+def _visual_inputs(image_processor, batch_size, single, images, visual_features, visual_mask, image_kwargs):
+    """`(features (batch, objects, D), mask (batch, objects))` from images, precomputed features or nothing."""
+    if images is not None and visual_features is not None:
+        raise ValueError("pass either `images` or precomputed `visual_features`, not both")
+    if images is not None:
+        if single and not (isinstance(images, (list, tuple)) and len(images) == 1):
+            images = [images]
+        images = list(images)
+        if len(images) != batch_size:
+            raise ValueError(f"images has {len(images)} entries for {batch_size} sentences")
+        output = image_processor(images, return_tensors="pt", **(image_kwargs or {}))
+        return output["visual_features"], output["visual_mask"]
+    if visual_features is not None:
+        features = _as_float_tensor(visual_features, "visual_features")
+        if single and features.dim() == 2:
+            features = features.unsqueeze(0)  # (1, objects, D)
+        if features.dim() != 3 or features.shape[0] != batch_size:
+            raise ValueError(
+                f"visual_features has shape {tuple(features.shape)}; expected (batch={batch_size}, objects, dim)"
+            )
+        finite = torch.isfinite(features).flatten(1).all(dim=1)  # (batch,)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(
+                f"visual_features of sentence(s) {bad[:10]} (row index in this batch) hold NaN or infinite "
+                "values; the model would give NaN logits. Re-extract those images' features"
+            )
+        if visual_mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool)  # (batch, objects)
+        else:
+            mask = torch.as_tensor(np.asarray(visual_mask) if isinstance(visual_mask, list) else visual_mask).bool()
+            if single and mask.dim() == 1:
+                mask = mask.unsqueeze(0)  # (1, objects)
+            if mask.shape != features.shape[:2]:
+                raise ValueError(
+                    f"visual_mask has shape {tuple(mask.shape)}; expected {tuple(features.shape[:2])}"
+                )
+        return features, mask
+    if visual_mask is not None:
+        raise ValueError("visual_mask was given without visual_features")
+    objects, dim = image_processor.max_objects, image_processor.feature_dim
+    return (
+        torch.zeros(batch_size, objects, dim),  # (batch, objects, D): no image
+        torch.zeros(batch_size, objects, dtype=torch.bool),  # (batch, objects)
+    )
 
 
 def _model_config_beside(pretrained_model_name_or_path, hub_kwargs: dict) -> tuple[str, SimpleNamespace | None]:
@@ -180,7 +221,7 @@ class PMNERBatchFeature(BatchFeature):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
+class PMNERProcessor(ProcessorMixin):
     r"""
     Processor of P-MNER: wraps word-tokenised tweets in the prompt template, tokenises them with the masked LM's
     tokenizer, aligns word tags to sub-words and adds the FRR visual features of the tweets' images.
@@ -242,8 +283,19 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
         self.stride = int(stride)
         self.overflow = overflow
         self.context_source = dict(context_source) if context_source else None
-        self._template = self._parse_template(prompt_template)
+        self._template = PromptTemplate(prompt_template)
         self._validate()
+
+    @property
+    def prompt_rows(self) -> PromptRows:
+        """The row builder of the current settings, built again when one of them changed (the pipeline sets
+        `overflow`, a deep copy has its own tokenizer)."""
+        settings = (self.tokenizer, self._template, self.prompt_mode, self.max_length, self.stride, self.overflow,
+                    self.label_names, self.tag_scheme)
+        rows = self.__dict__.get("_prompt_rows")
+        if rows is None or rows.settings() != settings:  # the tokenizer and the template compare by identity
+            rows = self._prompt_rows = PromptRows(*settings)
+        return rows
 
     # -- settings -------------------------------------------------------------------------------------------------
 
@@ -256,8 +308,7 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
             raise ValueError(f"stride must be at least 0, got {self.stride}")
         if self.tokenizer.mask_token is None:
             raise ValueError(f"the tokenizer {type(self.tokenizer).__name__} has no mask token")
-        fields = {element[0] for element in self._template if element[0] != "text"}
-        if self.prompt_mode == "cloze" and not {"word", "mask"} <= fields:
+        if self.prompt_mode == "cloze" and not {"word", "mask"} <= self._template.fields:
             raise ValueError(
                 f"prompt_mode='cloze' needs the fields {{word}} and {{mask}} in prompt_template={self.prompt_template!r}"
             )
@@ -269,34 +320,12 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
             _split_tag(name, index, "BIOES")
         self.label2id = {name: index for index, name in enumerate(self.label_names)}
         self.tag_scheme = tag_scheme_of(self.label_names)
-        budget = self._budget(max_word_pieces=1)
+        budget = self.prompt_rows.budget(max_word_pieces=1)
         if budget < 1:
             raise ValueError(
                 f"max_length={self.max_length} leaves no room for the sentence: the special tokens and the template "
                 f"{self.prompt_template!r} already take {self.max_length - budget + 1} tokens"
             )
-
-    @staticmethod
-    def _parse_template(template: str) -> list[tuple]:
-        elements, seen = [], []
-        try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as error:
-            raise ValueError(f"prompt_template={template!r} is not a valid template: {error}") from error
-        for literal, field, spec, conversion in parsed:
-            if literal.strip():
-                elements.append(("text", literal.split()))
-            if field is None:
-                continue
-            if field not in TEMPLATE_FIELDS or spec or conversion:
-                raise ValueError(f"prompt_template={template!r}: unknown field {{{field}}}; use {TEMPLATE_FIELDS}")
-            if field in seen:
-                raise ValueError(f"prompt_template={template!r}: the field {{{field}}} appears twice")
-            seen.append(field)
-            elements.append((field,))
-        if "sentence" not in seen:
-            raise ValueError(f"prompt_template={template!r} has no {{sentence}} field")
-        return elements
 
     @property
     def model_input_names(self) -> list[str]:
@@ -383,7 +412,7 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
             raise TypeError(f"PMNERProcessor got unexpected arguments {sorted(kwargs)}")
         if words_or_batch is None:
             raise ValueError("PMNERProcessor needs the words of at least one sentence")
-        sentences, single = self._as_batch(words_or_batch)
+        sentences, single = as_batch(words_or_batch)
         if labels is not None:
             labels = [labels] if single else list(labels)
             if len(labels) != len(sentences):
@@ -398,22 +427,18 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
                 f"return_tensors={return_tensors!r} cannot hold: pass return_tensors=None"
             )
 
-        contexts = self._contexts(context, len(sentences), single)
-        rows, mapping = self._encode_rows(sentences, labels, contexts)
-        visual = self._visual_inputs(len(sentences), single, images, visual_features, visual_mask, image_kwargs)
-        data = self._pad(rows, padding, mapping, with_labels=labels is not None)
+        prompt_rows = self.prompt_rows
+        contexts = prompt_rows.context_words(context, len(sentences), single)
+        rows, mapping = prompt_rows.encode(sentences, labels, contexts)
+        visual = _visual_inputs(
+            self.image_processor, len(sentences), single, images, visual_features, visual_mask, image_kwargs
+        )
+        data = prompt_rows.pad(rows, padding, mapping, with_labels=labels is not None)
         row_samples = torch.tensor(mapping["sample_mapping"], dtype=torch.long)  # (rows,)
         data["visual_features"] = visual[0][row_samples]  # (rows, objects, D)
         data["visual_mask"] = visual[1][row_samples]  # (rows, objects)
         if return_mapping:
-            columns = {
-                "sample_mapping": list(mapping["sample_mapping"]),  # (rows,)
-                "word_ids": [[-1 if word is None else word for word in ids] for ids in mapping["word_ids"]],  # (rows, L)
-                "prediction_word_index": [list(ids) for ids in mapping["prediction_word_index"]],  # (rows, L)
-                "num_words": [mapping["num_words"][sample] for sample in mapping["sample_mapping"]],  # (rows,)
-            }
-            for key, value in columns.items():  # unpadded rows stay lists of their own lengths
-                data[key] = value if padding == "do_not_pad" else torch.tensor(value, dtype=torch.long)
+            data.update(mapping_columns(mapping, as_tensors=padding != "do_not_pad"))
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         elif return_tensors is None:
@@ -422,79 +447,7 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         return PMNERBatchFeature(data, mapping=mapping)
 
-    def _visual_inputs(self, batch_size, single, images, visual_features, visual_mask, image_kwargs):
-        """`(features (batch, objects, D), mask (batch, objects))` from images, precomputed features or nothing."""
-        if images is not None and visual_features is not None:
-            raise ValueError("pass either `images` or precomputed `visual_features`, not both")
-        if images is not None:
-            if single and not (isinstance(images, (list, tuple)) and len(images) == 1):
-                images = [images]
-            images = list(images)
-            if len(images) != batch_size:
-                raise ValueError(f"images has {len(images)} entries for {batch_size} sentences")
-            output = self.image_processor(images, return_tensors="pt", **(image_kwargs or {}))
-            return output["visual_features"], output["visual_mask"]
-        if visual_features is not None:
-            features = _as_float_tensor(visual_features, "visual_features")
-            if single and features.dim() == 2:
-                features = features.unsqueeze(0)  # (1, objects, D)
-            if features.dim() != 3 or features.shape[0] != batch_size:
-                raise ValueError(
-                    f"visual_features has shape {tuple(features.shape)}; expected (batch={batch_size}, objects, dim)"
-                )
-            finite = torch.isfinite(features).flatten(1).all(dim=1)  # (batch,)
-            if not bool(finite.all()):
-                bad = torch.nonzero(~finite).flatten().tolist()
-                raise ValueError(
-                    f"visual_features of sentence(s) {bad[:10]} (row index in this batch) hold NaN or infinite "
-                    "values; the model would give NaN logits. Re-extract those images' features"
-                )
-            if visual_mask is None:
-                mask = torch.ones(features.shape[:2], dtype=torch.bool)  # (batch, objects)
-            else:
-                mask = torch.as_tensor(np.asarray(visual_mask) if isinstance(visual_mask, list) else visual_mask).bool()
-                if single and mask.dim() == 1:
-                    mask = mask.unsqueeze(0)  # (1, objects)
-                if mask.shape != features.shape[:2]:
-                    raise ValueError(
-                        f"visual_mask has shape {tuple(mask.shape)}; expected {tuple(features.shape[:2])}"
-                    )
-            return features, mask
-        if visual_mask is not None:
-            raise ValueError("visual_mask was given without visual_features")
-        objects, dim = self.image_processor.max_objects, self.image_processor.feature_dim
-        return (
-            torch.zeros(batch_size, objects, dim),  # (batch, objects, D): no image
-            torch.zeros(batch_size, objects, dtype=torch.bool),  # (batch, objects)
-        )
-
     # -- decoding ------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _mapping_of(batch) -> dict:
-        mapping = getattr(batch, "mapping", None)
-        if mapping:
-            return mapping
-        keys = ("sample_mapping", "prediction_word_index", "num_words")
-        if isinstance(batch, dict) and all(key in batch for key in keys):
-            # lists, arrays, tensors or datasets columns
-            samples = [int(sample) for sample in _as_list(batch["sample_mapping"])]
-            num_words = [int(count) for count in _as_list(batch["num_words"])]
-            per_sentence = {}
-            for sample, count in zip(samples, num_words):
-                per_sentence[sample] = count
-            total = max(per_sentence) + 1 if per_sentence else 0
-            return {
-                "sample_mapping": samples,
-                "prediction_word_index": [
-                    [int(word) for word in _as_list(row)] for row in _as_list(batch["prediction_word_index"])
-                ],
-                "num_words": [per_sentence.get(index, 0) for index in range(total)],
-            }
-        raise ValueError(
-            "cannot map predictions back to words: pass the PMNERBatchFeature returned by the processor, or a dict "
-            "with sample_mapping, prediction_word_index and num_words (return_mapping=True)"
-        )
 
     def merge_window_predictions(self, predictions, batch, fill=None) -> list[list]:
         """Per input sentence, per word, the row value at the position that predicts it.
@@ -503,23 +456,7 @@ class PMNERProcessor(PromptRowsMixin, ProcessorMixin):
         the window where it has most context (token mode) or its cloze query. Words without a prediction (dropped
         by truncation) get `fill`.
         """
-        mapping = self._mapping_of(batch)
-        if isinstance(predictions, torch.Tensor):
-            predictions = predictions.detach().cpu().numpy()
-        predictions = np.asarray(predictions)
-        positions = mapping["prediction_word_index"]
-        if predictions.shape[0] != len(positions):
-            raise ValueError(f"predictions have {predictions.shape[0]} rows; the batch has {len(positions)}")
-        merged = [[fill] * count for count in mapping["num_words"]]
-        for row, (sample, row_positions) in enumerate(zip(mapping["sample_mapping"], positions)):
-            if predictions.shape[1] < len(row_positions):
-                raise ValueError(
-                    f"predictions have length {predictions.shape[1]}; the batch rows have {len(row_positions)}"
-                )
-            for position, word in enumerate(row_positions):
-                if word >= 0:
-                    merged[sample][word] = predictions[row, position]
-        return merged
+        return merge_rows(predictions, mapping_of(batch), fill)
 
     def post_process_token_classification(self, predictions, batch, output_scheme: str = "BIO") -> list[list[str]]:
         """Per input sentence, one tag per word.

@@ -1,18 +1,28 @@
-"""How the P-MNER processor turns word-tokenised tweets into model rows: the prompt template around each tweet (or
-each window of a long one), the optional context as the second text of a pair, sub-word labels and prediction
-positions, and padding. A mixin of [`PMNERProcessor`], which holds the settings (tokenizer, template, prompt mode,
-`max_length`, `stride`, `overflow`).
+"""How the P-MNER processor turns word-tokenised tweets into model rows: [`PromptRows`], owned by
+[`PMNERProcessor`] and built from its settings (tokenizer, template, prompt mode, `max_length`, `stride`, `overflow`,
+tags).
+
+Each sentence is first planned (its sub-word counts, whether its context fits, its word windows and the window that
+predicts each word), then becomes rows (token mode: one per window; cloze mode: one per word), which are tokenised
+together and aligned (word ids, prediction positions, labels), then padded.
 
 This file is copied flat into saved processor folders (remote code): it imports its siblings only relatively.
 """
 
+import copy
 import warnings
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from .text_label_alignment import align_row, tag_ids
+from .text_prompt_template import PromptTemplate
 from .text_windows import window_owner, word_windows
-from .text_tag_schemes import convert_tags
+
+
+MAPPING_KEYS = ("sample_mapping", "word_ids", "prediction_word_index", "windows", "query_word")
+# warnings point at the caller of PMNERProcessor.__call__ (warn <- plan step <- encode <- __call__ <- caller)
+CALLER = 5
 
 
 class TruncationWarning(UserWarning):
@@ -29,84 +39,118 @@ def _fit(words: list[str], pieces: list[int], free: int) -> list[str] | None:
     return words or None
 
 
-class PromptRowsMixin:
-    """Row building of [`PMNERProcessor`] (see the module docstring)."""
+def as_batch(words_or_batch) -> tuple[list[list[str]], bool]:
+    """`(sentences as lists of words, whether one sentence was given)`."""
+    if isinstance(words_or_batch, str):
+        return [words_or_batch.split()], True
+    items = list(words_or_batch)
+    if all(isinstance(item, str) for item in items):
+        return [items], True  # one pre-tokenised sentence (an empty list is one empty sentence)
+    sentences = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            sentences.append(item.split())
+        elif isinstance(item, (list, tuple)) and all(isinstance(word, str) for word in item):
+            sentences.append(list(item))
+        else:
+            raise ValueError(
+                f"sentence {index} is a {type(item).__name__}; expected a list of words (strings) or a string"
+            )
+    return sentences, False
 
-    # -- tokenisation helpers -----------------------------------------------------------------------------------
 
-    def _word_pieces(self, words: list[str]) -> list[list[int]]:
+@dataclass
+class SentencePlan:
+    """How one sentence becomes rows: its words (one the tokenizer cannot encode in a row is the unknown token),
+    their sub-word counts, its windows, the window that predicts each kept word, its context and tag ids."""
+
+    index: int
+    words: list[str]
+    counts: list[int]
+    windows: list[tuple[int, int]]
+    owners: list[int]
+    context: list[str] | None
+    context_pieces: list[int] | None
+    tags: list[int] | None
+    dropped: int
+
+
+@dataclass
+class PlannedRow:
+    """One row before tokenisation: its words and their roles, its context words, and `predicted_at`, the sentence
+    word predicted at the first sub-word of each role."""
+
+    sample: int
+    window: tuple[int, int]
+    query: int | None
+    words: list[str]
+    roles: list
+    context: list[str] | None
+    predicted_at: dict
+    tags: list[int] | None
+
+
+class PromptRows:
+    """Builds the rows of [`PMNERProcessor`] (see the module docstring); its settings are never changed in place."""
+
+    def __init__(self, tokenizer, template: PromptTemplate, prompt_mode: str, max_length: int, stride: int,
+                 overflow: str, label_names: list[str], tag_scheme: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.prompt_mode = prompt_mode
+        self.max_length = max_length
+        self.stride = stride
+        self.overflow = overflow
+        self.label_names = list(label_names)
+        self.tag_scheme = tag_scheme
+        self.template_tokens = self._template_tokens()
+
+    def settings(self) -> tuple:
+        """The arguments these rows were built from, in order."""
+        return (self.tokenizer, self.template, self.prompt_mode, self.max_length, self.stride, self.overflow,
+                self.label_names, self.tag_scheme)
+
+    def __deepcopy__(self, memo):
+        # ProcessorMixin.to_dict deep-copies the processor's attributes but not its tokenizer: share it, and the
+        # settings (never changed in place)
+        return copy.copy(self)
+
+    # -- sizes ----------------------------------------------------------------------------------------------------
+
+    def word_pieces(self, words: list[str]) -> list[list[int]]:
         """Sub-word ids of each word (as the tokenizer splits them in context, words separated by spaces)."""
         if not words:
             return []
-        encoding = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
+        # a whole tweet longer than model_max_length is tokenised here to place its windows: no length warning
+        encoding = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False, verbose=False)
         pieces = [[] for _ in words]
         for token_id, word in zip(encoding["input_ids"], encoding.word_ids()):
             if word is not None:
                 pieces[word].append(token_id)
         return pieces
 
-    def _template_pieces(self) -> int:
-        """Tokens of the template's literal text and mask (not `{word}`, not `{sentence}`)."""
+    def _template_tokens(self) -> int:
+        """Tokens of the template's literal text and mask (not `{sentence}`; `{word}` in token mode, as a mask)."""
         total = 0
-        for element in self._template:
+        for element in self.template.elements:
             if element[0] == "text":
-                total += sum(len(pieces) or 1 for pieces in self._word_pieces(element[1]))
-            elif element[0] == "mask":
-                total += 1
-            elif element[0] == "word" and self.prompt_mode == "token":
+                total += sum(len(pieces) or 1 for pieces in self.word_pieces(element[1]))
+            elif element[0] == "mask" or (element[0] == "word" and self.prompt_mode == "token"):
                 total += 1
         return total
 
-    def _row_limit(self) -> int:
+    @property
+    def row_limit(self) -> int:
         return min(self.max_length, self.tokenizer.model_max_length or self.max_length)
 
-    def _budget(self, max_word_pieces: int, pair: bool = False) -> int:
+    def budget(self, max_word_pieces: int, pair: bool = False) -> int:
         """Sentence tokens that fit in one row (`pair`: a row that also holds a context)."""
-        budget = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=pair) - self._template_pieces()
+        budget = self.row_limit - self.tokenizer.num_special_tokens_to_add(pair=pair) - self.template_tokens
         if self.prompt_mode == "cloze":
             budget -= max_word_pieces
         return budget
 
-    def _row_words(self, sentence: list[str], window: tuple[int, int], query: int | None) -> tuple[list[str], list]:
-        """The words of one row and, for each, its role: a sentence word index, "mask", "query" or None."""
-        words, roles = [], []
-        mask = self.tokenizer.mask_token
-        for element in self._template:
-            kind = element[0]
-            if kind == "text":
-                words += element[1]
-                roles += [None] * len(element[1])
-            elif kind == "sentence":
-                words += sentence[window[0] : window[1]]
-                roles += list(range(window[0], window[1]))
-            elif kind == "mask":
-                words.append(mask)
-                roles.append("mask")
-            elif kind == "word":
-                words.append(sentence[query] if query is not None else mask)
-                roles.append("query" if query is not None else None)
-        return words, roles
-
-    @staticmethod
-    def _as_batch(words_or_batch) -> tuple[list[list[str]], bool]:
-        if isinstance(words_or_batch, str):
-            return [words_or_batch.split()], True
-        items = list(words_or_batch)
-        if all(isinstance(item, str) for item in items):
-            return [items], True  # one pre-tokenised sentence (an empty list is one empty sentence)
-        sentences = []
-        for index, item in enumerate(items):
-            if isinstance(item, str):
-                sentences.append(item.split())
-            elif isinstance(item, (list, tuple)) and all(isinstance(word, str) for word in item):
-                sentences.append(list(item))
-            else:
-                raise ValueError(
-                    f"sentence {index} is a {type(item).__name__}; expected a list of words (strings) or a string"
-                )
-        return sentences, False
-
-    def _contexts(self, context, batch_size: int, single: bool) -> list[list[str] | None]:
+    def context_words(self, context, batch_size: int, single: bool) -> list[list[str] | None]:
         """Per sentence, the context's words (at most as many as a row has tokens) or `None`."""
         if context is None:
             return [None] * batch_size
@@ -124,186 +168,157 @@ class PromptRowsMixin:
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"context of sentence {index} is a {type(text).__name__}; expected a string or None")
             words = text.split() if text else []
-            contexts.append(words[: self._row_limit()] or None)  # every word takes at least one token
+            contexts.append(words[: self.row_limit] or None)  # every word takes at least one token
         return contexts
 
-    def _label_ids(self, tags, num_words: int, sentence: int) -> list[int]:
-        if isinstance(tags, (torch.Tensor, np.ndarray)):
-            tags = tags.tolist()
-        tags = list(tags)
-        if len(tags) != num_words:
-            raise ValueError(f"sentence {sentence} has {num_words} words but {len(tags)} labels")
-        if all(isinstance(tag, (int, np.integer)) and not isinstance(tag, bool) for tag in tags):
-            for tag in tags:
-                if not 0 <= tag < len(self.label_names):
-                    raise ValueError(
-                        f"sentence {sentence}: label id {tag} is not an id of label_names ({len(self.label_names)} tags)"
-                    )
-            return [int(tag) for tag in tags]
-        if not all(isinstance(tag, str) for tag in tags):
-            raise ValueError(f"sentence {sentence}: labels must be all tag strings or all ids, got {tags}")
-        try:
-            converted = convert_tags(tags, self.tag_scheme)
-        except ValueError as error:
-            raise ValueError(f"sentence {sentence}: {error}") from error
-        unknown = sorted({(tag, new) for tag, new in zip(tags, converted) if new not in self.label2id})
-        if unknown:
-            described = [tag if tag == new else f"{tag} (as {new} in {self.tag_scheme})" for tag, new in unknown]
-            raise ValueError(f"sentence {sentence}: tags {described} are not in label_names {self.label_names}")
-        return [self.label2id[tag] for tag in converted]
+    # -- rows -----------------------------------------------------------------------------------------------------
 
-    def _encode_rows(self, sentences: list[list[str]], labels, contexts=None) -> tuple[list[dict], dict]:
-        """Builds every row (input ids, roles, labels, prediction positions) and the mapping."""
+    def encode(self, sentences: list[list[str]], labels, contexts=None) -> tuple[list[dict], dict]:
+        """Every row (input ids, attention mask, token types, labels) and the mapping back to sentences and words."""
         contexts = contexts or [None] * len(sentences)
-        mapping = {
-            "sample_mapping": [], "word_ids": [], "prediction_word_index": [], "windows": [], "query_word": [],
-            "num_words": [len(sentence) for sentence in sentences], "num_dropped_words": [],
-        }
-        row_words, row_roles, row_meta, row_contexts = [], [], [], []
-        unk = self.tokenizer.unk_token
+        planned, dropped = [], []
         for index, sentence in enumerate(sentences):
-            sentence = list(sentence)
-            tag_ids = self._label_ids(labels[index], len(sentence), index) if labels is not None else None
-            pieces = self._word_pieces(sentence)
-            base = self._budget(max_word_pieces=0, pair=contexts[index] is not None)
-            # a cloze row holds the queried word twice (in the sentence and in the template)
-            limit = base if self.prompt_mode == "token" else base // 2
-            for position, word_pieces in enumerate(pieces):
-                if not word_pieces:
-                    sentence[position] = unk  # a word the tokenizer drops (e.g. a zero-width space) keeps a position
-                    pieces[position] = [self.tokenizer.unk_token_id]
-                elif len(word_pieces) > limit:
-                    warnings.warn(
-                        f"sentence {index}, word {position} ({sentence[position][:40]!r}) has {len(word_pieces)} "
-                        f"sub-words, more than fit in max_length={self.max_length}; it is encoded as {unk}",
-                        TruncationWarning,
-                        stacklevel=3,
-                    )
-                    sentence[position] = unk
-                    pieces[position] = [self.tokenizer.unk_token_id]
-            max_pieces = max((len(p) for p in pieces), default=0)
-            budget = base - max_pieces if self.prompt_mode == "cloze" else base
-            counts = [len(p) for p in pieces]
-            context = contexts[index]
-            if context is not None and sum(counts) > budget:
-                # the pair's own separators (1-2 tokens) must not cost the tweet a word: a tweet that fits a row
-                # alone, or one cut to one row anyway (overflow="truncate"), is encoded without its context
-                alone = self._budget(max_word_pieces=0, pair=False)
-                alone = alone - max_pieces if self.prompt_mode == "cloze" else alone
-                if sum(counts) <= alone or self.overflow == "truncate":
-                    context, budget = None, alone
-            context_pieces = None
-            if context is not None:
-                context_pieces = [len(p) or 1 for p in self._word_pieces(context)]
-                taken = self._row_limit() - self.tokenizer.num_special_tokens_to_add(pair=True) - self._template_pieces()
-                if sum(counts) > budget and self.overflow == "window":
-                    # a tweet that needs windows: each window leaves up to half the row to the context
-                    budget -= min(sum(context_pieces), budget // 2)
-            windows = word_windows(counts, budget, self.stride)
-            dropped = 0
-            if self.overflow == "truncate" and len(windows) > 1:
-                windows = windows[:1]
-                dropped = len(sentence) - windows[0][1]
-                warnings.warn(
-                    f"sentence {index} does not fit in max_length={self.max_length}: its last {dropped} of "
-                    f"{len(sentence)} words are dropped (overflow='truncate'; use overflow='window' to keep them)",
-                    TruncationWarning,
-                    stacklevel=3,
-                )
-            mapping["num_dropped_words"].append(dropped)
-            kept = windows[-1][1] if self.overflow == "truncate" else len(sentence)
-            owners = [window_owner(windows, word, kept) for word in range(kept)]
-            if self.prompt_mode == "token":
-                for window_index, window in enumerate(windows):
-                    words, roles = self._row_words(sentence, window, None)
-                    row_words.append(words)
-                    row_roles.append(roles)
-                    row_meta.append((index, window, None, window_index, owners, tag_ids))
-                    if context_pieces is not None:
-                        free = taken - sum(counts[window[0] : window[1]])
-                        row_contexts.append(_fit(context, context_pieces, free))
-                    else:
-                        row_contexts.append(None)
-            else:
-                for word in range(kept):
-                    window = windows[owners[word]]
-                    words, roles = self._row_words(sentence, window, word)
-                    row_words.append(words)
-                    row_roles.append(roles)
-                    row_meta.append((index, window, word, owners[word], owners, tag_ids))
-                    if context_pieces is not None:
-                        free = taken - sum(counts[window[0] : window[1]]) - counts[word]
-                        row_contexts.append(_fit(context, context_pieces, free))
-                    else:
-                        row_contexts.append(None)
-
-        rows = []
-        encoded = self._tokenize_rows(row_words, row_contexts)
-        for row, (words, roles, meta) in enumerate(zip(row_words, row_roles, row_meta)):
-            sample, window, query, window_index, owners, tag_ids = meta
-            encoding, position = encoded[row]
-            input_ids = encoding["input_ids"][position]
-            if len(input_ids) > self._row_limit():
-                raise RuntimeError(
-                    f"sentence {sample}: a row has {len(input_ids)} tokens, over max_length={self.max_length}; the "
-                    "tokenizer splits words differently in context than alone"
-                )
-            word_ids, prediction, row_labels = [], [], []
-            previous = None
-            for token_word, sequence in zip(encoding.word_ids(position), encoding.sequence_ids(position)):
-                role = roles[token_word] if token_word is not None and sequence == 0 else None  # context: no role
-                first = token_word is not None and token_word != previous
-                previous = token_word
-                sentence_word = role if isinstance(role, int) else None
-                word_ids.append(sentence_word)
-                predicted = -1
-                if self.prompt_mode == "token" and sentence_word is not None and first:
-                    if owners[sentence_word] == window_index:
-                        predicted = sentence_word
-                elif self.prompt_mode == "cloze" and role == "mask" and first:
-                    predicted = query
-                prediction.append(predicted)
-                if tag_ids is not None:
-                    row_labels.append(tag_ids[predicted] if predicted >= 0 else -100)
-            entry = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
-            if "token_type_ids" in encoding:
-                entry["token_type_ids"] = encoding["token_type_ids"][position]
-            if tag_ids is not None:
-                entry["labels"] = row_labels
-            rows.append(entry)
-            mapping["sample_mapping"].append(sample)
-            mapping["word_ids"].append(word_ids)
-            mapping["prediction_word_index"].append(prediction)
-            mapping["windows"].append(window)
-            mapping["query_word"].append(query)
+            tags = None
+            if labels is not None:
+                tags = tag_ids(labels[index], len(sentence), index, self.label_names, self.tag_scheme)
+            plan = self._plan(index, sentence, contexts[index], tags)
+            dropped.append(plan.dropped)
+            planned += self._token_rows(plan) if self.prompt_mode == "token" else self._cloze_rows(plan)
+        mapping = {key: [] for key in MAPPING_KEYS}
+        mapping.update(num_words=[len(sentence) for sentence in sentences], num_dropped_words=dropped)
+        rows = [self._aligned(row, *encoded, mapping) for row, encoded in zip(planned, self._tokenize(planned))]
         return rows, mapping
 
-    def _tokenize_rows(self, row_words: list[list[str]], row_contexts: list) -> list[tuple]:
+    def _plan(self, index: int, sentence: list[str], context, tags) -> SentencePlan:
+        """The plan step: sub-word counts, the context kept or not, the windows and the window of each word."""
+        words, counts = self._encodable(index, sentence, pair=context is not None)
+        budget = self.budget(max(counts, default=0), pair=context is not None)
+        if context is not None and sum(counts) > budget:
+            # the pair's own separators (1-2 tokens) must not cost the tweet a word: a tweet that fits a row
+            # alone, or one cut to one row anyway (overflow="truncate"), is encoded without its context
+            alone = self.budget(max(counts, default=0), pair=False)
+            if sum(counts) <= alone or self.overflow == "truncate":
+                context, budget = None, alone
+        context_pieces = None
+        if context is not None:
+            context_pieces = [len(pieces) or 1 for pieces in self.word_pieces(context)]
+            if sum(counts) > budget and self.overflow == "window":
+                # a tweet that needs windows: each window leaves up to half the row to the context
+                budget -= min(sum(context_pieces), budget // 2)
+        windows, dropped = self._windows(index, counts, budget)
+        kept = windows[-1][1] if self.overflow == "truncate" else len(words)
+        owners = [window_owner(windows, word, kept) for word in range(kept)]
+        return SentencePlan(index, words, counts, windows, owners, context, context_pieces, tags, dropped)
+
+    def _encodable(self, index: int, sentence: list[str], pair: bool) -> tuple[list[str], list[int]]:
+        """The sentence's words and their sub-word counts; a word the tokenizer drops (e.g. a zero-width space) or
+        one too long for a row (with a warning) is the unknown token, so it keeps a position."""
+        base = self.budget(0, pair=pair)
+        # a cloze row holds the queried word twice (in the sentence and in the template)
+        limit = base if self.prompt_mode == "token" else base // 2
+        words, counts = list(sentence), []
+        for position, pieces in enumerate(self.word_pieces(words)):
+            if pieces and len(pieces) > limit:
+                warnings.warn(
+                    f"sentence {index}, word {position} ({words[position][:40]!r}) has {len(pieces)} sub-words, "
+                    f"more than fit in max_length={self.max_length}; it is encoded as {self.tokenizer.unk_token}",
+                    TruncationWarning,
+                    stacklevel=CALLER,
+                )
+            if not pieces or len(pieces) > limit:
+                words[position], pieces = self.tokenizer.unk_token, [self.tokenizer.unk_token_id]
+            counts.append(len(pieces))
+        return words, counts
+
+    def _windows(self, index: int, counts: list[int], budget: int) -> tuple[list[tuple[int, int]], int]:
+        """`(windows, dropped word count)`: all windows, or the first one only with `overflow="truncate"`."""
+        windows = word_windows(counts, budget, self.stride)
+        if self.overflow != "truncate" or len(windows) == 1:
+            return windows, 0
+        dropped = len(counts) - windows[0][1]
+        warnings.warn(
+            f"sentence {index} does not fit in max_length={self.max_length}: its last {dropped} of "
+            f"{len(counts)} words are dropped (overflow='truncate'; use overflow='window' to keep them)",
+            TruncationWarning,
+            stacklevel=CALLER,
+        )
+        return windows[:1], dropped
+
+    def _token_rows(self, plan: SentencePlan) -> list[PlannedRow]:
+        """Token mode: one row per window, each word predicted at its first sub-word in the window that owns it."""
+        rows = []
+        for number, window in enumerate(plan.windows):
+            words, roles = self.template.row_words(plan.words, window, None, self.tokenizer.mask_token)
+            predicted_at = {word: word for word in range(*window) if plan.owners[word] == number}
+            context = self._row_context(plan, window, query_tokens=0)
+            rows.append(PlannedRow(plan.index, window, None, words, roles, context, predicted_at, plan.tags))
+        return rows
+
+    def _cloze_rows(self, plan: SentencePlan) -> list[PlannedRow]:
+        """Cloze mode: one row per word, in the window that owns it, predicted at the mask."""
+        rows = []
+        for word, owner in enumerate(plan.owners):
+            window = plan.windows[owner]
+            words, roles = self.template.row_words(plan.words, window, word, self.tokenizer.mask_token)
+            context = self._row_context(plan, window, query_tokens=plan.counts[word])
+            rows.append(PlannedRow(plan.index, window, word, words, roles, context, {"mask": word}, plan.tags))
+        return rows
+
+    def _row_context(self, plan: SentencePlan, window: tuple[int, int], query_tokens: int) -> list[str] | None:
+        """The first words of the sentence's context that fit beside the row's sentence words (and query)."""
+        if plan.context is None:
+            return None
+        free = self.budget(0, pair=True) - sum(plan.counts[window[0] : window[1]]) - query_tokens
+        return _fit(plan.context, plan.context_pieces, free)
+
+    def _tokenize(self, rows: list[PlannedRow]) -> list[tuple]:
         """Per row, `(encoding, index in it)`: rows without context in one call, rows with one as text pairs in
         another, the context truncated (`only_second`) to what the row leaves free."""
-        encoded = [None] * len(row_words)
-        plain = [row for row, context in enumerate(row_contexts) if context is None]
-        paired = [row for row, context in enumerate(row_contexts) if context is not None]
+        encoded = [None] * len(rows)
+        plain = [number for number, row in enumerate(rows) if row.context is None]
+        paired = [number for number, row in enumerate(rows) if row.context is not None]
         if plain:
             encoding = self.tokenizer(
-                [row_words[row] for row in plain], is_split_into_words=True, add_special_tokens=True, truncation=False
+                [rows[number].words for number in plain], is_split_into_words=True, add_special_tokens=True,
+                truncation=False,
             )
-            for position, row in enumerate(plain):
-                encoded[row] = (encoding, position)
+            for position, number in enumerate(plain):
+                encoded[number] = (encoding, position)
         if paired:
             encoding = self.tokenizer(
-                [row_words[row] for row in paired],
-                [row_contexts[row] for row in paired],
+                [rows[number].words for number in paired],
+                [rows[number].context for number in paired],
                 is_split_into_words=True,
                 add_special_tokens=True,
                 truncation="only_second",
-                max_length=self._row_limit(),
+                max_length=self.row_limit,
             )
-            for position, row in enumerate(paired):
-                encoded[row] = (encoding, position)
+            for position, number in enumerate(paired):
+                encoded[number] = (encoding, position)
         return encoded
 
-    def _pad(self, rows: list[dict], padding: str, mapping: dict, with_labels: bool) -> dict:
+    def _aligned(self, row: PlannedRow, encoding, position: int, mapping: dict) -> dict:
+        """The model inputs and labels of one tokenised row; its word ids, prediction positions, window and query
+        are appended to `mapping`."""
+        input_ids = encoding["input_ids"][position]
+        if len(input_ids) > self.row_limit:
+            raise RuntimeError(
+                f"sentence {row.sample}: a row has {len(input_ids)} tokens, over max_length={self.max_length}; the "
+                "tokenizer splits words differently in context than alone"
+            )
+        word_ids, prediction, labels = align_row(
+            encoding.word_ids(position), encoding.sequence_ids(position), row.roles, row.predicted_at, row.tags
+        )
+        entry = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
+        if "token_type_ids" in encoding:
+            entry["token_type_ids"] = encoding["token_type_ids"][position]
+        if labels is not None:
+            entry["labels"] = labels
+        for key, value in zip(MAPPING_KEYS, (row.sample, word_ids, prediction, row.window, row.query)):
+            mapping[key].append(value)
+        return entry
+
+    def pad(self, rows: list[dict], padding: str, mapping: dict, with_labels: bool) -> dict:
         """Pads the rows (and the per-position lists of `mapping`, so positions match the tensors); with
         `"do_not_pad"`, returns the rows as lists of their own lengths. No rows (cloze mode, empty sentences) still
         give every key, with zero rows."""
@@ -338,3 +353,6 @@ class PromptRowsMixin:
                 for ids in mapping[key]
             ]
         return data
+
+
+__all__ = ["PromptRows", "TruncationWarning", "as_batch"]
