@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .image_feature_cache import CorruptCacheShard, _normalise_dtype
+from .image_cache_shards import CorruptCacheShard, _normalise_dtype
 from .image_loading import content_key, describe_image
 
 

@@ -1,29 +1,33 @@
-"""The FRR feature cache of P-MNER: safetensors shards, their compact index and `FRRFeatureCache`.
+"""The FRR feature cache of P-MNER: `FRRFeatureCache`, its reads and writes, and the fill loop of concurrent writers.
 
-`FRRFeatureCache` keeps features as safetensors shards under `<cache_dir>/frr-<fingerprint>[-fp16]/` and answers
-lookups from a compact index (sorted 64-bit key hashes plus int32 shard and row numbers, no Python object per key)
-with positioned reads of single rows: opening a cache of a million images costs a few tens of MB whatever its size
-on disk. Shards appear by atomic rename. Writers filling one cache at the same time claim each image before
-computing it, so that none is computed twice (`image_feature_claims.py`); `image_dataset_features.py` extracts the features of
-a whole `datasets.Dataset` into the cache.
+`FRRFeatureCache` keeps features as safetensors shards under `<cache_dir>/frr-<fingerprint>[-fp16]/`
+(`image_cache_shards.py`) and answers lookups from a compact index (`image_cache_index.py`: sorted 64-bit key hashes
+plus int32 shard and row numbers, no Python object per key) with positioned reads of single rows: opening a cache of
+a million images costs a few tens of MB whatever its size on disk. Shards appear by atomic rename. Writers filling
+one cache at the same time claim each image before computing it, so that none is computed twice
+(`image_feature_claims.py`); `image_dataset_features.py` extracts the features of a whole `datasets.Dataset` into the
+cache.
 
 Copied flat into saved processor folders (remote code): imports only torch, numpy, transformers and the standard
 library at module level; safetensors sits in `try:`.
 """
 
-import hashlib
 import json
 import os
-import struct
+import time
 import uuid
-import zipfile
 from collections import OrderedDict
 
 import numpy as np
 import torch
 from transformers.utils import logging
 
-from .image_feature_claims import _Claims, _fill, _process_start, _writer_tag, remove_dead_temporaries
+from .image_cache_index import _Index, key_hashes
+from .image_cache_shards import (
+    CACHE_FORMAT_VERSION, CorruptCacheShard, _normalise_dtype, _Shard, _shard_tensors, set_aside,
+)
+from .image_feature_claims import _process_start  # noqa: F401  (tests build claims of other processes with it)
+from .image_feature_claims import FeatureClaims, remove_dead_temporaries, writer_tag
 
 
 try:
@@ -33,11 +37,6 @@ except ImportError:  # safetensors is a dependency of transformers; kept optiona
 
 
 logger = logging.get_logger(__name__)
-
-CACHE_FORMAT_VERSION = 2  # 1: float32 features and masks only; 2: adds `num_detections` and the `dtype` metadata
-CACHE_DTYPES = {"float32": ("F32", torch.float32), "float16": ("F16", torch.float16)}
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I32": np.int32, "I64": np.int64, "U8": np.uint8}
-_MAX_HEADER_BYTES = 256 * 2**20
 
 
 def _open_files_limit() -> int:
@@ -56,343 +55,6 @@ def _open_files_limit() -> int:
 _OPEN_FILES = _open_files_limit()
 
 
-class CorruptCacheShard(ValueError):
-    """A shard of the FRR cache whose stored bytes do not match their checksums (or that cannot be read); it has been
-    set aside (renamed `<shard>.corrupt`), so the keys it held are computed again where their images are at hand."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = path
-        super().__init__(f"FRR cache shard {path} is corrupt ({reason}); set aside as {path}{CORRUPT_SUFFIX}")
-
-
-CORRUPT_SUFFIX = ".corrupt"
-_WARNED = set()
-
-
-def set_aside(path: str, reason: str) -> None:
-    """Renames a corrupt shard out of the cache (once, whichever process sees it first) with one warning."""
-    try:
-        os.replace(path, path + CORRUPT_SUFFIX)
-    except FileNotFoundError:  # another reader set it aside first
-        pass
-    if path not in _WARNED:
-        _WARNED.add(path)
-        logger.warning(f"FRR cache shard {path} is corrupt ({reason}): set aside as {path}{CORRUPT_SUFFIX}; its "
-                       "images are computed again where they are at hand")
-
-
-_MASK_WEIGHT = 0x9E3779B97F4A7C15  # mixes the mask's byte sum into the features' word sum
-
-
-def row_checksums(features: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """The checksum of each row's stored bytes (features in the storage dtype, then the mask): (n,) int64."""
-    features, masks = np.ascontiguousarray(features), np.ascontiguousarray(masks)
-    return np.array([_row_checksum(features[row], masks[row]) for row in range(len(features))], dtype=np.int64)
-
-
-def _row_checksum(features: np.ndarray, mask: np.ndarray) -> int:
-    """`_bytes_checksum` of one row's arrays (features in the storage dtype, mask)."""
-    return _bytes_checksum(memoryview(np.ascontiguousarray(features)).cast("B"), np.ascontiguousarray(mask).tobytes())
-
-
-def _bytes_checksum(features, mask) -> int:
-    """Sum of a row's feature bytes as little-endian 64-bit words (trailing bytes added one by one) plus a multiple of
-    its mask's byte sum, modulo 2**64, as a signed int64 value. Any overwritten word or byte changes it (unless the
-    new bytes sum the same, by chance): a couple of microseconds a row, so every read can afford it. `features` and
-    `mask` are bytes-like (the lookup path sums the buffers it read, before any array is made of them)."""
-    whole = len(features) & ~7
-    total = int(_add(np.frombuffer(features, _WORDS, whole >> 3)))  # wraps mod 2**64
-    if whole != len(features):
-        total += sum(features[whole:])
-    total = (total + _MASK_WEIGHT * sum(mask)) & 0xFFFFFFFFFFFFFFFF
-    return total - (1 << 64) if total >= 1 << 63 else total
-
-
-_WORDS, _add = np.dtype("<u8"), np.add.reduce  # looked up once: the lookup path calls `_bytes_checksum` per row
-
-
-def _normalise_dtype(dtype) -> str:
-    name = {torch.float32: "float32", torch.float16: "float16"}.get(dtype, str(dtype).replace("torch.", ""))
-    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "float": "float32"}.get(name, name)
-    if name not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-    return name
-
-
-def key_hashes(keys) -> np.ndarray:
-    """64-bit BLAKE2b hashes (uint64) of string keys."""
-    digests = b"".join(hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest() for key in keys)
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-
-
-_preadv = getattr(os, "preadv", None)  # reads into a given buffer (POSIX); elsewhere `_pread`
-
-
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    if hasattr(os, "pread"):
-        return os.pread(fd, size, offset)
-    os.lseek(fd, offset, os.SEEK_SET)  # platforms without pread (Windows): reads are not shared between threads
-    return os.read(fd, size)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shards, read by positioned reads (no mapping: read rows never count towards the reader's memory)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class _Shard:
-    """The header of one safetensors shard: per tensor its numpy dtype, shape and absolute byte offset."""
-
-    def __init__(self, path: str):
-        self.path = path
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            head = handle.read(8)
-            if len(head) < 8:
-                raise ValueError(f"FRR cache shard {path} is truncated (no safetensors header); delete it")
-            (header_size,) = struct.unpack("<Q", head)
-            if header_size > min(file_size - 8, _MAX_HEADER_BYTES):
-                raise ValueError(f"FRR cache shard {path} is truncated or not a safetensors file; delete it")
-            try:
-                header = json.loads(handle.read(header_size))
-            except ValueError as error:
-                raise ValueError(f"FRR cache shard {path} has an unreadable header ({error}); delete it") from error
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.tensors = {}  # name -> (numpy dtype, shape, absolute offset, safetensors dtype)
-        self.row_bytes = {}
-        for name, info in header.items():
-            dtype = _NUMPY_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"FRR cache shard {path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            shape = tuple(int(size) for size in info["shape"])
-            begin, end = (int(offset) for offset in info["data_offsets"])
-            if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + header_size + end > file_size:
-                raise ValueError(f"FRR cache shard {path} is truncated (tensor {name!r}); delete it")
-            self.tensors[name] = (dtype, shape, 8 + header_size + begin, info["dtype"])
-            self.row_bytes[name] = (end - begin) // max(shape[0], 1) if shape else 0
-        if "visual_features" not in self.tensors or "visual_mask" not in self.tensors:
-            raise ValueError(f"FRR cache shard {path} lacks visual_features or visual_mask; delete it")
-        self.rows = self.tensors["visual_features"][1][0]
-        for name in ("visual_mask", "num_detections"):
-            if name in self.tensors and self.tensors[name][1][0] != self.rows:
-                raise ValueError(f"FRR cache shard {path} is inconsistent: {name} has a different row count; delete it")
-        self.feature_dtype = self.tensors["visual_features"][3]
-        self.feature_dtype_np, self.row_shape = self.tensors["visual_features"][0], self.tensors["visual_features"][1][1:]
-        self.checked = "row_check" in self.tensors  # shards written before checksums are read unchecked
-        if self.checked and self.tensors["row_check"][1] != (self.rows, self.tensors["visual_mask"][1][1] + 8):
-            raise ValueError(f"FRR cache shard {path} is inconsistent: row_check has the wrong shape; delete it")
-        if self.checked:  # (features' offset, row bytes, row_check's offset, row bytes): read per lookup
-            self.checked_layout = (self.tensors["visual_features"][2], self.row_bytes["visual_features"],
-                                   self.tensors["row_check"][2], self.row_bytes["row_check"])
-
-    def read_masks(self, fd: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """`(masks (k, M) bool, checksums (k,) int64 or None)` of `rows`: one read of `row_check` where the shard
-        has it, else the mask alone."""
-        if not self.checked:
-            return self.read(fd, "visual_mask", rows), None
-        check = self.read(fd, "row_check", rows)  # (k, M + 8)
-        return check[:, :-8].view(np.bool_), np.ascontiguousarray(check[:, -8:]).view("<i8").reshape(-1)
-
-    def verify(self, rows_features: np.ndarray, masks: np.ndarray, checksums: np.ndarray | None) -> None:
-        """Raises `CorruptCacheShard` (setting the shard aside) when rows read do not match their checksums."""
-        if checksums is not None and not np.array_equal(row_checksums(rows_features, masks), checksums):
-            self.corrupt()
-
-    def corrupt(self, reason: str = "stored bytes do not match their checksums"):
-        """Sets this shard aside and raises `CorruptCacheShard`."""
-        set_aside(self.path, reason)
-        raise CorruptCacheShard(self.path, reason)
-
-    def keys(self) -> list[str]:
-        keys = json.loads(self.metadata.get("keys", "null") or "null")
-        if not isinstance(keys, list) or len(keys) != self.rows:
-            raise ValueError(
-                f"FRR cache shard {self.path} is inconsistent: {len(keys) if isinstance(keys, list) else 'no'} keys "
-                f"for {self.rows} rows; delete it"
-            )
-        return [str(key) for key in keys]
-
-    def read_row(self, fd: int, name: str, row: int) -> np.ndarray:
-        """Row `row` of tensor `name`: shape[1:]."""
-        dtype, shape, _, _ = self.tensors[name]
-        return np.frombuffer(self.read_row_bytes(fd, name, row), dtype=dtype).reshape(shape[1:])
-
-    def read_row_bytes(self, fd: int, name: str, row: int) -> bytearray:
-        """The stored bytes of row `row` of tensor `name` (read into directly: writable memory, no copy)."""
-        start = self.tensors[name][2]
-        row_bytes = self.row_bytes[name]
-        buffer = bytearray(row_bytes)
-        if _preadv is not None:
-            size = _preadv(fd, [buffer], start + row * row_bytes)
-        else:
-            data = _pread(fd, row_bytes, start + row * row_bytes)
-            size, buffer[: len(data)] = len(data), data
-        if size != row_bytes:
-            self.corrupt(f"truncated (reading {name})")
-        return buffer
-
-    def read_checked_row(self, fd: int, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(features (M, D) in the storage dtype, mask (M,))` of one row of a checked shard, verified against its
-        checksum: the bytes are summed as read, before any array is made of them (the lookup path)."""
-        if _preadv is None:
-            features, check = self.read_row_bytes(fd, "visual_features", row), self.read_row_bytes(fd, "row_check", row)
-        else:  # the same two reads, inlined: this is the per-lookup path
-            feature_start, feature_bytes, check_start, check_bytes = self.checked_layout
-            features, check = bytearray(feature_bytes), bytearray(check_bytes)
-            if (_preadv(fd, [features], feature_start + row * feature_bytes) != feature_bytes
-                    or _preadv(fd, [check], check_start + row * check_bytes) != check_bytes):
-                self.corrupt("truncated (reading a row)")
-        mask_bytes = len(check) - 8  # mask bytes, then the checksum (int64)
-        if _bytes_checksum(features, memoryview(check)[:mask_bytes]) != int.from_bytes(check[mask_bytes:], "little",
-                                                                                      signed=True):
-            self.corrupt()
-        return np.frombuffer(features, self.feature_dtype_np).reshape(self.row_shape), np.frombuffer(
-            check, np.bool_, mask_bytes
-        )
-
-    def read(self, fd: int, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (sorted ascending) of tensor `name`: (len(rows), *shape[1:]); runs of consecutive rows are
-        one read."""
-        dtype, shape, start, _ = self.tensors[name]
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        out = np.empty((len(rows), row_bytes), dtype=np.uint8)  # (n, row_bytes)
-        first = 0
-        while first < len(rows):
-            last = first
-            while last + 1 < len(rows) and rows[last + 1] == rows[last] + 1:
-                last += 1
-            size = (last - first + 1) * row_bytes
-            data = _pread(fd, size, start + int(rows[first]) * row_bytes)
-            if len(data) != size:
-                self.corrupt(f"truncated (reading {name})")
-            out[first : last + 1] = np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes)
-            first = last + 1
-        return out.view(dtype).reshape((len(rows),) + shape[1:])
-
-
-class _Index:
-    """key -> (shard, row) as three arrays sorted by 64-bit key hash: 16 bytes per key, no Python object per key."""
-
-    def __init__(self):
-        self.hashes = np.zeros(0, dtype=np.uint64)  # (N,) sorted
-        self.shards = np.zeros(0, dtype=np.int32)  # (N,)
-        self.rows = np.zeros(0, dtype=np.int32)  # (N,)
-        self.names: list[str] = []  # shard file names, by shard number
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def locate(self, key) -> int:
-        """Index position (-1 where absent) of one key (the single-key path: no array built per call)."""
-        digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
-        wanted = np.uint64(int.from_bytes(digest, "little"))
-        position = int(self.hashes.searchsorted(wanted))
-        return position if position < len(self.hashes) and self.hashes[position] == wanted else -1
-
-    def lookup(self, hashes: np.ndarray) -> np.ndarray:
-        """Index positions (-1 where absent) of `hashes` (n,)."""
-        positions = np.searchsorted(self.hashes, hashes)  # (n,)
-        clipped = np.minimum(positions, max(len(self.hashes) - 1, 0))
-        found = (positions < len(self.hashes)) & (self.hashes[clipped] == hashes) if len(self.hashes) else positions < 0
-        return np.where(found, positions, -1)
-
-    def add(self, names: list[str], hashes: list[np.ndarray], key_of) -> None:
-        """Adds shards `names`, row i of shard `names[j]` having hash `hashes[j][i]`, in one merge; a key already
-        indexed keeps its first copy. `key_of(shard, row)` names a key, to tell a repeated key from a collision."""
-        if not names:
-            return
-        first_new = len(self.names)
-        self.names.extend(names)
-        all_hashes = np.concatenate([self.hashes, *hashes])
-        all_shards = np.concatenate(
-            [self.shards] + [np.full(len(part), first_new + j, dtype=np.int32) for j, part in enumerate(hashes)]
-        )
-        all_rows = np.concatenate([self.rows] + [np.arange(len(part), dtype=np.int32) for part in hashes])
-        order = np.argsort(all_hashes, kind="stable")  # earlier entries first among equal hashes
-        all_hashes, all_shards, all_rows = all_hashes[order], all_shards[order], all_rows[order]
-        repeated = np.flatnonzero(all_hashes[1:] == all_hashes[:-1]) + 1  # positions of later copies
-        for position in repeated:
-            first = position - 1
-            while first > 0 and all_hashes[first - 1] == all_hashes[position]:
-                first -= 1
-            kept, dropped = key_of(all_shards[first], all_rows[first]), key_of(all_shards[position], all_rows[position])
-            if kept != dropped:
-                raise ValueError(f"FRR cache keys {kept!r} and {dropped!r} have the same 64-bit hash; use other keys")
-        keep = np.ones(len(all_hashes), dtype=bool)
-        keep[repeated] = False
-        self.hashes, self.shards, self.rows = all_hashes[keep], all_shards[keep], all_rows[keep]
-
-    def save(self, path: str) -> None:
-        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as handle:
-            np.savez(
-                handle, hashes=self.hashes, shards=self.shards, rows=self.rows,
-                names=np.array(self.names, dtype=str), version=np.array(CACHE_FORMAT_VERSION),
-            )
-        os.replace(temporary, path)
-
-    @classmethod
-    def read(cls, path: str) -> "_Index":
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["version"]) != CACHE_FORMAT_VERSION:
-                raise ValueError(f"index format {int(data['version'])}")
-            index = cls()
-            index.hashes, index.shards, index.rows = data["hashes"], data["shards"], data["rows"]
-            index.names = [str(name) for name in data["names"]]
-        if not (len(index.hashes) == len(index.shards) == len(index.rows)) or np.any(index.hashes[1:] <= index.hashes[:-1]):
-            raise ValueError("index arrays are inconsistent")
-        return index
-
-    @classmethod
-    def read_saved(cls, path: str, shard_names: set[str]) -> "_Index | None":
-        """The index saved at `path`, or None (with a warning: it is rebuilt from the shards) when it is unreadable
-        or names a shard not in `shard_names`."""
-        try:
-            saved = cls.read(path)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # derived data: rebuilt
-            logger.warning(f"FRR cache index {path} is unreadable ({error}); rebuilding it from the shards")
-            return None
-        if not set(saved.names) <= shard_names:
-            logger.warning(f"FRR cache index {path} names deleted shards; rebuilding it")
-            return None
-        return saved
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Writing shards
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _shard_tensors(count: int, features, masks, num_detections, dtype: str) -> dict[str, torch.Tensor]:
-    """The tensors of a shard of `count` keys (`FRRFeatureCache.write_shard`), checked and converted for storage."""
-    if features.shape[0] != count or masks.shape[0] != count:
-        raise ValueError(f"write_shard: {count} keys for {features.shape[0]} features and {masks.shape[0]} masks")
-    if num_detections is None:
-        num_detections = torch.full((count,), -1, dtype=torch.int32)
-    num_detections = torch.as_tensor(num_detections, dtype=torch.int32).reshape(-1)  # (n,)
-    if num_detections.shape[0] != count:
-        raise ValueError(f"write_shard: {count} keys for {num_detections.shape[0]} num_detections")
-    stored = features.detach().to("cpu", CACHE_DTYPES[dtype][1]).contiguous()  # (n, M, D)
-    if not torch.isfinite(stored).all():
-        raise ValueError(
-            f"FRR features are not finite in {dtype}"
-            + (" (beyond float16's range: use a float32 cache)" if torch.isfinite(features).all() else "")
-        )
-    masks = masks.detach().to("cpu", torch.bool).contiguous()  # (n, M)
-    num_detections = num_detections.contiguous()  # (n,)
-    checksums = row_checksums(stored.numpy(), masks.numpy())  # (n,) verified on every read
-    # each row's mask bytes and checksum side by side: a checked read takes them in one read, instead of the mask
-    row_check = np.concatenate([masks.numpy().view(np.uint8), checksums.astype("<i8").view(np.uint8).reshape(-1, 8)], 1)
-    return {
-        "visual_features": stored,
-        "visual_mask": masks,
-        "num_detections": num_detections,
-        "row_check": torch.from_numpy(np.ascontiguousarray(row_check)),  # (n, M + 8) uint8
-    }
-
-
 def _write_settings(folder: str, settings: dict, dtype: str):
     """`settings.json` of a cache folder, for people reading it (written once)."""
     settings_file = os.path.join(folder, "settings.json")
@@ -403,9 +65,21 @@ def _write_settings(folder: str, settings: dict, dtype: str):
         os.replace(temporary, settings_file)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The cache
-# ----------------------------------------------------------------------------------------------------------------------
+def _save_shard(folder: str, tensors: dict[str, torch.Tensor], metadata: dict, rank: int) -> str:
+    """Saves a new shard in `folder` by atomic rename of a synced temporary file; returns its path."""
+    tag = writer_tag()
+    name = f"shard-{tag}-rank{rank}-{uuid.uuid4().hex[:12]}.safetensors"
+    path = os.path.join(folder, name)
+    temporary = os.path.join(folder, f".tmp-{tag}-{uuid.uuid4().hex[:12]}")  # never listed as a shard
+    try:
+        safetensors_save_file(tensors, temporary, metadata=metadata)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
 
 
 class FRRFeatureCache:
@@ -430,14 +104,8 @@ class FRRFeatureCache:
             never; claims of this host's processes are stale as soon as the process is gone).
     """
 
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        fingerprint: str,
-        settings: dict | None = None,
-        dtype="float32",
-        claim_timeout: float | None = None,
-    ):
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str, settings: dict | None = None, dtype="float32",
+                 claim_timeout: float | None = None):
         self.cache_dir = os.fspath(cache_dir)
         self.dtype = _normalise_dtype(dtype)
         suffix = "" if self.dtype == "float32" else "-fp16"
@@ -491,7 +159,7 @@ class FRRFeatureCache:
         hashes, opened = [], []
         for name in list(new):
             try:
-                shard = self._open_shard(name)
+                shard = _Shard(os.path.join(self.folder, name), self.dtype)
                 shard_keys = shard.keys()
             except ValueError as error:  # truncated or foreign: its keys are computed again where images are at hand
                 set_aside(os.path.join(self.folder, name), str(error))
@@ -514,20 +182,12 @@ class FRRFeatureCache:
         self.close()
         self._index, self._shards = index, {}
 
-    def _open_shard(self, name: str) -> _Shard:
-        shard = _Shard(os.path.join(self.folder, name))
-        if shard.feature_dtype != CACHE_DTYPES[self.dtype][0]:
-            raise ValueError(
-                f"FRR cache shard {shard.path} holds {shard.feature_dtype} features in a {self.dtype} cache; delete it"
-            )
-        return shard
-
     def _shard(self, number: int) -> _Shard:
         shard = self._shards.get(number)
         if shard is None:
             path = os.path.join(self.folder, self._index.names[number])
             try:
-                shard = self._shards[number] = self._open_shard(self._index.names[number])
+                shard = self._shards[number] = _Shard(path, self.dtype)
             except FileNotFoundError as error:  # set aside by another reader since this index was read
                 raise CorruptCacheShard(path, "no longer in the cache") from error
             except ValueError as error:  # truncated since the index was saved
@@ -673,14 +333,8 @@ class FRRFeatureCache:
 
     # -- writing -------------------------------------------------------------------------------------------------
 
-    def write_shard(
-        self,
-        keys: list[str],
-        features: torch.Tensor,
-        masks: torch.Tensor,
-        rank: int = 0,
-        num_detections: torch.Tensor | list[int] | None = None,
-    ) -> str | None:
+    def write_shard(self, keys: list[str], features: torch.Tensor, masks: torch.Tensor, rank: int = 0,
+                    num_detections: torch.Tensor | list[int] | None = None) -> str | None:
         """Writes one shard of `features` (n, max_objects, feature_dim), `masks` (n, max_objects) and
         `num_detections` (n,) (None: unknown, stored as -1), atomically; returns its path."""
         if not keys:
@@ -690,30 +344,18 @@ class FRRFeatureCache:
         tensors = _shard_tensors(len(keys), features, masks, num_detections, self.dtype)
         os.makedirs(self.folder, exist_ok=True)
         _write_settings(self.folder, self.settings, self.dtype)
-        tag = _writer_tag()
-        name = f"shard-{tag}-rank{rank}-{uuid.uuid4().hex[:12]}.safetensors"
-        path = os.path.join(self.folder, name)
-        temporary = os.path.join(self.folder, f".tmp-{tag}-{uuid.uuid4().hex[:12]}")  # never listed as a shard
         metadata = {"keys": json.dumps([str(key) for key in keys]), "format_version": str(CACHE_FORMAT_VERSION),
                     "dtype": self.dtype}
-        try:
-            safetensors_save_file(tensors, temporary, metadata=metadata)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        return path
+        return _save_shard(self.folder, tensors, metadata, rank)
 
     def remove_dead_temporaries(self) -> int:
         """Deletes the temporary files that writers of this host left when they were killed; returns how many."""
         return remove_dead_temporaries(self.folder)
 
     @property
-    def claims(self) -> _Claims:
+    def claims(self) -> FeatureClaims:
         if self._claims is None or self._claims.pid != os.getpid():
-            self._claims = _Claims(self.folder, self.claim_timeout)
+            self._claims = FeatureClaims(self.folder, self.claim_timeout)
         return self._claims
 
     def fill(self, keys, compute, batch_size: int = 8, shard_size: int = 256, poll_interval: float = 0.5,
@@ -727,8 +369,102 @@ class FRRFeatureCache:
         Results are written every `shard_size` keys: a killed process loses at most that many, and its claims are
         taken over by the next process that meets them. `progress(n)` is called as keys are settled.
         """
-        return _fill(self, keys, compute, batch_size, shard_size, poll_interval, progress)
+        return _Fill(self, compute, batch_size, shard_size, poll_interval, progress).run(keys)
 
+
+
+
+class _Fill:
+    """One `FRRFeatureCache.fill`: claims the missing keys batch by batch, computes those it holds, writes them every
+    `shard_size` keys, then waits for the keys other processes hold (computing those whose owner gave up)."""
+
+    def __init__(self, cache: FRRFeatureCache, compute, batch_size: int, shard_size: int, poll_interval: float,
+                 progress):
+        self.cache, self.compute, self.progress = cache, compute, progress
+        self.batch_size, self.shard_size, self.poll_interval = batch_size, shard_size, poll_interval
+        self.claims = None
+        self.computed = 0  # keys this process computed
+        self.last_report = None
+        self.buffer = ([], [], [], [])  # keys, features, masks, num_detections computed and not yet written
+
+    def run(self, keys) -> int:
+        """Fills the cache with `keys`; returns how many keys this process computed."""
+        cache = self.cache
+        os.makedirs(cache.folder, exist_ok=True)
+        cache.remove_dead_temporaries()
+        self.claims = cache.claims
+        cache.refresh()
+        keys = list(dict.fromkeys(str(key) for key in keys))
+        todo = [key for key, position in zip(keys, cache.positions(keys)) if position < 0]
+        if self.progress and len(keys) > len(todo):
+            self.progress(len(keys) - len(todo))
+        self.last_report = time.monotonic()
+        while todo:
+            try:
+                waiting = self._compute(todo)
+            finally:
+                self._flush()  # what was computed is kept even when a later key raised
+            todo = self._wait(waiting)
+        cache.refresh(save=True)
+        return self.computed
+
+    def _compute(self, todo: list[str]) -> list[str]:
+        """Claims and computes `todo`, batch by batch; returns the keys other processes hold."""
+        cache, claims, waiting = self.cache, self.claims, []
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            mine = [key for key in chunk if claims.claim(key)]
+            cache.refresh()  # a key finished elsewhere since we looked: its shard is listed before its claim goes
+            finished = {key for key in mine if key in cache}
+            claims.release(finished)
+            mine = [key for key in mine if key not in finished]
+            waiting += [key for key in chunk if key not in mine and key not in finished]
+            if mine:
+                try:
+                    done, features, masks, detections = self.compute(mine)
+                except BaseException:
+                    claims.release(mine)
+                    raise
+                self.computed += len(mine)
+                claims.release(set(mine) - set(done))  # not computable (bad image): not cached
+                for part, values in zip(self.buffer, (done, features, masks, detections)):
+                    part.extend(values)
+                if len(self.buffer[0]) >= self.shard_size:
+                    self._flush()
+            if self.progress:
+                self.progress(len(mine) + len(finished))
+        return waiting
+
+    def _wait(self, waiting: list[str]) -> list[str]:
+        """Waits until each of `waiting` is in the cache or no longer held; returns those to compute here."""
+        cache, claims, todo = self.cache, self.claims, []
+        while waiting and not todo:
+            busy = {key for key in waiting if claims.held_by_other(key)}  # before refresh: see the shard first
+            cache.refresh()
+            present = {key for key, position in zip(waiting, cache.positions(waiting)) if position >= 0}
+            todo = [key for key in waiting if key not in busy and key not in present]  # owner gone or gave up
+            if self.progress and present:
+                self.progress(len(present))
+            waiting = [key for key in waiting if key in busy and key not in present]
+            if waiting and not todo:
+                if time.monotonic() - self.last_report > 30:
+                    logger.warning(
+                        f"waiting for {len(waiting)} FRR features that other processes are computing (claims in "
+                        f"{claims.folder})"
+                    )
+                    self.last_report = time.monotonic()
+                time.sleep(self.poll_interval)
+        return todo
+
+    def _flush(self):
+        keys, features, masks, detections = self.buffer
+        if keys:
+            self.cache.write_shard(
+                list(keys), torch.stack(features), torch.stack(masks), num_detections=list(detections)
+            )
+            self.claims.release(keys)  # after the rename: a waiting process sees the shard before the claim disappears
+        for part in self.buffer:
+            part.clear()
 
 class _KeyView:
     """Read-only mapping of a cache's keys to their index positions (no Python object per key is kept)."""

@@ -1,13 +1,14 @@
-"""Concurrent writers of the FRR feature cache: per-key claim files and the fill loop behind `FRRFeatureCache.fill`.
+"""Claims of the writers filling one FRR feature cache at the same time: one file per key, taken over from dead
+processes.
 
 A writer claims each key before computing it (`<cache folder>/claims/<sha1 of key>.claim`, created with
-O_CREAT|O_EXCL, naming the owner's host, pid and start time), writes what it computed as a shard (temporary file +
-rename, see `FRRFeatureCache.write_shard`) and only then releases the claims, so processes filling one cache at the
-same time never compute a key twice. A claim whose owner is a dead process of this host is taken over; the temporary
-files of killed writers of this host are deleted (`remove_dead_temporaries`).
+O_CREAT|O_EXCL, naming the owner's host, pid and start time) and releases the claim once the key's shard is written,
+so processes filling one cache at the same time never compute a key twice (`FRRFeatureCache.fill`). A claim whose
+owner is a dead process of this host is taken over; the temporary files of killed writers of this host are deleted
+(`remove_dead_temporaries`).
 
-Copied flat into saved processor folders (remote code): imports only torch and the standard library at module level
-(fcntl in `try:`).
+Copied flat into saved processor folders (remote code): imports only transformers and the standard library at module
+level (fcntl in `try:`).
 """
 
 import hashlib
@@ -15,14 +16,8 @@ import json
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
 
-import torch
 from transformers.utils import logging
-
-
-if TYPE_CHECKING:
-    from .image_feature_cache import FRRFeatureCache
 
 
 try:
@@ -44,7 +39,7 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _writer_tag() -> str:
+def writer_tag() -> str:
     """`<host tag>-<pid>`: names this process's shards and temporary files (see `remove_dead_temporaries`)."""
     return f"{_host_tag()}-{os.getpid()}"
 
@@ -95,7 +90,7 @@ def remove_dead_temporaries(folder: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _Claims:
+class FeatureClaims:
     """`<folder>/claims/<sha1 of key>.claim`, created with O_CREAT|O_EXCL, holding the owner's host, pid and start
     time. A claim whose owner is a dead process of this host is stale and is taken over (under a lock, so that only
     one process takes it)."""
@@ -191,76 +186,4 @@ class _Claims:
         return Lock()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Filling a cache from several processes at once
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _fill(cache: "FRRFeatureCache", keys, compute, batch_size, shard_size, poll_interval, progress) -> int:
-    """`FRRFeatureCache.fill`."""
-    os.makedirs(cache.folder, exist_ok=True)
-    cache.remove_dead_temporaries()
-    claims = cache.claims
-    cache.refresh()
-    keys = list(dict.fromkeys(str(key) for key in keys))
-    todo = [key for key, position in zip(keys, cache.positions(keys)) if position < 0]
-    if progress and len(keys) > len(todo):
-        progress(len(keys) - len(todo))
-    computed, last_report = 0, time.monotonic()
-    buffer = ([], [], [], [])  # keys, features, masks, num_detections computed and not yet written
-    while todo:
-        waiting = []
-        try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                mine = [key for key in chunk if claims.claim(key)]
-                cache.refresh()  # a key finished elsewhere since we looked: its shard is listed before its claim goes
-                finished = {key for key in mine if key in cache}
-                claims.release(finished)
-                mine = [key for key in mine if key not in finished]
-                waiting += [key for key in chunk if key not in mine and key not in finished]
-                if mine:
-                    try:
-                        done, features, masks, detections = compute(mine)
-                    except BaseException:
-                        claims.release(mine)
-                        raise
-                    computed += len(mine)
-                    claims.release(set(mine) - set(done))  # not computable (bad image): not cached
-                    for part, values in zip(buffer, (done, features, masks, detections)):
-                        part.extend(values)
-                    if len(buffer[0]) >= shard_size:
-                        _flush(cache, buffer, claims)
-                if progress:
-                    progress(len(mine) + len(finished))
-        finally:
-            _flush(cache, buffer, claims)  # what was computed is kept even when a later key raised
-        todo = []
-        while waiting and not todo:
-            busy = {key for key in waiting if claims.held_by_other(key)}  # before refresh: see the shard first
-            cache.refresh()
-            present = {key for key, position in zip(waiting, cache.positions(waiting)) if position >= 0}
-            todo = [key for key in waiting if key not in busy and key not in present]  # owner gone or gave up
-            if progress and present:
-                progress(len(present))
-            waiting = [key for key in waiting if key in busy and key not in present]
-            if waiting and not todo:
-                if time.monotonic() - last_report > 30:
-                    logger.warning(
-                        f"waiting for {len(waiting)} FRR features that other processes are computing (claims in "
-                        f"{claims.folder})"
-                    )
-                    last_report = time.monotonic()
-                time.sleep(poll_interval)
-    cache.refresh(save=True)
-    return computed
-
-
-def _flush(cache: "FRRFeatureCache", buffer, claims):
-    keys, features, masks, detections = buffer
-    if keys:
-        cache.write_shard(list(keys), torch.stack(features), torch.stack(masks), num_detections=list(detections))
-        claims.release(keys)  # after the rename: a waiting process sees the shard before the claim disappears
-    for part in buffer:
-        part.clear()
-
+__all__ = ["FeatureClaims", "remove_dead_temporaries", "writer_tag"]
