@@ -1,13 +1,18 @@
-"""How the `multimodal-ner` pipeline turns word tag probabilities into entities (its `aggregation_strategy`s; see
-`PMNERPipeline`'s docstring for what each does).
+"""How the `multimodal-ner` pipeline turns word tag probabilities into its outputs: entities (its
+`aggregation_strategy`s; see `PMNERPipeline`'s docstring for what each does), the words of `return_words`, and the
+entities `ignore_labels` leaves out.
 
-This file is copied flat into saved model folders with the pipeline (remote code): it imports numpy and its sibling
-`processing_pmner.py` (the tag-scheme helpers) relatively.
+This file is copied flat into saved model folders with the pipeline (remote code): it imports numpy, transformers'
+logging and its sibling `processing_pmner.py` (the tag-scheme helpers) relatively.
 """
 
 import numpy as np
+from transformers.utils import logging
 
-from .processing_pmner import tag_parts
+from .processing_pmner import bio_to_bioes, bioes_to_bio, tag_parts
+
+
+logger = logging.get_logger(__name__)
 
 
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "max", "average")
@@ -144,4 +149,66 @@ def _entities(labels, item, scores, aggregation_strategy, types, best, tags, tag
     return entities
 
 
-__all__ = ["AGGREGATION_STRATEGIES", "aggregate_entities", "entity_types"]
+def word_rows(labels: list[str], item: dict, scores: np.ndarray, output_scheme: str) -> list[dict]:
+    """Each word of a tweet with its `start`, `end`, best `tag` (in `output_scheme`: `"BIO"`, `"BIOES"` or `"model"`)
+    and that tag's `score`, from its word tag probabilities `scores` (words, labels)."""
+    best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
+    tags = [labels[int(label)] for label in best]
+    if output_scheme == "BIO":
+        tags = bioes_to_bio(tags)
+    elif output_scheme == "BIOES":
+        tags = bio_to_bioes(bioes_to_bio(tags))  # predicted BIOES made well-formed
+    return [
+        {"word": word, "start": start, "end": end, "tag": tag, "score": float(scores[index, best[index]])}
+        for index, (word, (start, end), tag) in enumerate(zip(item["words"], item["spans"], tags))
+    ]
+
+
+class IgnoredLabels:
+    """The `ignore_labels` of a model's outputs: which entities they leave out, each list checked (and warned about)
+    once per aggregation strategy."""
+
+    def __init__(self, labels: list[str], types: list[str]):
+        self.labels = labels
+        self.types = types
+        # each tag's entity type (None for O): types leave out the words of aggregation "none"
+        self.tag_types = {label: tag_parts(label)[1] for label in labels}
+        self.checked = {}
+
+    def of(self, ignore_labels, aggregation_strategy: str) -> frozenset:
+        """`ignore_labels` as a set; warns once per labels and strategy about labels that can leave nothing out:
+        neither `O`, a tag nor an entity type of the model, or a tag with a grouping strategy (groups are labelled
+        by type, as in the token-classification pipeline)."""
+        key = (tuple(ignore_labels), aggregation_strategy)
+        known = self.checked.get(key)
+        if known is not None:
+            return known
+        unknown = [label for label in ignore_labels if label != "O" and label not in set(self.types) | set(self.labels)]
+        tags = [label for label in ignore_labels if label != "O" and label in self.labels]
+        if unknown:
+            logger.warning(
+                f"ignore_labels {unknown} are neither tags nor entity types of this model (tags: {self.labels}); "
+                "they leave nothing out"
+            )
+        if tags and aggregation_strategy != "none":
+            logger.warning(
+                f"ignore_labels {tags} are tags: they leave out words with aggregation_strategy='none' only; "
+                f"entities grouped by {aggregation_strategy!r} are labelled by type (e.g. "
+                f"{sorted({tag_parts(tag)[1] for tag in tags})}), give the types to leave them out"
+            )
+        self.checked[key] = frozenset(ignore_labels)
+        return self.checked[key]
+
+    def kept(self, entities: list[dict], ignored: frozenset) -> list[dict]:
+        """The entities not left out, as in the token-classification pipeline: by a word's tag (`"none"`) or an
+        entity's group; and, for `"none"`, by the word's entity type too."""
+        if not ignored - {"O"}:  # "O" itself is left out by `aggregate_entities`
+            return entities
+        return [
+            entity for entity in entities
+            if entity.get("entity_group", entity.get("entity")) not in ignored
+            and self.tag_types.get(entity.get("entity")) not in ignored
+        ]
+
+
+__all__ = ["AGGREGATION_STRATEGIES", "IgnoredLabels", "aggregate_entities", "entity_types", "word_rows"]

@@ -147,6 +147,19 @@ def slot_objects(boxes, labels, scores, mask, label_name) -> list[dict | None]:
     return objects
 
 
+def item_objects(item: dict, image_processor) -> list[dict | None] | None:
+    """Per object slot of a pipeline tweet, its `{"box", "label", "score"}` (or `None`), when known (see
+    `slot_objects`); labels named by `image_processor`."""
+    if item.get("objects") is None or item.get("object_mask") is None:
+        return None
+    boxes, labels, scores = item["objects"]
+
+    def label_name(label):
+        return image_processor.label_name(label) if hasattr(image_processor, "label_name") else str(label)
+
+    return slot_objects(boxes, labels, scores, item["object_mask"], label_name)
+
+
 def add_grounding(
     entities: list[dict],
     spans: list[tuple[int, int]],
@@ -172,6 +185,7 @@ __all__ = [
     "entity_words",
     "ground_entity",
     "head_mean",
+    "item_objects",
     "required_weight",
     "slot_objects",
     "word_attentions",

@@ -17,10 +17,11 @@ it copies this file and `text_tweet_tokenizer.py` into the folder and records th
 `pipeline()` call asks for them.
 
 This file is copied flat into saved model folders (remote code): it imports only torch, numpy, transformers and the
-standard library, and relatively its siblings (copied with it): `pipeline_inputs.py` (input normalisation and visual
-features, with `text_tweet_tokenizer.py`), `pipeline_entities.py` (word tags to entities), `pipeline_grounding.py`
-(`return_grounding`), `pipeline_quantization.py` (`quantize="int8"`) and `processing_pmner.py` (the tag-scheme helpers
-and the processor/model label check).
+standard library, and relatively its siblings (copied with it): `pipeline_parameters.py` (the options),
+`pipeline_inputs.py` (input normalisation, contexts and visual features, with `text_tweet_tokenizer.py`),
+`pipeline_batching.py` (batches of tweets of similar length), `pipeline_word_scores.py` (row predictions to word tag
+probabilities), `pipeline_entities.py` (word tags to entities), `pipeline_grounding.py` (`return_grounding`),
+`pipeline_quantization.py` (`quantize="int8"`) and `processing_pmner.py` (the processor/model label check).
 """
 
 import copy
@@ -35,40 +36,31 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .pipeline_entities import AGGREGATION_STRATEGIES, aggregate_entities, entity_types
-from .pipeline_grounding import (
-    DEFAULT_GROUNDING_THRESHOLD,
-    add_grounding,
-    check_grounding_threshold,
-    head_mean,
-    slot_objects,
-    word_attentions,
-)
+from .pipeline_batching import BUCKET_BATCHES, TweetBatch, bucketed_results, subword_lengths
+from .pipeline_entities import IgnoredLabels, aggregate_entities, entity_types, word_rows
+from .pipeline_grounding import DEFAULT_GROUNDING_THRESHOLD, add_grounding, head_mean, item_objects, word_attentions
 from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
-    EXPECTED_ITEM,
     INPUT_KEYS,
-    InputTypeError,
+    InputWarnings,
     contexts_of,
     is_stream,
     iterate_inputs,
     load_retrieval_index,
     normalise_input,
     visual_inputs,
+    with_contexts,
+    with_images,
 )
-from .processing_pmner import bio_to_bioes, bioes_to_bio, check_processor_matches_model, tag_parts
+from .pipeline_parameters import DEFAULT_IGNORE_LABELS, OUTPUT_SCHEMES, split_parameters  # noqa: F401
 from .pipeline_quantization import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
+from .pipeline_word_scores import word_scores
+from .processing_pmner import check_processor_matches_model
 
 
 logger = logging.get_logger(__name__)
 
 TASK = "multimodal-ner"
 HANDLER_FILE = "handler.py"  # Inference Endpoints' custom handler, copied into saved folders
-# tweets read ahead and sorted by length before batching: little padding in each batch, results in input order
-BUCKET_BATCHES = 64
-LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
-OUTPUT_SCHEMES = ("BIO", "BIOES", "model")
-DEFAULT_IGNORE_LABELS = ("O",)  # as in transformers' token-classification pipeline
-DEFAULT_IGNORE_LABELS_SET = frozenset(DEFAULT_IGNORE_LABELS)
 CUSTOM_PIPELINE_ENTRY = {
     "impl": "pipeline_pmner.PMNERPipeline",
     "pt": ["AutoModelForTokenClassification"],
@@ -181,14 +173,11 @@ class PMNERPipeline(Pipeline):
             self.processor.overflow = "window"
         self.use_visual = bool(getattr(self.model.config, "use_visual", True))
         # a model trained with --retrieval_context retrieves each tweet's context from its saved training index
-        self.retrieval_index = load_retrieval_index(self, retrieval_index)
-        self._warned_text_only = False
-        self._ignored_keys = set()
-        self._checked_ignore_labels = {}
-        # each tag's entity type (None for O): ignore_labels types leave out the words of aggregation "none"
-        self._tag_types = {label: tag_parts(label)[1] for label in self.labels}
-
-    # -- parameters ----------------------------------------------------------------------------------------------
+        source = getattr(self.processor, "context_source", None)
+        self.retrieval_index = load_retrieval_index(retrieval_index, source, self.model)
+        self.input_warnings = InputWarnings()
+        self.entity_types, self.type_matrix = entity_types(self.labels)
+        self.ignored_labels = IgnoredLabels(self.labels, self.entity_types)
 
     def _sanitize_parameters(
         self,
@@ -201,39 +190,10 @@ class PMNERPipeline(Pipeline):
         grounding_threshold=None,
         **kwargs,
     ):
-        if kwargs:
-            raise TypeError(f"the multimodal-ner pipeline got unknown arguments {sorted(kwargs)}")
-        preprocess, forward, postprocess = {}, {}, {}
-        if return_grounding is not None:
-            forward["return_grounding"] = postprocess["return_grounding"] = bool(return_grounding)
-        if grounding_threshold is not None:
-            postprocess["grounding_threshold"] = check_grounding_threshold(grounding_threshold)
-        if aggregation_strategy is not None:
-            strategy = str(aggregation_strategy).lower()
-            if hasattr(aggregation_strategy, "value"):  # transformers' AggregationStrategy enum
-                strategy = str(aggregation_strategy.value).lower()
-            if strategy not in AGGREGATION_STRATEGIES:
-                raise ValueError(
-                    f"aggregation_strategy must be one of {AGGREGATION_STRATEGIES}, got {aggregation_strategy!r}"
-                )
-            postprocess["aggregation_strategy"] = strategy
-        if ignore_labels is not None:
-            if (
-                isinstance(ignore_labels, (str, bytes, dict))
-                or not hasattr(ignore_labels, "__iter__")
-                or not all(isinstance(label, str) for label in ignore_labels)
-            ):
-                raise ValueError(f"ignore_labels must be a list of tags or entity types, got {ignore_labels!r}")
-            postprocess["ignore_labels"] = tuple(ignore_labels)
-        if return_words is not None:
-            postprocess["return_words"] = bool(return_words)
-        if output_scheme is not None:
-            if output_scheme not in OUTPUT_SCHEMES:
-                raise ValueError(f"output_scheme must be one of {OUTPUT_SCHEMES}, got {output_scheme!r}")
-            postprocess["output_scheme"] = output_scheme
-        if is_split_into_words is not None:
-            preprocess["is_split_into_words"] = bool(is_split_into_words)
-        return preprocess, forward, postprocess
+        return split_parameters(
+            aggregation_strategy, ignore_labels, return_words, output_scheme, is_split_into_words, return_grounding,
+            grounding_threshold, **kwargs,
+        )
 
     # -- calling -------------------------------------------------------------------------------------------------
 
@@ -257,137 +217,47 @@ class PMNERPipeline(Pipeline):
         batched = isinstance(inputs, (list, tuple))
         streamed = is_stream(inputs)  # a TypeError for an input that is neither a tweet nor a source of tweets
         if image is not None:
-            if batched:
-                images = list(image) if isinstance(image, (list, tuple)) else None
-                if images is None or len(images) != len(inputs):
-                    raise ValueError(
-                        f"image must be a list of one image (or None) per tweet: got {type(image).__name__} for "
-                        f"{len(inputs)} tweets"
-                    )
-                inputs = [
-                    self._with_image(item, picture, index, split)
-                    for index, (item, picture) in enumerate(zip(inputs, images))
-                ]
-            elif isinstance(inputs, (str, dict)):
-                inputs = self._with_image(inputs, image, 0, split)
-            else:
-                raise ValueError("image= can be given with a tweet or a list of tweets, not with a dataset or generator")
+            inputs = with_images(inputs, image, batched, split)
         if context is not None:
-            inputs = self._with_context(inputs, context, batched, split)
-        if batched:
-            inputs = list(inputs)
-            if not inputs:
-                return []
-        elif streamed:
+            inputs = with_contexts(inputs, context, batched, split)
+        if streamed:
             # any other iterable (datasets.Dataset, streaming IterableDataset, KeyDataset, torch Dataset): a generator,
             # so that transformers streams it (results come back as an iterator, in input order)
-            inputs = iterate_inputs(inputs)
-        return super().__call__(inputs, **kwargs)
-
-    @staticmethod
-    def _with_image(item, image, index, split):
-        if image is None:
-            return item
-        if isinstance(item, dict):
-            if item.get("image") is not None or item.get("visual_features") is not None:
-                raise ValueError(f"tweet {index} has an image (or visual_features) in its dict and in image=")
-            return {**item, "image": image}
-        if isinstance(item, str):
-            return {"text": item, "image": image}
-        if isinstance(item, (list, tuple)) and split:
-            return {"words": list(item), "image": image}
-        raise InputTypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
-
-    @staticmethod
-    def _with_context(inputs, context, batched: bool, split: bool):
-        def one(item, text, index):
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"context of tweet {index} is a {type(text).__name__}; expected a str or None")
-            if text is None:
-                return item
-            if isinstance(item, dict):
-                if item.get("context") is not None:
-                    raise ValueError(f"tweet {index} has a context in its dict and in context=")
-                return {**item, "context": text}
-            if isinstance(item, str):
-                return {"text": item, "context": text}
-            if isinstance(item, (list, tuple)) and split:
-                return {"words": list(item), "context": text}
-            raise InputTypeError(f"tweet {index} is a {type(item).__name__}; expected {EXPECTED_ITEM}")
-
-        if batched:
-            if not isinstance(context, (list, tuple)) or len(context) != len(inputs):
-                raise ValueError(
-                    f"context must be a list of one text (or None) per tweet: got {type(context).__name__} for "
-                    f"{len(inputs)} tweets"
-                )
-            return [one(item, text, index) for index, (item, text) in enumerate(zip(inputs, context))]
-        if not isinstance(inputs, (str, dict)):
-            raise ValueError("context= can be given with a tweet or a list of tweets, not with a dataset or generator")
-        return one(inputs, context, 0)
-
-    def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
-        model_inputs = self.preprocess(inputs, **preprocess_params)
-        model_outputs = self.forward(model_inputs, **forward_params)
-        return self.postprocess(model_outputs, **postprocess_params)[0]
+            return super().__call__(iterate_inputs(inputs), **kwargs)
+        if not batched:
+            # transformers' `run_single`: `preprocess` takes one raw input, `postprocess` gives a list of one result
+            return super().__call__(inputs, **kwargs)[0]
+        return super().__call__(list(inputs), **kwargs) if inputs else []
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         """Streams results in input order: `batch_size * BUCKET_BATCHES` tweets are read ahead, sorted by length and
-        cut into batches of `batch_size` tweets (one processor call and one forward per batch)."""
+        cut into batches of `batch_size` tweets, each run by `run_single` (one processor call and one forward).
+
+        transformers' own iterator preprocesses each input alone and batches consecutive inputs by collating their
+        tensors; a P-MNER batch is encoded in one processor call (a long tweet gives several window rows) from
+        tweets sorted by length, which its iterator cannot express."""
         if num_workers and num_workers > 1:
             raise ValueError(
                 f"num_workers={num_workers}: the multimodal-ner pipeline encodes each batch in the calling process "
                 "(images are read and encoded on the pipeline's device); use batch_size to batch"
             )
-        batch_size = max(1, int(batch_size or 1))
-
-        source = inputs if isinstance(inputs, (list, tuple)) else iterate_inputs(inputs)
-        params = (preprocess_params, forward_params, postprocess_params)
-
-        def generate():
-            window, offset = [], 0
-            for item in source:
-                window.append(item)
-                if len(window) == batch_size * BUCKET_BATCHES:
-                    yield from self._run_window(window, offset, batch_size, *params)
-                    window, offset = [], offset + len(window)
-            if window:
-                yield from self._run_window(window, offset, batch_size, *params)
-
-        return generate()
-
-    def _run_window(self, window, offset, batch_size, preprocess_params, forward_params, postprocess_params):
-        """Results of `window` (tweets `offset`...) in its order, computed in batches of tweets of similar length."""
         split = preprocess_params.get("is_split_into_words", False)
-        items = [self._normalise(item, offset + index, split) for index, item in enumerate(window)]
-        lengths = self._length_keys(items)
-        order = sorted(range(len(items)), key=lambda index: lengths[index])
-        results = [None] * len(items)
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            batch = _Batch([items[index] for index in chosen], normalised=True)
-            for index, result in zip(chosen, self._run_batch(batch, preprocess_params, forward_params, postprocess_params)):
-                results[index] = result
-        return results
+        return bucketed_results(
+            inputs,
+            max(1, int(batch_size or 1)),
+            BUCKET_BATCHES,
+            normalise=lambda item, index: self._normalise(item, index, split),
+            length_keys=self._length_keys,
+            run_batch=lambda batch: self._run_batch(batch, preprocess_params, forward_params, postprocess_params),
+        )
 
     def _length_keys(self, items: list[dict]) -> list[int]:
-        """Sub-words of each tweet (one batched tokenizer call, no special tokens): the sort key that puts tweets of
-        similar row length in one batch."""
-        filled = [index for index, item in enumerate(items) if item["words"]]
-        lengths = [0] * len(items)
-        if filled:
-            encoded = self.processor.tokenizer(
-                [items[index]["words"] for index in filled], is_split_into_words=True, add_special_tokens=False,
-                verbose=False,  # long tweets are windowed: no length warning
-            )
-            for index, ids in zip(filled, encoded["input_ids"]):
-                lengths[index] = len(ids)
-        return lengths
+        """Each tweet's sort key: its sub-words (see `pipeline_batching.subword_lengths`)."""
+        return subword_lengths(self.processor.tokenizer, items)
 
-    def _run_batch(self, batch, preprocess_params, forward_params, postprocess_params):
-        model_inputs = self.preprocess(batch, **preprocess_params)
-        model_outputs = self.forward(model_inputs, **forward_params)
-        return self.postprocess(model_outputs, **postprocess_params)
+    def _run_batch(self, batch: TweetBatch, preprocess_params, forward_params, postprocess_params) -> list:
+        """The results of a batch of tweets, in its order: `preprocess`, `forward` and `postprocess` once each."""
+        return self.run_single(batch, preprocess_params, forward_params, postprocess_params)
 
     def get_inference_context(self):
         return torch.inference_mode
@@ -396,38 +266,24 @@ class PMNERPipeline(Pipeline):
 
     def _normalise(self, item, index: int, is_split_into_words: bool) -> dict:
         """`{"index", "text", "words", "spans", "image", "visual_features", ...}` of one input."""
-        return normalise_input(item, index, is_split_into_words, self._ignored_keys)
-
-    def _visual_inputs(self, items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(features (batch, objects, D), mask (batch, objects))` of a batch (see `pipeline_inputs.visual_inputs`)."""
-        return visual_inputs(self, items)
+        return normalise_input(item, index, is_split_into_words, self.input_warnings)
 
     def preprocess(self, inputs, is_split_into_words: bool = False):
-        if isinstance(inputs, _Batch) and inputs.normalised:
+        """The model inputs of a `TweetBatch` (or of one raw input, as tweet 0), with what `postprocess` needs."""
+        if isinstance(inputs, TweetBatch):
             items = list(inputs.items)
         else:
-            raw = list(inputs.items) if isinstance(inputs, _Batch) else [inputs]
-            offset = inputs.offset if isinstance(inputs, _Batch) else 0
-            items = [self._normalise(item, offset + index, is_split_into_words) for index, item in enumerate(raw)]
-        features, mask = self._visual_inputs(items)
+            items = [self._normalise(inputs, 0, is_split_into_words)]
+        features, mask = visual_inputs(
+            items, self.processor.image_processor, self.use_visual, self.device,
+            getattr(self.model.config, "visual_feature_dim", None), self.input_warnings,
+        )
         visual = {} if features is None else {"visual_features": features, "visual_mask": mask}
-        tokenizer = self.processor.tokenizer
-        flags = getattr(tokenizer, "deprecation_warnings", None)
-        already = flags.get(LENGTH_WARNING) if isinstance(flags, dict) else None
-        try:
-            # the processor tokenises whole tweets to place its windows, and the tokenizer warns that a long one
-            # exceeds model_max_length; the windows fit it, so the warning is marked as given for this call only
-            if isinstance(flags, dict):
-                flags[LENGTH_WARNING] = True
-            encoding = self.processor(
-                [item["words"] for item in items], return_tensors="pt", context=contexts_of(self, items), **visual
-            )
-        finally:
-            if isinstance(flags, dict):
-                if already is None:
-                    flags.pop(LENGTH_WARNING, None)
-                else:
-                    flags[LENGTH_WARNING] = already
+        contexts = contexts_of(
+            items, self.retrieval_index, getattr(self.processor, "context_source", None), self.device,
+            self.input_warnings,
+        )
+        encoding = self.processor([item["words"] for item in items], return_tensors="pt", context=contexts, **visual)
         model_inputs = {key: encoding[key] for key in self._model_input_names(encoding)}
         return {"model_inputs": model_inputs, "meta": _Passthrough(encoding=encoding, items=items)}
 
@@ -469,126 +325,35 @@ class PMNERPipeline(Pipeline):
         return_grounding: bool = False,
         grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD,
     ) -> list:
+        """The result of each tweet of the batch, in its order."""
         meta = model_outputs["meta"]
         results = []
         attention = model_outputs["object_attention"].value if "object_attention" in model_outputs else None
         if return_grounding and attention is not None:
             attention = word_attentions(attention, meta.encoding.mapping, [len(item["words"]) for item in meta.items])
-        ignored = self._ignored_labels(ignore_labels, aggregation_strategy)
+        ignored = self.ignored_labels.of(ignore_labels, aggregation_strategy)
         keep_outside = "O" not in ignored
-        for position, (item, scores) in enumerate(zip(meta.items, self._word_scores(model_outputs["probabilities"], meta))):
+        scores_of = word_scores(model_outputs["probabilities"], meta.encoding.mapping, meta.items, len(self.labels))
+        for position, (item, scores) in enumerate(zip(meta.items, scores_of)):
             entities = self.aggregate(item, scores, aggregation_strategy, keep_outside=keep_outside)
-            if ignored - DEFAULT_IGNORE_LABELS_SET:  # "O" itself is left out by `aggregate`
-                # as in the token-classification pipeline: a word's tag ("none") or an entity's group; and, for
-                # "none", the word's entity type too
-                entities = [
-                    entity for entity in entities
-                    if entity.get("entity_group", entity.get("entity")) not in ignored
-                    and self._tag_types.get(entity.get("entity")) not in ignored
-                ]
+            entities = self.ignored_labels.kept(entities, ignored)
             if return_grounding:
                 add_grounding(
                     entities, item["spans"], None if attention is None else attention[position],
-                    item.get("object_mask"), self._objects(item), grounding_threshold,
+                    item.get("object_mask"), item_objects(item, self.processor.image_processor), grounding_threshold,
                 )
             if return_words:
-                results.append(
-                    {"text": item["text"], "entities": entities, "words": self._word_rows(item, scores, output_scheme)}
-                )
+                words = word_rows(self.labels, item, scores, output_scheme)
+                results.append({"text": item["text"], "entities": entities, "words": words})
             else:
                 results.append(entities)
         return results
 
-    def _word_scores(self, probabilities: torch.Tensor, meta) -> list[np.ndarray]:
-        """Per tweet, its words' tag probabilities (words, labels), each read at the one row position that predicts
-        the word (the processor's mapping), gathered at once for the whole batch."""
-        mapping = meta.encoding.mapping
-        positions = torch.as_tensor(mapping["prediction_word_index"], dtype=torch.long)  # (rows, length)
-        if positions.shape[0] != probabilities.shape[0] or positions.shape[1] > probabilities.shape[1]:
-            raise RuntimeError(
-                f"the model gave {tuple(probabilities.shape[:2])} (rows, length) for a batch of {tuple(positions.shape)}"
-            )
-        rows, columns = torch.nonzero(positions >= 0, as_tuple=True)  # (predictions,) each
-        samples = torch.as_tensor(mapping["sample_mapping"], dtype=torch.long)[rows]  # (predictions,)
-        words = positions[rows, columns]  # (predictions,)
-        counts = torch.as_tensor(mapping["num_words"], dtype=torch.long)  # (tweets,)
-        starts = torch.cumsum(counts, 0) - counts  # (tweets,): first word's slot in the flat (all words) order
-        slots = starts[samples] + words  # (predictions,)
-        total = int(counts.sum())
-        found = torch.bincount(slots, minlength=total) if len(slots) else torch.zeros(total, dtype=torch.long)
-        flat = np.zeros((total, len(self.labels)), dtype=np.float32)  # (all words, labels)
-        flat[slots.numpy()] = probabilities[rows, columns].float().cpu().numpy()
-        bad = torch.nonzero(found != 1).flatten()
-        if len(bad):
-            tweet = int(torch.searchsorted(starts, bad[0], right=True)) - 1
-            wrong = (bad[(bad >= starts[tweet]) & (bad < starts[tweet] + counts[tweet])] - starts[tweet]).tolist()
-            raise RuntimeError(
-                f"tweet {meta.items[tweet]['index']}: words {wrong[:10]} got {int(found[bad[0]])} predictions from the "
-                "processor's rows (expected exactly one)"
-            )
-        return np.split(flat, starts[1:].numpy()) if len(counts) else []
-
-    def _objects(self, item: dict) -> list | None:
-        """Per object slot of a tweet, its `{"box", "label", "score"}` (or `None`), when known."""
-        if item.get("objects") is None or item.get("object_mask") is None:
-            return None
-        boxes, labels, scores = item["objects"]
-        image_processor = self.processor.image_processor
-
-        def label_name(label):
-            return image_processor.label_name(label) if hasattr(image_processor, "label_name") else str(label)
-
-        return slot_objects(boxes, labels, scores, item["object_mask"], label_name)
-
-    def _word_rows(self, item: dict, scores: np.ndarray, output_scheme: str) -> list[dict]:
-        best = scores.argmax(-1) if len(scores) else np.zeros(0, dtype=int)  # (words,)
-        tags = [self.labels[int(label)] for label in best]
-        if output_scheme == "BIO":
-            tags = bioes_to_bio(tags)
-        elif output_scheme == "BIOES":
-            tags = bio_to_bioes(bioes_to_bio(tags))  # predicted BIOES made well-formed
-        return [
-            {"word": word, "start": start, "end": end, "tag": tag, "score": float(scores[index, best[index]])}
-            for index, (word, (start, end), tag) in enumerate(zip(item["words"], item["spans"], tags))
-        ]
-
-    def _types(self) -> tuple[list[str], np.ndarray]:
-        """Entity types and the (labels, types) matrix summing tag into type probabilities (computed once)."""
-        if not hasattr(self, "_type_matrix"):
-            self._entity_types, self._type_matrix = entity_types(self.labels)
-        return self._entity_types, self._type_matrix
-
-    def aggregate(
-        self, item: dict, scores: np.ndarray, aggregation_strategy: str, keep_outside: bool = False
-    ) -> list[dict]:
+    def aggregate(self, item: dict, scores: np.ndarray, aggregation_strategy: str, keep_outside=False) -> list[dict]:
         """Entities of one tweet from its word tag probabilities `scores` (words, labels) (see
-        `entity_aggregation.aggregate_entities`; `keep_outside`: `O` words and runs are returned too)."""
-        return aggregate_entities(self.labels, item, scores, aggregation_strategy, self._types(), keep_outside)
-
-    def _ignored_labels(self, ignore_labels, aggregation_strategy: str) -> frozenset:
-        """`ignore_labels` as a set; warns once per labels and strategy about labels that can leave nothing out:
-        neither `O`, a tag nor an entity type of the model, or a tag with a grouping strategy (groups are labelled
-        by type, as in the token-classification pipeline)."""
-        key = (tuple(ignore_labels), aggregation_strategy)
-        known = self._checked_ignore_labels.get(key)
-        if known is not None:
-            return known
-        types_ = set(self._types()[0])
-        unknown = [label for label in ignore_labels if label != "O" and label not in types_ | set(self.labels)]
-        tags = [label for label in ignore_labels if label != "O" and label in self.labels]
-        if unknown:
-            logger.warning(
-                f"ignore_labels {unknown} are neither tags nor entity types of this model (tags: {self.labels}); "
-                "they leave nothing out"
-            )
-        if tags and aggregation_strategy != "none":
-            logger.warning(
-                f"ignore_labels {tags} are tags: they leave out words with aggregation_strategy='none' only; "
-                f"entities grouped by {aggregation_strategy!r} are labelled by type (e.g. "
-                f"{sorted({tag_parts(tag)[1] for tag in tags})}), give the types to leave them out"
-            )
-        self._checked_ignore_labels[key] = frozenset(ignore_labels)
-        return self._checked_ignore_labels[key]
+        `pipeline_entities.aggregate_entities`; `keep_outside`: `O` words and runs are returned too)."""
+        types = (self.entity_types, self.type_matrix)
+        return aggregate_entities(self.labels, item, scores, aggregation_strategy, types, keep_outside)
 
     # -- saving --------------------------------------------------------------------------------------------------
 
@@ -606,16 +371,6 @@ class PMNERPipeline(Pipeline):
         if self.retrieval_index is not None:
             self.retrieval_index.save_pretrained(save_directory)  # the folder retrieves as this pipeline does
         add_pipeline_to_folder(save_directory)
-
-
-class _Batch:
-    """Several inputs that `preprocess` encodes together; `offset` is the first one's index in the whole input;
-    `normalised`: the items are already `PMNERPipeline._normalise`d (and carry their own index)."""
-
-    def __init__(self, items: list, offset: int = 0, normalised: bool = False):
-        self.items = items
-        self.offset = offset
-        self.normalised = normalised
 
 
 def register_pipeline():
