@@ -27,7 +27,7 @@ VISUAL_KEYS = INPUT_KEYS[3:9]
 
 class InputTypeError(TypeError, ValueError):
     """A pipeline input (or an item of an iterable input) of a type the pipeline does not take. A `TypeError`, as in
-    Python; also a `ValueError`, which the pipeline raised for it before (callers catching that keep working)."""
+    Python; also a `ValueError`, so that callers catching `ValueError` for bad inputs catch it too."""
 
 
 EXPECTED_ITEM = "a str (a tweet), a dict with 'text' or 'words', or a list of words (with is_split_into_words=True)"
