@@ -274,6 +274,7 @@ class PromptRows:
     def _tokenize(self, rows: list[PlannedRow]) -> list[tuple]:
         """Per row, `(encoding, index in it)`: rows without context in one call, rows with one as text pairs in
         another, the context truncated (`only_second`) to what the row leaves free."""
+        # S = (s_0, ..., s_n+1) of section 3.1: the wrapped words between the tokenizer's special tokens
         encoded = [None] * len(rows)
         plain = [number for number, row in enumerate(rows) if row.context is None]
         paired = [number for number, row in enumerate(rows) if row.context is not None]

@@ -46,7 +46,8 @@ class PromptTemplate:
         return elements
 
     def row_words(self, sentence: list[str], window: tuple[int, int], query: int | None, mask: str) -> tuple:
-        """The words of one row and, for each, its role: a sentence word index, "mask", "query" or None.
+        """The words of one row (the sentence wrapped in the template, section 3.1) and, for each, its role: a
+        sentence word index, "mask", "query" or None.
 
         `{word}` is the queried word (cloze mode) or, with no query (token mode), a second mask token."""
         words, roles = [], []
