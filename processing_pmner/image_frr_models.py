@@ -211,7 +211,7 @@ class FRRModels:
         record = self.write(save_directory)
         settings = self.settings
         if record is not None and not self.weights_files:
-            # settings built by hand now have saved weights; settings loaded from a folder keep their own record and
+            # settings built by hand record the weights just saved; settings loaded from a folder keep their record and
             # located files (they go on using the weights they had, whatever dtype or switch this save used)
             settings.frr_weights = record
         self.save_overrides = {
