@@ -12,9 +12,6 @@ import pytest
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_TESTS, "support"))
-# TEMPORARY while shared helpers move into support/: test folders importable from each other
-for _folder in ("modeling", "processing", "predict", "training", "app", "benchmarks"):
-    sys.path.insert(1, os.path.join(_TESTS, _folder))
 
 from hub_server import HubServer  # noqa: E402
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from fixtures import PROJECT, run_without_project
-from test_grounding import TEXT, blocks_image, write_tiny_grounding_folder
+from grounding_builders import TEXT, blocks_image, write_tiny_grounding_folder
 
 
 sys.path.insert(0, PROJECT)
@@ -164,7 +164,7 @@ def test_a_folder_that_is_not_a_model_exits_2_naming_the_argument(tmp_path, caps
 
 def test_a_text_only_model_says_the_image_is_not_used(tmp_path):
     from fixtures import write_tiny_masked_lm
-    from test_pipeline_pmner import build_model, build_processor, force_tag, save_folder
+    from pipeline_builders import build_model, build_processor, force_tag, save_folder
 
     text_model = write_tiny_masked_lm(tmp_path / "tiny-bert")
     model = force_tag(build_model(text_model, use_visual=False), "B-LOC")

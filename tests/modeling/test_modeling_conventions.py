@@ -1,6 +1,6 @@
-"""transformers conventions of P-MNER's forward (issue 11, item 2 and the model side of item 3): return_dict,
-**kwargs with num_items_in_batch (checked through the Trainer), attn_implementation, output_attentions with the
-fusion layers' weights, inputs_embeds, the label-word lookup's device, NumPy and non-finite inputs."""
+"""transformers conventions of P-MNER's forward: return_dict, **kwargs with num_items_in_batch (checked through the
+Trainer), attn_implementation, output_attentions with the fusion layers' weights, inputs_embeds, the label-word
+lookup's device, NumPy and non-finite inputs."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification, PMNERModel
 
 from fixtures import write_tiny_tokenizer
-from test_modeling_pmner import tester
+from model_tester import Rows, accumulation_rows, tester
 
 
 def tiny_model(**kwargs) -> PMNERForTokenClassification:
@@ -64,40 +64,6 @@ def test_unknown_keyword_arguments_are_refused():
         model.pmner(**without_labels(tester.get_inputs()), position_ids=torch.zeros(1))
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
-def _accumulation_rows() -> list[dict]:
-    """8 examples, seven with 1 labelled token and one with 8: however the Trainer shuffles them, the two
-    micro-batches of 4 hold different numbers of labelled tokens (4 and 11), so a mean of micro-batch means differs
-    from the mean over all tokens."""
-    generator = torch.Generator().manual_seed(1)
-    rows = []
-    for index in range(8):
-        labels = torch.randint(0, 9, (tester.seq_length,), generator=generator)
-        labels[0] = -100
-        if index < 7:
-            labels[2:] = -100
-        rows.append(
-            {
-                "input_ids": torch.randint(5, 60, (tester.seq_length,), generator=generator),
-                "attention_mask": torch.ones(tester.seq_length, dtype=torch.long),
-                "visual_features": torch.randn(tester.num_objects, tester.visual_feature_dim, generator=generator),
-                "visual_mask": torch.tensor([1, 1, index % 2, 0], dtype=torch.bool),
-                "labels": labels,
-            }
-        )
-    return rows
-
-
 def _train_one_step(tmp_path, name, batch_size, accumulation, accepts_loss_kwargs=None):
     model = tiny_model().train()
     if accepts_loss_kwargs is not None:
@@ -123,7 +89,7 @@ def _train_one_step(tmp_path, name, batch_size, accumulation, accepts_loss_kwarg
         seed=0,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(_accumulation_rows()))
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(accumulation_rows()))
     trainer.train()
     return trainer, {name: value.detach().clone() for name, value in model.named_parameters()}, seen
 
@@ -134,7 +100,7 @@ def test_gradient_accumulation_through_the_trainer_matches_one_big_batch(tmp_pat
     start = {name: value.detach().clone() for name, value in tiny_model().named_parameters()}
     trainer, big, seen_big = _train_one_step(tmp_path, "big", 8, 1)
     assert trainer.model_accepts_loss_kwargs
-    labelled = sum(int((row["labels"] != -100).sum()) for row in _accumulation_rows())
+    labelled = sum(int((row["labels"] != -100).sum()) for row in accumulation_rows())
     assert [int(n) for n in seen_big] == [labelled]
     _, accumulated, seen_accumulated = _train_one_step(tmp_path, "accumulated", 4, 2)
     assert [int(n) for n in seen_accumulated] == [labelled, labelled]
@@ -150,7 +116,7 @@ def test_gradient_accumulation_through_the_trainer_matches_one_big_batch(tmp_pat
 def test_trainer_keeps_the_visual_columns(tmp_path):
     """remove_unused_columns keeps the columns named in forward: the visual inputs must stay named arguments."""
     model = tiny_model()
-    rows = _accumulation_rows()[:2]
+    rows = accumulation_rows()[:2]
     dataset = Dataset.from_list(
         [{key: value.tolist() for key, value in row.items()} | {"tokens": ["a"], "image_id": "x"} for row in rows]
     )

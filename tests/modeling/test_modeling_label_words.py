@@ -1,6 +1,6 @@
-"""Label words are tokenised as they appear in running text after a space, for every tokenizer family (issue 11,
-item 1): WordPiece (BERT), byte-level BPE (RoBERTa) and SentencePiece/Unigram (XLM-R). The tokenizers are built
-here with the `tokenizers` library from fixture-style text (BPE and WordPiece trained); nothing is downloaded."""
+"""Label words are tokenised as they appear in running text after a space, for every tokenizer family: WordPiece
+(BERT), byte-level BPE (RoBERTa) and SentencePiece/Unigram (XLM-R). The tokenizers are built here with the
+`tokenizers` library from fixture-style text (BPE and WordPiece trained); nothing is downloaded."""
 
 import math
 import random

@@ -8,61 +8,15 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification, BertConfig, BertForMaskedLM, BertTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForTokenClassification, BertConfig, BertForMaskedLM
 
 from modeling_pmner import PMNERConfig, PMNERForTokenClassification
 from modeling_pmner.modeling_pmner import resolve_label_word_ids
 
-from fixtures import TINY_BERT, VOCAB, run_without_project, write_tiny_tokenizer
+from fixtures import run_without_project, write_tiny_tokenizer
+from model_tester import tester
 
 
-class PMNERModelTester:
-    """Builds tiny P-MNER configs and inputs (hidden 32, 2 layers, 4 heads, ~100 tokens)."""
-
-    batch_size = 3
-    seq_length = 9
-    num_objects = 4
-    visual_feature_dim = 16
-
-    def text_config(self) -> dict:
-        return dict(model_type="bert", **TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-    def get_config(self, label_word_ids=True, **kwargs) -> PMNERConfig:
-        config = PMNERConfig(
-            text_config=self.text_config(),
-            visual_feature_dim=self.visual_feature_dim,
-            max_objects=5,
-            fusion_num_heads=4,
-            fusion_intermediate_size=40,
-            fusion_dropout=0.0,
-            **kwargs,
-        )
-        if label_word_ids:
-            tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(VOCAB)})
-            config.label_word_ids = resolve_label_word_ids(config.verbalizer, tokenizer)
-        return config
-
-    def get_inputs(self, with_visual=True, with_labels=True, num_labels=9) -> dict:
-        generator = torch.Generator().manual_seed(0)
-        inputs = {
-            "input_ids": torch.randint(5, len(VOCAB), (self.batch_size, self.seq_length), generator=generator),
-            "attention_mask": torch.ones(self.batch_size, self.seq_length, dtype=torch.long),
-            "token_type_ids": torch.zeros(self.batch_size, self.seq_length, dtype=torch.long),
-        }
-        inputs["attention_mask"][1, -3:] = 0
-        if with_visual:
-            inputs["visual_features"] = torch.randn(
-                self.batch_size, self.num_objects, self.visual_feature_dim, generator=generator
-            )
-            inputs["visual_mask"] = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
-        if with_labels:
-            labels = torch.randint(0, num_labels, (self.batch_size, self.seq_length), generator=generator)
-            labels[:, 0] = -100
-            inputs["labels"] = labels
-        return inputs
-
-
-tester = PMNERModelTester()
 SWITCHES = list(
     itertools.product([True, False], ["tcfm", "concat"], ["verbalizer", "linear"], [False, True])
 )

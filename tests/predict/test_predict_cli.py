@@ -5,41 +5,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-from PIL import Image
-
-from fixtures import PROJECT, write_tiny_masked_lm
+from fixtures import PROJECT
+from predict_cli_runner import ENV, run_cli, write
 from processing_pmner import FRRFeatureCache
-from predict_pmner.cli import main
-from test_pipeline_pmner import build_model, build_processor, force_tag, save_folder
-
-
-ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    text_model = write_tiny_masked_lm(root / "tiny-bert")
-    model = force_tag(build_model(text_model), "B-PER")  # every word a PER entity: outputs are predictable
-    folder = save_folder(root / "model", model, build_processor(text_model, model))
-    images = root / "images"
-    images.mkdir()
-    for name, color in (("17_06_1", (250, 0, 0)), ("17_06_2", (0, 250, 0))):
-        Image.new("RGB", (64, 48), color).save(images / f"{name}.jpg")
-    (images / "broken.jpg").write_bytes(b"not an image")
-    return {"root": root, "model": folder, "images": str(images)}
-
-
-def write(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
-
-
-def run_cli(args, capsys):
-    code = main([str(arg) for arg in args] + ["--no-progress", "--device", "cpu"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_jsonl_with_a_malformed_line_is_reported_and_the_rest_processed(workspace, tmp_path, capsys):

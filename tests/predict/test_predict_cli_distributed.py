@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from test_pipeline_pmner import build_model, build_processor, save_folder
-from test_predict_cli import ENV, PROJECT, run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
+from fixtures import PROJECT
+from pipeline_builders import build_model, build_processor, save_folder
+from predict_cli_runner import ENV, run_cli, write
 
 from predict_pmner import cli as predict_cli
 from predict_pmner.cli import Processes, UsageError, main

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_predict_cli import run_cli, workspace, write  # noqa: F401  (workspace: a fixture)
+from predict_cli_runner import run_cli, write
 
 from predict_pmner import cli as predict_cli
 from predict_pmner.cli import main

@@ -3,7 +3,6 @@ context (`processing_pmner/text_retrieval_context.py`, `training_pmner/context.p
 every window; no tweet retrieves itself or a tweet with its text; other splits retrieve training tweets only."""
 
 import json
-import os
 import random
 
 import datasets
@@ -11,21 +10,16 @@ import pytest
 import torch
 
 from fixtures import write_tiny_masked_lm, write_twitter_fixture
+from processing_builders import make_processor
 from training_pmner.context_files import ContextFileError, read_context_file
 from processing_pmner.text_retrieval_context import RetrievalIndex, SentenceEncoder, render_with_entities, text_key
 from training_pmner.twitter_mner import load_twitter_mner
-from test_processing_pmner import make_processor, tiny_tokenizer
 from tokenizer_fixtures import build_tokenizer
 
 
 WORDS = "rt @user trump visits new york".split()
 TAGS = ["O", "O", "B-PER", "O", "B-LOC", "I-LOC"]
 CONTEXT = "obama london paris festival nba vote year apple google " * 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ import torch
 from processing_pmner.image_feature_cache import FRRFeatureCache, _process_start
 
 
-
-
 def random_entries(count: int, objects: int = 3, dim: int = 8, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     features = torch.rand(count, objects, dim, generator=generator) * 10  # (n, M, D)
@@ -379,8 +377,7 @@ def test_extract_dataset_features_adds_detection_counts(tmp_path):
     import datasets
     from PIL import Image
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_processing_pmner import MeanColour, colour_processor
+    from processing_builders import MeanColour, colour_processor
 
     class Detector(torch.nn.Module):
         """Three boxes per image; how many score above 0.95 is given by the image's red value (0, 1 or 3)."""

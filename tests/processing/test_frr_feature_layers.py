@@ -14,8 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fixtures import PROJECT, write_training_workspace
-from test_bad_input import ENV, stderr_lines
+from fixtures import ENV, PROJECT, stderr_lines, write_training_workspace
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 

@@ -1,6 +1,6 @@
-"""The FRR weights travel with the processor (issue 10, items 1-3): `save_pretrained` writes the detector and backbone
-weights as safetensors with their origin and sha256, `from_pretrained` reads them back from the folder (or a Hub repo)
-with no other download, bad folders fail naming the file, and the feature cache is keyed by the weights' checksum.
+"""The FRR weights travel with the processor: `save_pretrained` writes the detector and backbone weights as
+safetensors with their origin and sha256, `from_pretrained` reads them back from the folder (or a Hub repo) with no
+other download, bad folders fail naming the file, and the feature cache is keyed by the weights' checksum.
 
 Small torchvision builders (resnet18, fasterrcnn_mobilenet_v3_large_320_fpn), random weights from seeds, tiny
 images."""
@@ -12,11 +12,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures import run_without_project, write_tiny_tokenizer, write_unrebuildable_weights
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoProcessor
+from transformers import AutoProcessor
 
+from fixtures import run_without_project, write_tiny_tokenizer, write_unrebuildable_weights
 from processing_pmner import PMNERImageProcessor, PMNERProcessor
 from processing_pmner.image_frr_models import tensors_sha256
 

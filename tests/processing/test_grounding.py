@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from fixtures import run_without_project, write_tiny_masked_lm
-from processing_pmner import PMNERImageProcessor, PMNERProcessor
+from fixtures import run_without_project
+from grounding_builders import TEXT, blocks_image, detecting_image_processor, write_tiny_grounding_folder
+from processing_pmner import PMNERImageProcessor
 from processing_pmner.pipeline_grounding import (
     add_grounding,
     required_weight,
@@ -25,7 +25,6 @@ from processing_pmner.pipeline_grounding import (
 from processing_pmner.image_processing_pmner import NO_OBJECT_LABEL, WHOLE_IMAGE_LABEL
 from processing_pmner.pipeline_pmner import PMNERPipeline
 from predict_pmner.cli import main as predict_main
-from test_pipeline_pmner import build_model, force_tag, save_folder
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,24 +142,6 @@ def test_slot_objects_names_labels_and_leaves_the_whole_image_without_score():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def detecting_image_processor(max_objects: int = 3) -> PMNERImageProcessor:
-    """A small detector with seeded random weights that keeps every detection (score threshold 0): objects with
-    boxes, COCO labels and scores on any image, deterministically."""
-    return PMNERImageProcessor(
-        detector="fasterrcnn_mobilenet_v3_large_320_fpn", detector_weights="random:0",
-        detector_kwargs={"box_score_thresh": 0.0}, score_threshold=0.0, backbone="resnet18",
-        backbone_weights="random:0", crop_size=32, max_objects=max_objects,
-    )
-
-
-def blocks_image(width: int = 64, height: int = 48) -> Image.Image:
-    """Four flat colour blocks: resizing it keeps its content (up to the block edges)."""
-    image = Image.new("RGB", (4, 3), (250, 250, 250))
-    for x, y, colour in ((0, 0, (200, 30, 30)), (3, 0, (30, 160, 40)), (1, 2, (30, 40, 200)), (2, 1, (230, 200, 20))):
-        image.putpixel((x, y), colour)
-    return image.resize((width, height), Image.NEAREST)
-
-
 @pytest.fixture(scope="module")
 def detecting():
     return detecting_image_processor()
@@ -198,20 +179,6 @@ def test_the_whole_image_filler_has_its_own_label_and_no_score():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_tiny_grounding_folder(root, tag: str = "B-PER") -> str:
-    """A tiny visual P-MNER folder (every word tagged `tag`) whose image processor has the small random detector
-    at score threshold 0: every image gets 3 detected objects."""
-    from transformers import AutoTokenizer
-
-    text_model = write_tiny_masked_lm(root / "tiny-bert")
-    model = force_tag(build_model(text_model, use_visual=True), tag)
-    labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
-    processor = PMNERProcessor(
-        detecting_image_processor(), AutoTokenizer.from_pretrained(text_model), label_names=labels, max_length=32
-    )
-    return save_folder(root / "tiny-grounding-pmner", model, processor)
-
-
 @pytest.fixture(scope="module")
 def grounding_folder(tmp_path_factory):
     return write_tiny_grounding_folder(tmp_path_factory.mktemp("grounding"))
@@ -222,9 +189,6 @@ def grounding_pipe(grounding_folder):
     from transformers import pipeline
 
     return pipeline("multimodal-ner", model=grounding_folder, pipeline_class=PMNERPipeline, device="cpu")
-
-
-TEXT = "Kawhi Leonard wins the fan vote"
 
 
 def test_pipeline_grounds_entities_to_boxes_in_original_image_pixels(grounding_pipe, tmp_path):

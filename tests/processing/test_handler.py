@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fixtures import run_without_project, write_tiny_masked_lm
+from pipeline_builders import build_model, build_processor, image_file, save_folder
 from processing_pmner.pipeline_pmner import PMNERPipeline
-from test_pipeline_pmner import build_model, build_processor, image_file, save_folder
 
 
 HANDLER_SCRIPT = textwrap.dedent(

@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-from test_pipeline_pmner import random_pipe, tiny  # noqa: F401  (fixtures)
-
 
 # tweets of different lengths: batching by length reorders them inside a window
 TEXTS = [
@@ -45,7 +43,7 @@ class Streamed(torch.utils.data.IterableDataset):
         return iter(self.items)
 
 
-def test_every_kind_of_iterable_gives_the_results_in_input_order(random_pipe, tmp_path):  # noqa: F811
+def test_every_kind_of_iterable_gives_the_results_in_input_order(random_pipe, tmp_path):
     import datasets
     from transformers.pipelines.pt_utils import KeyDataset
 
@@ -85,7 +83,7 @@ def test_every_kind_of_iterable_gives_the_results_in_input_order(random_pipe, tm
             assert list(results) == expected, f"{name}, batch_size={batch_size}"
 
 
-def test_dataset_rows_of_words_and_key_datasets_of_words(random_pipe):  # noqa: F811
+def test_dataset_rows_of_words_and_key_datasets_of_words(random_pipe):
     import datasets
     from transformers.pipelines.pt_utils import KeyDataset
 
@@ -97,7 +95,7 @@ def test_dataset_rows_of_words_and_key_datasets_of_words(random_pipe):  # noqa: 
     assert list(random_pipe(KeyDataset(table, "tokens"), is_split_into_words=True, batch_size=2)) == expected
 
 
-def test_a_stream_is_read_one_window_at_a_time(random_pipe):  # noqa: F811
+def test_a_stream_is_read_one_window_at_a_time(random_pipe):
     from processing_pmner.pipeline_pmner import BUCKET_BATCHES
 
     pulled = []
@@ -114,7 +112,7 @@ def test_a_stream_is_read_one_window_at_a_time(random_pipe):  # noqa: F811
     assert len(list(results)) == 3 * BUCKET_BATCHES - 1
 
 
-def test_bad_inputs_are_type_errors_naming_the_type_and_position(random_pipe):  # noqa: F811
+def test_bad_inputs_are_type_errors_naming_the_type_and_position(random_pipe):
     with pytest.raises(TypeError, match="the pipeline input is a int; expected a str"):
         random_pipe(5)
     with pytest.raises(TypeError, match="the pipeline input is a bytes"):
@@ -129,7 +127,7 @@ def test_bad_inputs_are_type_errors_naming_the_type_and_position(random_pipe):  
         random_pipe(["a", {"b"}], image=[None, None])
     with pytest.raises(TypeError, match="tweet 1 is a int"):
         random_pipe(["a", 7], context=[None, "some context"])
-    with pytest.raises(ValueError, match="tweet 1 is a int"):  # also a ValueError, as these errors were before
+    with pytest.raises(ValueError, match="tweet 1 is a int"):  # the TypeError is a ValueError too, for callers catching that
         random_pipe(["a", 7])
     # words without is_split_into_words stay a ValueError saying what to pass
     with pytest.raises(ValueError, match="is_split_into_words=True"):

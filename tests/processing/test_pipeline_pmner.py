@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
-from fixtures import PROJECT, run_without_project, write_tiny_masked_lm, write_unrebuildable_weights
+from fixtures import PROJECT, run_without_project
 from modeling_pmner import PMNERForTokenClassification
-from processing_pmner import PMNERImageProcessor, PMNERProcessor
+from pipeline_builders import TRICKY_TWEETS, build_model, build_processor, force_tag, image_file
 from processing_pmner.pipeline_pmner import PMNERPipeline, TASK, add_pipeline_to_folder, register_pipeline
 from processing_pmner.text_tweet_tokenizer import join_words, split_tweet
 from training_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
@@ -23,68 +22,6 @@ from training_pmner.twitter_mner import TwitterMNERConfig, read_twitter_conll
 TWITTER2017 = os.path.join(PROJECT, "..", "shared", "data", "twitter2017", "train.txt")
 # the tiny vocabulary spells a URL letter by letter: more sub-words than fit in max_length=32 (encoded as [UNK])
 pytestmark = pytest.mark.filterwarnings("ignore:.*sub-words, more than fit in max_length")
-
-TRICKY_TWEETS = [
-    "RT @Bundesliga_EN: Kawhi's #NBAAwards win!!! https://t.co/AbC123xyz.",
-    "New York  New   York\tNew York\n#NewYork",
-    "Beyonce\u0301 & Jay-Z 😂❤️👍🏼 🇺🇸 at www.example.com/tour?x=1 :) <3",
-    "trump trump trump ... @trump #trump",
-    "Zürich • Москва • 東京 — 2.00 pm, May 21, 2016 ($4.99)",
-    "   leading and trailing spaces   ",
-    "zero\u200bwidth and emoji-only 🔥🔥🔥",
-]
-
-
-def build_model(text_model: str, tag_scheme: str = "BIO", use_visual: bool = True, seed: int = 0):
-    torch.manual_seed(seed)
-    return PMNERForTokenClassification.from_text_pretrained(
-        text_model, fusion_num_heads=4, visual_feature_dim=512, max_objects=3, tag_scheme=tag_scheme,
-        use_visual=use_visual,
-    )
-
-
-def build_processor(text_model: str, model, max_length: int = 32, stride: int = 4) -> PMNERProcessor:
-    # weights no setting rebuilds (a perturbed file beside the text model): a reloaded folder can only read its own
-    weights = os.path.join(os.path.dirname(os.path.normpath(text_model)), "frr-resnet18.safetensors")
-    if not os.path.isfile(weights):
-        write_unrebuildable_weights(weights, seed=0)
-    image_processor = PMNERImageProcessor(
-        detector=None, backbone="resnet18", backbone_weights=weights, crop_size=32, max_objects=3
-    )
-    labels = [model.config.id2label[index] for index in range(model.config.num_labels)]
-    return PMNERProcessor(
-        image_processor, AutoTokenizer.from_pretrained(text_model), label_names=labels, max_length=max_length,
-        stride=stride,
-    )
-
-
-def force_tag(model, tag: str, bias: float = 50.0):
-    """Makes the model predict `tag` for every word (its head bias dominates the logits)."""
-    with torch.no_grad():
-        model.verbalizer_head.bias[model.config.label2id[tag]] = bias
-    return model
-
-
-def save_folder(folder, model, processor) -> str:
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    add_pipeline_to_folder(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    text_model = write_tiny_masked_lm(root / "tiny-bert")
-    model = build_model(text_model)
-    processor = build_processor(text_model, model)
-    folder = save_folder(root / "model", model, processor)
-    return {"root": root, "text_model": text_model, "model": model, "processor": processor, "folder": folder}
-
-
-@pytest.fixture(scope="module")
-def random_pipe(tiny):
-    return PMNERPipeline(model=tiny["model"], processor=tiny["processor"], device="cpu")
 
 
 _FORCED = {}
@@ -97,12 +34,6 @@ def forced_pipe(tiny, tag: str, tag_scheme: str = "BIO") -> PMNERPipeline:
         model = force_tag(build_model(tiny["text_model"], tag_scheme=tag_scheme), tag)
         _FORCED[key] = PMNERPipeline(model=model, processor=build_processor(tiny["text_model"], model), device="cpu")
     return _FORCED[key]
-
-
-def image_file(folder, name="photo.jpg", color=(200, 30, 30)) -> str:
-    path = os.path.join(folder, name)
-    Image.new("RGB", (64, 48), color).save(path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------------

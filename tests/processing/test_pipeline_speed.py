@@ -13,9 +13,9 @@ from transformers import pipeline
 from processing_pmner import pipeline_pmner
 from processing_pmner.pipeline_pmner import PMNERPipeline, register_pipeline
 from predict_pmner.cli import main as predict_main
-from test_pipeline_pmner import TRICKY_TWEETS, build_model, build_processor, force_tag, save_folder
 
 from fixtures import write_tiny_masked_lm
+from pipeline_builders import TRICKY_TWEETS, build_model, build_processor, force_tag, save_folder
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*sub-words, more than fit in max_length")

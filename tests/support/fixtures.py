@@ -1,8 +1,10 @@
 """Small offline fixtures shared by the tests: a tiny BERT masked LM with its tokenizer, a tiny Twitter MNER
-data set (CoNLL text plus generated images), and a fresh Python process that cannot import this project."""
+data set (CoNLL text plus generated images), a fresh Python process that cannot import this project, and the
+environment and stderr reading of a command run as a user runs it."""
 
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,19 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/support/ -> the repository
 PROJECT_MODULES = ("modeling_pmner", "processing_pmner", "predict_pmner", "training_pmner", "train_pmner")
+
+ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+PROGRESS_BAR = re.compile(r"\[\d+:\d+[<,\]]|it/s\]|s/it\]|examples/s\]")
+
+
+def stderr_lines(text: str) -> list[str]:
+    """The lines of stderr a user reads: progress bars (carriage-return updates) left out."""
+    lines = []
+    for line in text.splitlines():
+        line = line.split("\r")[-1]
+        if line.strip() and not PROGRESS_BAR.search(line):
+            lines.append(line)
+    return lines
 
 
 PEOPLE = ["trump", "obama", "kawhi", "leonard"]

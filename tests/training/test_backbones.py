@@ -1,5 +1,5 @@
 """Every masked-LM family: BERT (WordPiece), RoBERTa (byte-level BPE), XLM-R (SentencePiece-style Unigram), DistilBERT,
-ELECTRA and MPNet (WordPiece with <s> </s> <mask>), each a tiny model with a vocabulary trained here (tests/tokenizer_fixtures.py).
+ELECTRA and MPNet (WordPiece with <s> </s> <mask>), each a tiny model with a vocabulary trained here (support/tokenizer_fixtures.py).
 
 For each: the processor gives the words after the first (and the template) the sub-words the tokenizer gives them in
 running text, and one epoch of train_pmner.py (text only) writes a folder that reloads with the same predictions."""

@@ -16,11 +16,7 @@ import sys
 
 import pytest
 
-from fixtures import PROJECT, write_tiny_masked_lm, write_twitter_fixture
-
-
-ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-PROGRESS_BAR = re.compile(r"\[\d+:\d+[<,\]]|it/s\]|s/it\]|examples/s\]")
+from fixtures import ENV, PROJECT, stderr_lines, write_tiny_masked_lm, write_twitter_fixture
 
 
 @pytest.fixture(scope="module")
@@ -172,16 +168,6 @@ NAMES_FILE = {
 }
 
 
-def stderr_lines(text: str) -> list[str]:
-    """The lines of stderr a user reads: progress bars (carriage-return updates) left out."""
-    lines = []
-    for line in text.splitlines():
-        line = line.split("\r")[-1]
-        if line.strip() and not PROGRESS_BAR.search(line):
-            lines.append(line)
-    return lines
-
-
 @pytest.mark.parametrize("row, make_args, message", TRAIN_ROWS, ids=[row for row, *_ in TRAIN_ROWS])
 def test_train_pmner_bad_input(workspace, row, make_args, message):
     env = dict(os.environ, HF_HOME=str(workspace / "hf-home"), **ENV)
@@ -207,7 +193,7 @@ def test_train_pmner_bad_input(workspace, row, make_args, message):
 
 @pytest.fixture(scope="module")
 def model_folders(workspace):
-    from test_pipeline_pmner import build_model, build_processor, save_folder
+    from pipeline_builders import build_model, build_processor, save_folder
 
     text_model = str(workspace / "tiny-bert")
     model = build_model(text_model)

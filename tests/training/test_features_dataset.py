@@ -1,5 +1,5 @@
 """Features datasets (training_pmner/features_dataset.py): FRR features exported from a training run's cache, pushed to
-a Hub (tests/hub_server.py on 127.0.0.1) and trained from with `train_pmner.py --features_dataset` and no image
+a Hub (support/hub_server.py on 127.0.0.1) and trained from with `train_pmner.py --features_dataset` and no image
 folder, giving the scores of the run from the images; datasets that do not fit the run are refused in one line."""
 
 import json

@@ -3,23 +3,19 @@ own learning rate beside the pretrained text encoder's --learning_rate, through 
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fixtures import PROJECT, write_training_workspace
-from test_modeling_conventions import _accumulation_rows, _Rows
-from test_modeling_pmner import tester
+from fixtures import ENV, PROGRESS_BAR, PROJECT, write_training_workspace
+from model_tester import Rows, accumulation_rows, tester
 from modeling_pmner import PMNERForTokenClassification
 from training_pmner.arguments import PMNERTrainingArguments
 from training_pmner.optimizer import PMNERTrainer
 
 
-ENV = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-PROGRESS_BAR = re.compile(r"\[\d+:\d+[<,\]]|it/s\]|s/it\]|examples/s\]")
 ENCODER_LR, HEAD_LR = 1e-4, 5e-3
 
 
@@ -105,7 +101,7 @@ def test_one_step_moves_each_weight_by_its_groups_learning_rate(tmp_path):
         tmp_path, max_steps=1, per_device_train_batch_size=8, weight_decay=0.0, max_grad_norm=0.0,
         lr_scheduler_type="constant", logging_strategy="no",
     )
-    PMNERTrainer(model=model, args=args, train_dataset=_Rows(_accumulation_rows())).train()
+    PMNERTrainer(model=model, args=args, train_dataset=Rows(accumulation_rows())).train()
     moved = {name: (value.detach() - before[name]).abs().max().item() for name, value in model.named_parameters()}
     encoder = ("pmner.text_model.encoder.layer.0.attention.self.query.weight",
                "pmner.text_model.embeddings.word_embeddings.weight")
@@ -121,7 +117,7 @@ def test_the_schedule_scales_each_groups_own_rate_and_the_logs_carry_both(tmp_pa
         tmp_path, max_steps=3, per_device_train_batch_size=4, lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1,
     )
-    trainer = PMNERTrainer(model=tiny_model().train(), args=args, train_dataset=_Rows(_accumulation_rows()))
+    trainer = PMNERTrainer(model=tiny_model().train(), args=args, train_dataset=Rows(accumulation_rows()))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""`train_pmner.py --push_to_hub` end to end against a real HTTP Hub (tests/hub_server.py on 127.0.0.1): what the
+"""`train_pmner.py --push_to_hub` end to end against a real HTTP Hub (support/hub_server.py on 127.0.0.1): what the
 repository holds, a fresh process loading it back to the same predictions, and the refusals that keep a user's
 files and the Hub clean."""
 
@@ -14,7 +14,7 @@ from PIL import Image
 from fixtures import (
     PROJECT, write_tiny_masked_lm, write_training_workspace, write_twitter_fixture, write_unrebuildable_weights,
 )
-from test_hub_roundtrip import closed_port_url, compare_hub_and_local, tree_digest
+from hub_checks import closed_port_url, compare_hub_and_local, tree_digest
 
 
 @pytest.fixture(scope="module")
