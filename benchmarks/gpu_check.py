@@ -387,15 +387,20 @@ def build_step(plan, state) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters (encoder {layers}x{hidden})"
 
 
+def cuda_test_files() -> list[str]:
+    """The test files, in every folder under tests/, that mark tests `cuda`."""
+    tests = os.path.join(PROJECT, "tests")
+    return sorted(
+        os.path.join(root, name) for root, _, names in os.walk(tests) for name in names
+        if name.startswith("test_") and name.endswith(".py")
+        and "pytest.mark.cuda" in open(os.path.join(root, name), encoding="utf-8").read()
+    )
+
+
 def cuda_tests_step(plan, state) -> str:
     import torch
 
-    tests = os.path.join(PROJECT, "tests")
-    files = sorted(
-        os.path.join(tests, name) for name in os.listdir(tests)
-        if name.startswith("test_") and name.endswith(".py")
-        and "pytest.mark.cuda" in open(os.path.join(tests, name), encoding="utf-8").read()
-    )
+    files = cuda_test_files()
     if not files:
         raise RuntimeError("no test file uses pytest.mark.cuda")
     completed = subprocess.run(

@@ -1,13 +1,15 @@
-"""P-MNER processing (FRR image processor and prompt-template tokenizer).
+"""P-MNER processing: everything here travels with a saved model as remote code.
+
+The files are grouped by prefix: `processing_pmner.py` (`PMNERProcessor`) with `text_*.py` (prompt rows, template,
+label alignment, tag schemes, windows, tweet word splitting, retrieval context); `image_processing_pmner.py`
+(`PMNERImageProcessor`, FRR) with `image_*.py` (settings, FRR networks and their weights, image loading, the feature
+cache); `pipeline_pmner.py` (the `multimodal-ner` pipeline) with `pipeline_*.py` and `handler.py`.
 
 Importing this package registers `PMNERImageProcessor` and `PMNERProcessor` with `AutoImageProcessor` /
 `AutoProcessor` for `PMNERConfig`, and marks them for remote code: `processor.save_pretrained(folder)` copies
-`processing_pmner.py`, `image_processing_pmner.py` and the siblings these import (`text_prompt_rows.py`, `text_tag_schemes.py`,
-`text_word_start_spaces.py`, `text_windows.py`, `image_loading.py`, `image_frr_models.py`, `image_feature_cache.py`, ...) into
-the folder, and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package.
-`train_pmner.py` adds the pipeline (`pipeline_pmner.py` with `pipeline_inputs.py`, `pipeline_entities.py`,
-`pipeline_grounding.py`, `pipeline_quantization.py`, `text_retrieval_context.py`, `text_tweet_tokenizer.py`) the same way: the
-files travel because they are imported relatively.
+`processing_pmner.py`, `image_processing_pmner.py` and the siblings they import relatively into the folder, and
+`AutoProcessor.from_pretrained(folder, trust_remote_code=True)` loads them without this package. The pipeline's
+`add_pipeline_to_folder` adds `pipeline_pmner.py` and its siblings the same way. This `__init__.py` does not travel.
 """
 
 from transformers import AutoImageProcessor, AutoProcessor

@@ -193,3 +193,14 @@ def test_the_wheels_to_carry_are_the_pure_python_dependencies_the_gpu_machine_la
     assert {"datasets", "evaluate", "accelerate", "seqeval", "dill", "multiprocess"} <= carried
     assert not carried & set(gpu_check.GPU_PROVIDED)  # the GPU machine's own: torch, transformers, ...
     assert {"numpy", "pyarrow"} <= {name for name, _ in compiled}  # compiled: expected there, not carried
+
+
+def test_the_cuda_step_finds_the_cuda_tests_in_the_test_folders():
+    sys.path.insert(0, os.path.join(PROJECT, "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    files = gpu_check.cuda_test_files()
+    assert os.path.join(PROJECT, "tests", "benchmarks", "test_gpu_check.py") in files
+    assert all("pytest.mark.cuda" in open(path, encoding="utf-8").read() for path in files)
