@@ -5,9 +5,7 @@ arguments."""
 import json
 import os
 
-
-class ArgumentsError(ValueError):
-    """A command-line or argument-file setting that cannot run; the message names the argument (and the file)."""
+from .errors import ArgumentsError
 
 
 DO_FLAGS = ("do_train", "do_eval", "do_predict")

@@ -9,7 +9,7 @@ import sys
 
 from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
 
-from .arguments import ArgumentsError
+from .errors import ArgumentsError
 from .checkpoints import check_checkpoint, intact_checkpoint, saved_image_processor
 from .context import check_same_context
 from .data import is_pmner_folder

@@ -19,7 +19,7 @@ from datasets.fingerprint import Hasher
 
 from processing_pmner.text_retrieval_context import RetrievalIndex, SentenceEncoder
 
-from .arguments import ArgumentsError
+from .errors import ArgumentsError
 
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,11 @@
-"""How `train_pmner.py` tells why a run stopped: an error's message on one line, and a full disk or file-size limit
-recognised anywhere in an error's chain."""
+"""How `train_pmner.py` tells why a run stopped: `ArgumentsError` for a setting that cannot run, an error's message on
+one line, and a full disk or file-size limit recognised anywhere in an error's chain."""
 
 import errno
+
+
+class ArgumentsError(ValueError):
+    """A command-line or argument-file setting that cannot run; the message names the argument (and the file)."""
 
 
 # how a failed write reads where no errno comes with it (torch's archive writer, C++ streams)

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .arguments import ArgumentsError
+from .errors import ArgumentsError
 
 
 # --optim values whose optimizer does not take the Trainer's parameter groups (it builds its own, per layer or
