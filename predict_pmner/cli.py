@@ -63,10 +63,6 @@ import time
 from processing_pmner.pipeline_grounding import DEFAULT_GROUNDING_THRESHOLD
 from .loading import load_pipeline  # noqa: F401  (the CLI's names stay importable from here)
 from .output import (  # noqa: F401
-    OUTPUT_SETTINGS,
-    PARTIAL_SUFFIX,
-    PROGRESS_SUFFIX,
-    PROGRESS_VERSION,
     OutputWriter,
     Summary,
     UsageError,
@@ -75,27 +71,18 @@ from .output import (  # noqa: F401
     check_output,
     format_conll,
     format_jsonl,
-    output_target,
     run_settings,
 )
 from .predictor import Predictor
 from .processes import (  # noqa: F401
-    RANK_VARIABLES,
     Processes,
     batches_of,
-    launcher_process_count,
-    parse_device,
     unstarted_processes_warning,
 )
 from .reading import (  # noqa: F401
-    CONLL_EXTENSIONS,
-    IMGID_PREFIX,
-    JSONL_EXTENSIONS,
     InputError,
     Record,
     count_records,
-    decoded_lines,
-    guess_format,
     open_input,
     read_conll,
     read_jsonl,

@@ -26,7 +26,6 @@ from .image_cache_index import _Index, key_hashes
 from .image_cache_shards import (
     CACHE_FORMAT_VERSION, CorruptCacheShard, _normalise_dtype, _Shard, _shard_tensors, set_aside,
 )
-from .image_feature_claims import _process_start  # noqa: F401  (tests build claims of other processes with it)
 from .image_feature_claims import FeatureClaims, remove_dead_temporaries, writer_tag
 
 

@@ -40,12 +40,10 @@ from .image_frr_forward import (
     NO_OBJECT_LABEL,
     WHOLE_IMAGE_LABEL,
     WHOLE_IMAGE_NAME,
-    encode_crops,
     extract_images,
-    frr_forward,
-    grid_cell_boxes,
 )
-from .image_frr_models import FRRModels, hub_kwargs_of, resolve_revision_once
+from .image_frr_models import FRRModels
+from .image_frr_weights import hub_kwargs_of, resolve_revision_once
 from .image_loading import (
     BadImageError,
     BadImageWarning,
@@ -55,16 +53,11 @@ from .image_loading import (
     to_rgb,
 )
 from .image_settings import (
-    BAD_IMAGE_POLICIES,
     DECLARED_NAMES,
-    FEATURE_SETTINGS,
-    FINGERPRINT_WHEN_SET,
     SETTINGS,
     check_settings,
     convert_settings,
-    feature_settings,
     features_fingerprint,
-    frr_weights_sha256,
     settings_typed_dict,
 )
 

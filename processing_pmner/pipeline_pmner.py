@@ -39,8 +39,7 @@ from transformers.utils import logging
 from .pipeline_batching import BUCKET_BATCHES, TweetBatch, bucketed_results, subword_lengths
 from .pipeline_entities import IgnoredLabels, aggregate_entities, entity_types, word_rows
 from .pipeline_grounding import DEFAULT_GROUNDING_THRESHOLD, add_grounding, head_mean, item_objects, word_attentions
-from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
-    INPUT_KEYS,
+from .pipeline_inputs import (
     InputWarnings,
     contexts_of,
     is_stream,
@@ -51,7 +50,7 @@ from .pipeline_inputs import (  # noqa: F401  (INPUT_KEYS re-exported)
     with_contexts,
     with_images,
 )
-from .pipeline_parameters import DEFAULT_IGNORE_LABELS, OUTPUT_SCHEMES, split_parameters  # noqa: F401
+from .pipeline_parameters import DEFAULT_IGNORE_LABELS, split_parameters
 from .pipeline_quantization import QUANTIZE_OPTIONS, _check_cpu, feed_forward_linears, quantize_dynamic_int8
 from .pipeline_word_scores import word_scores
 from .processing_pmner import check_processor_matches_model

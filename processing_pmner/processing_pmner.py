@@ -36,7 +36,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .image_frr_models import hub_kwargs_of, resolve_revision_once, save_with_frr_weights
+from .image_frr_models import save_with_frr_weights
+from .image_frr_weights import hub_kwargs_of, resolve_revision_once
 from .image_processing_pmner import PMNERImageProcessor
 from .text_prompt_rows import PromptRows, TruncationWarning, as_batch
 from .text_prompt_template import DEFAULT_PROMPT_TEMPLATE, PromptTemplate

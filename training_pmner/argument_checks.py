@@ -76,7 +76,7 @@ def parse_detector_kwargs(value, detector) -> dict | None:
         raise ArgumentsError(f"--detector_kwargs must be a JSON object, got {type(value).__name__} {value!r}")
     if none_detector(detector):
         raise ArgumentsError("--detector_kwargs are arguments of the detector builder; --detector none builds none")
-    from processing_pmner.image_frr_models import check_detector_kwargs
+    from processing_pmner.image_frr_builders import check_detector_kwargs
 
     try:
         check_detector_kwargs(detector, value)
@@ -161,7 +161,7 @@ def check_arguments(model_args, data_args, training_args, resumes_trained_folder
         data_args.feature_cache_dir
     ):
         raise ArgumentsError(f"--feature_cache_dir {data_args.feature_cache_dir} is a file, not a folder")
-    from processing_pmner.image_frr_models import builder_exists
+    from processing_pmner.image_frr_builders import builder_exists
 
     for name, value in (("detector", None if none_detector(model_args.detector) else model_args.detector),
                         ("backbone", model_args.backbone)):

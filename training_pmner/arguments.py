@@ -14,8 +14,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-from .argument_checks import check_arguments, check_untrained_evaluation  # noqa: F401 (re-exported)
-from .errors import ArgumentsError  # noqa: F401 (re-exported)
+from .errors import ArgumentsError
 
 
 @dataclass

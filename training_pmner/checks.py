@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from processing_pmner.image_processing_pmner import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
+from processing_pmner.image_settings import FEATURE_SETTINGS, SETTINGS as IMAGE_SETTINGS, feature_settings
 
 from .errors import ArgumentsError
 from .checkpoints import check_checkpoint, intact_checkpoint, saved_image_processor

@@ -70,7 +70,7 @@ def frr_record(image_processor) -> dict:
     """What identifies the features of `image_processor`: its feature settings (`FEATURE_SETTINGS`, `crop_size`
     resolved), the sha256 of the detector and backbone weights in use, their origin, the feature width and the
     objects per image, and its cache fingerprint."""
-    from processing_pmner.image_processing_pmner import feature_settings, frr_weights_sha256
+    from processing_pmner.image_settings import feature_settings, frr_weights_sha256
 
     return _plain({
         "feature_settings": feature_settings(image_processor),

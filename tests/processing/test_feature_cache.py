@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from processing_pmner.image_feature_cache import FRRFeatureCache, _process_start
+from processing_pmner.image_feature_cache import FRRFeatureCache
+from processing_pmner.image_feature_claims import _process_start
 
 
 def random_entries(count: int, objects: int = 3, dim: int = 8, seed: int = 0):

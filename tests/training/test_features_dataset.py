@@ -285,7 +285,8 @@ def test_a_features_dataset_that_does_not_fit_the_run_is_refused_in_one_line(wor
      "--image_dir; --features_dataset brings its features in its own dtype: drop --feature_cache_dtype"),
 ])
 def test_a_features_dataset_is_the_run_s_only_visual_input(tmp_path, flag, value, message):
-    from training_pmner.arguments import ArgumentsError, check_arguments, parse_arguments
+    from training_pmner.argument_checks import check_arguments
+    from training_pmner.arguments import ArgumentsError, parse_arguments
 
     value = [] if value is None else [str(tmp_path) if value == "<tmp>" else value]
     model_args, data_args, training_args = parse_arguments(
