@@ -104,8 +104,11 @@ def test_a_full_disk_while_saving_is_one_line_and_sets_the_checkpoint_aside(work
 def test_ctrl_c_is_one_line_saying_how_to_resume(workspace, tmp_path):
     output_dir = tmp_path / "interrupted"
     env = dict(os.environ, HF_HOME=str(workspace / "hf-home"), **ENV)
-    process = subprocess.Popen(command(workspace, output_dir, "200"), cwd=workspace, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: SIGINT handled by default even where the test runs in a background job, whose
+    # children inherit SIGINT ignored; stdout is not read, so it must not fill a pipe
+    process = subprocess.Popen(command(workspace, output_dir, "200"), cwd=workspace, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not list(output_dir.glob("checkpoint-*")):
