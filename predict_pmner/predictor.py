@@ -38,7 +38,7 @@ class Predictor:
         if record.image_id is not None:
             return record.image_id
         if record.image is not None and os.path.isfile(record.image):
-            from processing_pmner.image_processing_pmner import content_key
+            from processing_pmner.image_loading import content_key
 
             return content_key(record.image)
         return None
@@ -65,7 +65,7 @@ class Predictor:
                 to_compute.append((index, key))
         if not to_compute:
             return result
-        from processing_pmner.image_processing_pmner import BadImageWarning
+        from processing_pmner.image_loading import BadImageWarning
 
         images = [records[index].image for index, _ in to_compute]
         names = [records[index].image for index, _ in to_compute]

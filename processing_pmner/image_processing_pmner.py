@@ -47,7 +47,6 @@ from .image_frr_weights import hub_kwargs_of, resolve_revision_once
 from .image_loading import (
     BadImageError,
     BadImageWarning,
-    content_key,
     describe_image,
     load_image,
     to_rgb,
@@ -351,7 +350,7 @@ class PMNERImageProcessor(BaseImageProcessor):
         add_num_detections: bool = False,
     ):
         """Adds FRR features to a `datasets.Dataset`, computing each distinct image once and caching it (in
-        `cache_dtype`: "float32" or "float16"); see `dataset_features.extract_dataset_features` for the arguments.
+        `cache_dtype`: "float32" or "float16"); see `image_dataset_features.extract_dataset_features` for the arguments.
         Returns the dataset with `visual_features` (`Array2D` (max_objects, feature_dim) float32) and `visual_mask`
         (max_objects bools) columns, and with `add_num_detections` `visual_num_detections` (int32)."""
         return extract_dataset_features(
@@ -369,7 +368,6 @@ __all__ = [
     "NO_OBJECT_LABEL",
     "PMNERImageProcessor",
     "WHOLE_IMAGE_LABEL",
-    "content_key",
     "describe_image",
     "load_image",
     "to_rgb",
